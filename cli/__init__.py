@@ -1,0 +1,1 @@
+"""cachectl: the command-line tool for zk-cache-sidecar."""

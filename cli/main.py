@@ -1,0 +1,208 @@
+"""``cachectl``: operate a zk-cache-sidecar fleet.
+
+``invalidate`` and ``members`` talk to ZooKeeper directly through the
+coordination layer, so they work with no sidecar running.  ``get`` and ``put``
+go through a sidecar's HTTP API.  Errors end with one line on stderr and an
+exit status chosen in one place (:func:`_exit_code`):
+
+    0 success · 1 operation failed · 2 usage error · 3 ZooKeeper or sidecar unreachable
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import click
+
+from sidecar.config import parse_zk_hosts
+from sidecar.coordination import (
+    Layout,
+    ZkSession,
+    list_members,
+    publish_invalidation,
+    validate_key,
+)
+from sidecar.errors import CoordinationError, SidecarError
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+_ENV = "ZKCACHE"
+
+
+class Unreachable(SidecarError):
+    """The sidecar's HTTP API could not be reached."""
+
+
+def _exit_code(exc: SidecarError) -> int:
+    if isinstance(exc, (CoordinationError, Unreachable)):
+        return 3
+    return 1
+
+
+def _fail(exc: SidecarError) -> None:
+    click.echo(f"cachectl: {exc.detail}", err=True)
+    sys.exit(_exit_code(exc))
+
+
+def _check_zk(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        return parse_zk_hosts(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _check_keys(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    for key in value:
+        try:
+            validate_key(key)
+        except SidecarError as exc:
+            raise click.BadParameter(f"{key[:40]!r}: {exc.detail}") from None
+    return value
+
+
+async def _with_zk(obj: dict[str, Any], action: Callable[[ZkSession, Layout], Awaitable[T]]) -> T:
+    zk = ZkSession(obj["zk"], session_timeout=max(obj["timeout"], 4.0), op_timeout=obj["timeout"])
+    await zk.connect(obj["timeout"])
+    try:
+        return await action(zk, Layout(f"{obj['zk_root']}/{obj['namespace']}"))
+    finally:
+        await zk.close()
+
+
+def _run_zk(obj: dict[str, Any], action: Callable[[ZkSession, Layout], Awaitable[T]]) -> T:
+    try:
+        return asyncio.run(_with_zk(obj, action))
+    except SidecarError as exc:
+        _fail(exc)
+        raise AssertionError("unreachable") from exc
+
+
+@click.group(context_settings={"auto_envvar_prefix": _ENV, "help_option_names": ["-h", "--help"]})
+@click.option("--zk", default="127.0.0.1:2181", show_default=True, callback=_check_zk,
+              help="ZooKeeper connect string (env ZKCACHE_ZK).")
+@click.option("--namespace", default="default", show_default=True,
+              help="Cache namespace (env ZKCACHE_NAMESPACE).")
+@click.option("--zk-root", default="/zkcache", show_default=True, help="Root znode (env ZKCACHE_ZK_ROOT).")
+@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds to wait for ZooKeeper or the sidecar.")
+@click.option("--sidecar", default="http://127.0.0.1:7070", show_default=True,
+              help="Sidecar base URL for get/put (env ZKCACHE_SIDECAR).")
+@click.option("--auth-token", default=None, help="Bearer token of the sidecar API (env ZKCACHE_AUTH_TOKEN).")
+@click.version_option(package_name="zk-cache-sidecar", prog_name="cachectl")
+@click.pass_context
+def cli(ctx: click.Context, zk: str, namespace: str, zk_root: str, timeout: float,
+        sidecar: str, auth_token: str | None) -> None:
+    """Operate a zk-cache-sidecar fleet."""
+    ctx.obj = {"zk": zk, "namespace": namespace, "zk_root": zk_root.rstrip("/"),
+               "timeout": timeout, "sidecar": sidecar.rstrip("/"), "auth_token": auth_token}
+
+
+@cli.command()
+@click.argument("keys", nargs=-1, callback=_check_keys)
+@click.option("--prefix", "prefixes", multiple=True, callback=_check_keys,
+              help="Invalidate every key starting with this (repeatable).")
+@click.option("--all", "everything", is_flag=True, help="Invalidate every key of the namespace.")
+@click.pass_obj
+def invalidate(obj: dict[str, Any], keys: tuple[str, ...], prefixes: tuple[str, ...],
+               everything: bool) -> None:
+    """Drop KEYS (and prefixes, or everything) from every sidecar's cache.
+
+    The origin is not touched. Prints what was published as JSON.
+    """
+    if not keys and not prefixes and not everything:
+        raise click.UsageError("nothing to invalidate: give KEYS, --prefix or --all")
+
+    async def action(zk: ZkSession, layout: Layout) -> dict[str, Any]:
+        receipt = await publish_invalidation(
+            zk, layout, keys=list(keys), prefixes=list(prefixes), everything=everything, by="cachectl"
+        )
+        return receipt.as_json()
+
+    click.echo(json.dumps(_run_zk(obj, action)))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_obj
+def members(obj: dict[str, Any], as_json: bool) -> None:
+    """List the live sidecars of the namespace."""
+    found = _run_zk(obj, list_members)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo(f"no live sidecars in namespace {obj['namespace']!r}")
+        return
+    click.echo(f"{'MEMBER':<32} {'ADDRESS':<24} {'SESSION':<20} VERSION")
+    for m in found:
+        click.echo(f"{m.get('member_id', '?'):<32} {m.get('address', '?'):<24} "
+                   f"{m.get('session', '?'):<20} {m.get('version', '?')}")
+
+
+def _http(obj: dict[str, Any], method: str, key: str, body: bytes | None = None,
+          headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    url = f"{obj['sidecar']}/v1/keys/{quote(key, safe='')}"
+    headers = dict(headers or {})
+    if obj["auth_token"]:
+        headers["Authorization"] = f"Bearer {obj['auth_token']}"
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=obj["timeout"]) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        payload = err.read()
+        try:
+            detail = json.loads(payload).get("detail", err.reason)
+        except ValueError:
+            detail = err.reason
+        _fail(SidecarError(f"{method} {key}: {err.code} {detail}"))
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        _fail(Unreachable(f"cannot reach the sidecar at {obj['sidecar']}: {reason}"))
+    raise AssertionError("unreachable")
+
+
+@cli.command()
+@click.argument("key", callback=lambda c, p, v: _check_keys(c, p, (v,))[0])
+@click.option("--etag", is_flag=True, help="Print the ETag on stderr.")
+@click.pass_obj
+def get(obj: dict[str, Any], key: str, etag: bool) -> None:
+    """Print KEY's value (raw bytes) through the sidecar."""
+    _, headers, body = _http(obj, "GET", key)
+    if etag:
+        click.echo(f"ETag: {headers.get('ETag')} X-Cache: {headers.get('X-Cache')}", err=True)
+    sys.stdout.buffer.write(body)
+    sys.stdout.buffer.flush()
+
+
+@cli.command()
+@click.argument("key", callback=lambda c, p, v: _check_keys(c, p, (v,))[0])
+@click.option("--file", "source", type=click.File("rb"), required=True,
+              help="File with the value ('-' for stdin).")
+@click.option("--content-type", default="application/octet-stream", show_default=True)
+@click.option("--if-match", default=None, help="Only write if the current version is this.")
+@click.pass_obj
+def put(obj: dict[str, Any], key: str, source: Any, content_type: str, if_match: str | None) -> None:
+    """Write KEY through the sidecar (origin, then fleet-wide invalidation)."""
+    headers = {"Content-Type": content_type}
+    if if_match:
+        headers["If-Match"] = if_match if if_match.startswith('"') else f'"{if_match}"'
+    _, _, body = _http(obj, "PUT", key, source.read(), headers)
+    click.echo(body.decode())
+
+
+def main() -> None:
+    """Entry point of the ``cachectl`` console script."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""The local cache: an LRU bounded by entries and bytes, with fill tickets.
+
+Pure: no I/O, no ZooKeeper, no HTTP.  **Not safe for concurrent access**: only
+the event loop thread may call it (kazoo events reach it through ``bridge.post``).
+
+Fill tickets carry the coherence invariant "a fill that began before an
+invalidation of its key is never installed":
+
+1. the caller takes a ticket with :meth:`CoherentCache.begin_fill` *before* it
+   arms the ZooKeeper watch and before it reads the origin;
+2. every invalidation that covers the key (the key itself, a prefix of it,
+   everything, or a connection state change) voids the tickets in flight for
+   it, besides dropping the entry;
+3. :meth:`CoherentCache.install` refuses a voided ticket.
+
+Because the ticket exists before the watch is armed, it does not matter whether
+kazoo delivers the watch event to the loop before or after the completion of the
+``exists`` call that armed it: either way the event is processed on the loop
+after step 1 and voids the ticket.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import cachetools
+
+__all__ = ["ENTRY_OVERHEAD", "CacheCounters", "CoherentCache", "Entry", "FillTicket"]
+
+# Bytes charged per entry on top of key and value: the Entry object, its etag
+# string, the cachetools bookkeeping (dict slots, LRU order) and the key str.
+# Measured roughly with tracemalloc; it keeps max_bytes honest for small values.
+ENTRY_OVERHEAD = 240
+
+
+@dataclass(slots=True, frozen=True)
+class Entry:
+    """A cached value and the version (ZooKeeper mzxid) it was read at."""
+
+    value: bytes
+    content_type: str
+    version: int
+    size: int = 0
+
+    @classmethod
+    def make(cls, key: str, value: bytes, content_type: str, version: int) -> Entry:
+        """Build an entry charged for its key, value and fixed overhead."""
+        size = len(value) + len(key.encode("utf-8", "surrogatepass")) + ENTRY_OVERHEAD
+        return cls(value, content_type, version, size)
+
+
+@dataclass(slots=True, eq=False)
+class FillTicket:
+    """Permission to install one fill of ``key``; voided by any invalidation of it."""
+
+    key: str
+    valid: bool = True
+
+
+@dataclass(slots=True)
+class CacheCounters:
+    """Monotonic counters the cache itself can observe."""
+
+    evictions: int = 0
+    invalidated_entries: int = 0
+    refused_fills: int = 0
+
+
+class _BoundedMixin:
+    """Adds an entry-count bound and eviction counting to a cachetools cache."""
+
+    max_entries: int
+    counters: CacheCounters
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)  # type: ignore[misc]
+        while len(self) > self.max_entries:  # type: ignore[arg-type]
+            self.popitem()  # type: ignore[attr-defined]
+
+    def popitem(self) -> tuple[Any, Any]:
+        # cachetools calls popitem only to make room: that is an eviction.
+        item = super().popitem()  # type: ignore[misc]
+        self.counters.evictions += 1
+        return item  # type: ignore[no-any-return]
+
+
+class _LRU(_BoundedMixin, cachetools.LRUCache[str, Entry]):
+    pass
+
+
+class _TTLLRU(_BoundedMixin, cachetools.TTLCache[str, Entry]):
+    pass
+
+
+def _entry_size(entry: Entry) -> int:
+    return entry.size
+
+
+class CoherentCache:
+    """LRU of :class:`Entry` bounded by count and bytes, with optional TTL."""
+
+    def __init__(
+        self,
+        max_entries: int,
+        max_bytes: int,
+        ttl: float = 0.0,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.counters = CacheCounters()
+        data: _LRU | _TTLLRU
+        if ttl > 0:
+            data = _TTLLRU(maxsize=max_bytes, ttl=ttl, timer=timer, getsizeof=_entry_size)
+        else:
+            data = _LRU(maxsize=max_bytes, getsizeof=_entry_size)
+        data.max_entries = max_entries
+        data.counters = self.counters
+        self._data = data
+        self._fills: dict[str, list[FillTicket]] = {}
+
+    # -- reads ------------------------------------------------------------
+    def get(self, key: str) -> Entry | None:
+        """The entry for ``key`` (marking it recently used), or ``None``."""
+        return self._data.get(key)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._data
+
+    @property
+    def bytes(self) -> int:
+        """Bytes currently charged against ``max_bytes``."""
+        return int(self._data.currsize)
+
+    @property
+    def fills_in_flight(self) -> int:
+        """Tickets taken and not yet ended."""
+        return sum(len(v) for v in self._fills.values())
+
+    # -- fills --------------------------------------------------------------
+    def begin_fill(self, key: str) -> FillTicket:
+        """Take a ticket for ``key``; call before arming the watch or reading the origin."""
+        ticket = FillTicket(key)
+        self._fills.setdefault(key, []).append(ticket)
+        return ticket
+
+    def end_fill(self, ticket: FillTicket) -> None:
+        """Forget ``ticket`` (always call, in ``finally``)."""
+        tickets = self._fills.get(ticket.key)
+        if tickets is None:
+            return
+        try:
+            tickets.remove(ticket)
+        except ValueError:
+            return
+        if not tickets:
+            del self._fills[ticket.key]
+
+    def install(self, ticket: FillTicket, entry: Entry) -> bool:
+        """Cache ``entry`` for the ticket's key unless the ticket was voided."""
+        if not ticket.valid:
+            self.counters.refused_fills += 1
+            return False
+        try:
+            self._data[ticket.key] = entry
+        except ValueError:  # larger than max_bytes on its own
+            return False
+        return True
+
+    # -- invalidation -------------------------------------------------------
+    def invalidate(self, key: str) -> bool:
+        """Drop ``key`` and void its fills in flight. True if an entry was dropped."""
+        for ticket in self._fills.get(key, ()):
+            ticket.valid = False
+        dropped = self._data.pop(key, None) is not None
+        self.counters.invalidated_entries += dropped
+        return dropped
+
+    def invalidate_prefix(self, prefix: str) -> int:
+        """Drop every key starting with ``prefix`` and void their fills; O(entries)."""
+        for key, tickets in self._fills.items():
+            if key.startswith(prefix):
+                for ticket in tickets:
+                    ticket.valid = False
+        doomed = [k for k in list(self._data.keys()) if k.startswith(prefix)]
+        for key in doomed:
+            self._data.pop(key, None)
+        self.counters.invalidated_entries += len(doomed)
+        return len(doomed)
+
+    def invalidate_all(self) -> int:
+        """Drop every entry and void every fill in flight."""
+        self.void_fills()
+        n = len(self._data)
+        self._data.clear()
+        self.counters.invalidated_entries += n
+        return n
+
+    def void_fills(self) -> None:
+        """Void every fill in flight but keep the entries (a watch may have been lost)."""
+        for tickets in self._fills.values():
+            for ticket in tickets:
+                ticket.valid = False
+

@@ -1,0 +1,332 @@
+"""Daemon configuration: one frozen dataclass, filled in one place.
+
+Every setting can be given, from lowest to highest precedence, as a default, in
+a TOML file (``--config`` / ``ZKCACHE_CONFIG``), as an environment variable
+``ZKCACHE_<NAME>`` or as a flag ``--<name-with-dashes>``.  Every value is
+parsed and checked here; an invalid one raises :class:`ConfigError` with one
+line that names the setting, and ``__main__`` turns that into exit status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_LISTEN",
+    "ENV_PREFIX",
+    "Config",
+    "Listen",
+    "flag_names",
+    "load_config",
+    "parse_duration",
+    "parse_size",
+    "parse_zk_hosts",
+    "settings_help",
+]
+
+ENV_PREFIX = "ZKCACHE_"
+DEFAULT_LISTEN = "127.0.0.1:7070"
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+}  # fmt: skip
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
+
+
+def parse_size(text: str) -> int:
+    """Parse ``"64MiB"``, ``"1000"`` or ``"2 GB"`` into a byte count."""
+    m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {text!r} (use e.g. 1048576, 512KiB, 64MiB)")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def parse_duration(text: str) -> float:
+    """Parse ``"10s"``, ``"250ms"``, ``"1.5"`` (seconds) or ``"2m"`` into seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _DURATION_UNITS:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 10s, 250ms, 1.5)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+
+
+def parse_zk_hosts(text: str) -> str:
+    """Check a ZooKeeper connect string ``host:port[,host:port...][/chroot]``."""
+    hosts, _, chroot = text.partition("/")
+    if not hosts:
+        raise ValueError("empty connect string (use host:port[,host:port][/chroot])")
+    for hp in hosts.split(","):
+        host, sep, port = hp.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{hp!r} is not host:port")
+    if chroot and (chroot.endswith("/") or "//" in chroot):
+        raise ValueError(f"bad chroot '/{chroot}'")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """Where the HTTP API listens: a TCP host and port, or a Unix socket path."""
+
+    host: str | None = None
+    port: int | None = None
+    unix_path: str | None = None
+
+    @property
+    def is_loopback(self) -> bool:
+        """Unix sockets and 127.0.0.0/8, ::1 and ``localhost`` count as local."""
+        if self.unix_path is not None:
+            return True
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host or "").is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        if self.unix_path is not None:
+            return f"unix:{self.unix_path}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def _parse_listen(text: str) -> Listen:
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path:
+            raise ValueError("unix: needs a socket path, e.g. unix:/run/zkcache.sock")
+        return Listen(unix_path=path)
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{text!r} is not host:port or unix:/path")
+    return Listen(host=host, port=int(port))
+
+
+def _parse_origin(text: str) -> str:
+    scheme = urlsplit(text).scheme
+    if scheme == "sqlite":
+        if not text.startswith("sqlite:///") or len(text) <= len("sqlite:///"):
+            raise ValueError("use sqlite:///relative/path.db or sqlite:////absolute/path.db")
+    elif scheme in ("http", "https"):
+        if not urlsplit(text).netloc:
+            raise ValueError("an http origin needs a host, e.g. http://127.0.0.1:8080/kv")
+    else:
+        raise ValueError(f"unsupported origin scheme {scheme!r} (sqlite, http, https)")
+    return text
+
+
+def _parse_namespace(text: str) -> str:
+    if not _NAMESPACE_RE.match(text) or text in (".", ".."):
+        raise ValueError("1-64 characters of A-Z a-z 0-9 _ . - (not '.' or '..')")
+    return text
+
+
+def _parse_zk_root(text: str) -> str:
+    if not text.startswith("/") or text.endswith("/") or "//" in text:
+        raise ValueError("an absolute ZooKeeper path without a trailing '/', e.g. /zkcache")
+    return text
+
+
+def _positive_int(text: str) -> int:
+    value = int(str(text).strip())
+    if value <= 0:
+        raise ValueError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _positive_size(text: str) -> int:
+    value = parse_size(text)
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+def _non_negative_duration(text: str) -> float:
+    return parse_duration(text)
+
+
+def _positive_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+def _optional_duration(text: str) -> float | None:
+    return None if str(text).strip().lower() in ("", "auto") else parse_duration(text)
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}; got {text!r}")
+        return text
+
+    return parse
+
+
+def _text(text: str) -> str:
+    if not str(text).strip():
+        raise ValueError("must not be empty")
+    return str(text)
+
+
+def _default_member_id() -> str:
+    # Kubernetes gives the pod name through the downward API (the chart sets it).
+    pod = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME_OVERRIDE")
+    return pod or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _setting(default: Any, parse: Callable[[str], Any], help: str) -> Any:
+    return field(default=default, metadata={"parse": parse, "help": help})
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every setting of the daemon. Frozen: build a new one with :func:`load_config`."""
+
+    zk: str = _setting("127.0.0.1:2181", parse_zk_hosts, "ZooKeeper connect string, host:port[,host:port][/chroot]")
+    namespace: str = _setting("default", _parse_namespace, "cache name; sidecars of one namespace share coherence")
+    zk_root: str = _setting("/zkcache", _parse_zk_root, "root znode; the namespace lives at <zk_root>/<namespace>")
+    zk_session_timeout: float = _setting(10.0, _positive_duration, "ZooKeeper session timeout requested")
+    listen: Listen = _setting(_parse_listen(DEFAULT_LISTEN), _parse_listen, "HTTP listen address host:port, or unix:/path")
+    auth_token: str | None = _setting(None, _text, "bearer token required on the API (mandatory off loopback)")
+    origin: str = _setting("sqlite:///./zkcache.db", _parse_origin, "backing store: sqlite:///path or http(s)://base")
+    origin_timeout: float = _setting(5.0, _positive_duration, "timeout of one origin call")
+    max_entries: int = _setting(100_000, _positive_int, "cache bound: number of entries")
+    max_bytes: int = _setting(256 * 1024**2, _positive_size, "cache bound: bytes (keys, values, per-entry overhead)")
+    max_value_bytes: int = _setting(1024**2, _positive_size, "largest value accepted by PUT (413 beyond)")
+    ttl: float = _setting(0.0, _non_negative_duration, "entry time to live; 0 keeps entries until evicted or invalidated")
+    lock_timeout: float = _setting(10.0, _positive_duration, "how long a write waits for the key's ZooKeeper lock")
+    suspended_grace: float | None = _setting(None, _optional_duration, "how long cached values are served after the ZooKeeper connection is lost (auto: a third of the session timeout)")
+    suspended_reads: str = _setting("origin", _choice("origin", "fail"), "reads that cannot be served from cache while disconnected: origin (uncached) or fail (503)")
+    member_id: str = _setting(None, _text, "this sidecar's id in members/ (default: $POD_NAME, else hostname-pid)")
+    log_level: str = _setting("info", _choice("debug", "info", "warning", "error"), "log level")
+
+    def __post_init__(self) -> None:
+        if self.member_id is None:
+            object.__setattr__(self, "member_id", _default_member_id())
+        if "/" in self.member_id or self.member_id in (".", ".."):
+            raise ConfigError(f"setting 'member_id': {self.member_id!r} must not contain '/'")
+        if not self.listen.is_loopback and not self.auth_token:
+            raise ConfigError(
+                f"setting 'listen': {self.listen} is not a loopback address; "
+                "set auth_token (ZKCACHE_AUTH_TOKEN) to listen beyond localhost"
+            )
+        if self.max_value_bytes > self.max_bytes:
+            raise ConfigError(
+                f"setting 'max_value_bytes': {self.max_value_bytes} exceeds max_bytes {self.max_bytes}"
+            )
+        if self.suspended_grace is not None and self.suspended_grace > self.zk_session_timeout:
+            raise ConfigError(
+                "setting 'suspended_grace': must not exceed zk_session_timeout "
+                f"({self.suspended_grace}s > {self.zk_session_timeout}s)"
+            )
+
+    @property
+    def namespace_root(self) -> str:
+        """The znode under which this namespace keeps all its metadata."""
+        return f"{self.zk_root}/{self.namespace}"
+
+    @property
+    def effective_suspended_grace(self) -> float:
+        """Seconds to keep serving hits after SUSPENDED.
+
+        kazoo declares the connection lost after 2/3 of the session timeout
+        without a server reply, so a third of the timeout keeps
+        "last heard from ZooKeeper" + grace within one session timeout: a
+        sidecar never serves a cached value for longer than the session that
+        would have received its invalidation could have lived.
+        """
+        if self.suspended_grace is not None:
+            return self.suspended_grace
+        return self.zk_session_timeout / 3
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def settings_help() -> list[tuple[str, str, str, str]]:
+    """Rows of (setting, env var, default, help) for docs and ``--help``."""
+    rows = []
+    for name, f in _FIELDS.items():
+        default = f.default
+        if name == "member_id":
+            default = "$POD_NAME or hostname-pid"
+        elif name == "suspended_grace":
+            default = "auto"
+        rows.append((name, ENV_PREFIX + name.upper(), str(default), f.metadata["help"]))
+    return rows
+
+
+def _parse_value(name: str, raw: Any) -> Any:
+    parse = _FIELDS[name].metadata["parse"]
+    try:
+        return parse(str(raw) if not isinstance(raw, str) else raw)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"setting '{name}': {exc}") from None
+
+
+def _from_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"setting 'config': cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"setting 'config': {path} is not valid TOML: {exc}") from None
+    table = data.get("sidecar", data)
+    unknown = sorted(set(table) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"setting '{unknown[0]}' in {path}: unknown setting")
+    return dict(table)
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Config:
+    """Build a :class:`Config` from a file, ``ZKCACHE_*`` variables and flags.
+
+    ``flags`` maps setting names to raw values (``None`` means "not given").
+    ``env`` defaults to ``os.environ``. Raises :class:`ConfigError`.
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    config_file = config_file or env.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        raw.update(_from_file(config_file))
+    for name in _FIELDS:
+        value = env.get(ENV_PREFIX + name.upper())
+        if value is not None:
+            raw[name] = value
+    for name, value in (flags or {}).items():
+        if name not in _FIELDS:
+            raise ConfigError(f"setting '{name}': unknown setting")
+        if value is not None:
+            raw[name] = value
+    return Config(**{name: _parse_value(name, value) for name, value in raw.items()})
+
+
+def flag_names() -> Sequence[str]:
+    """Setting names, in declaration order (for building the flag parser)."""
+    return list(_FIELDS)

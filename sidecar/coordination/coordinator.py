@@ -1,0 +1,284 @@
+"""The daemon's side of ZooKeeper: watches, membership and session states.
+
+The :class:`Coordinator` turns ZooKeeper into four kinds of calls on an
+:class:`Events` listener, always on the event loop:
+
+* ``key_changed(key)``: the key's version znode changed (one-shot data watch);
+* ``prefixes_invalidated([prefix, ...])``: new entries in the prefix log;
+* ``flush(reason)``: everything must go (epoch bumped, prefix log truncated
+  past what we applied, session lost, or watches lost on reconnect);
+* ``state_changed(state)``: the session state moved.
+
+Session policy (documented in the README):
+
+* SUSPENDED: kazoo has dropped every watch; ``ready`` is False.
+* LOST: the session expired; flush, and on the next CONNECTED register the
+  member znode again.
+* CONNECTED after SUSPENDED or LOST: the watches of cached keys are gone, so the
+  cache is flushed; the epoch and prefix-log watches are re-armed and the
+  member znode checked, then ``ready`` becomes True.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import orjson
+from kazoo.exceptions import NodeExistsError, NoNodeError
+from kazoo.protocol.states import EventType, WatchedEvent
+
+from .. import bridge
+from ..errors import CoordinationError, NotConnected
+from .layout import Layout
+from .lock import KeyLocks
+from .operations import InvalidationReceipt, bump_version, ensure_layout, publish_invalidation
+from .session import ZkSession, ZkState
+
+__all__ = ["Coordinator", "Events"]
+
+log = logging.getLogger(__name__)
+
+
+class Events(Protocol):
+    """What the coordinator tells the cache service; every call is on the loop."""
+
+    def key_changed(self, key: str) -> None: ...
+
+    def prefixes_invalidated(self, prefixes: list[str]) -> None: ...
+
+    def flush(self, reason: str) -> None: ...
+
+    def state_changed(self, state: ZkState) -> None: ...
+
+
+class Coordinator:
+    """Watches, locks, versions and membership for one sidecar."""
+
+    def __init__(
+        self,
+        *,
+        hosts: str,
+        root: str,
+        session_timeout: float,
+        member_id: str,
+        member_info: dict[str, Any],
+        events: Events,
+        lock_threads: int = 32,
+    ) -> None:
+        self.layout = Layout(root)
+        self.member_id = member_id
+        self._member_info = member_info
+        self._events = events
+        self.zk = ZkSession(hosts, session_timeout, on_state=self._on_state)
+        self.locks = KeyLocks(self.zk, member_id, lock_threads)
+        self.ready = False
+        # Bumped on every session state change: a write that saw it move
+        # while holding the lock may have lost the lock (kazoo lock docs).
+        self.state_generation = 0
+        self.sessions = 0  # distinct sessions established so far
+        self._session_id: int | None = None
+        self._was_connected = False
+        self._setup_task: asyncio.Task[None] | None = None
+        self._epoch_mzxid: int | None = None
+        self._prefix_seq: int | None = None
+        self._rearm_tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ----------------------------------------------------------
+    def start(self) -> None:
+        """Begin connecting; ``ready`` turns True once the session is set up."""
+        self.zk.start()
+
+    async def stop(self) -> None:
+        """Leave the fleet: close the session (the member znode goes with it)."""
+        self.ready = False
+        for task in [self._setup_task, *self._rearm_tasks]:
+            if task is not None:
+                task.cancel()
+        self.locks.shutdown()
+        await self.zk.close()
+
+    @property
+    def state(self) -> ZkState:
+        """The current session state."""
+        return self.zk.state
+
+    # -- key operations (request path; all async, none blocks the loop) ------
+    async def watch_version(self, key: str) -> int:
+        """Arm the one-shot data watch on ``key``'s version znode; return its version.
+
+        Returns 0 when the key has never been written (an ``exists`` watch
+        still fires when the znode is created).
+        """
+        self._require_ready()
+        stat = await self.zk.exists(self.layout.version_path(key), watch=self._version_watch)
+        return int(stat.mzxid) if stat else 0
+
+    async def read_version(self, key: str) -> int:
+        """The key's current version as this session sees it, without a watch."""
+        self._require_ready()
+        stat = await self.zk.exists(self.layout.version_path(key))
+        return int(stat.mzxid) if stat else 0
+
+    async def bump_version(self, key: str, op: str) -> int:
+        """Publish a new version of ``key`` (fires every sidecar's watch)."""
+        return await bump_version(self.zk, self.layout, key, op, self.member_id)
+
+    @asynccontextmanager
+    async def locked(self, key: str, timeout: float) -> AsyncIterator[int]:
+        """Hold ``key``'s ZooKeeper lock; yields the state generation at acquisition."""
+        self._require_ready()
+        async with self.locks.hold(self.layout.lock_path(key), timeout):
+            yield self.state_generation
+
+    async def publish(
+        self, keys: list[str], prefixes: list[str], everything: bool
+    ) -> InvalidationReceipt:
+        """Publish a fleet-wide invalidation (see ``operations.publish_invalidation``)."""
+        self._require_ready()
+        return await publish_invalidation(
+            self.zk, self.layout, keys=keys, prefixes=prefixes, everything=everything, by=self.member_id
+        )
+
+    def describe_state(self) -> str:
+        """One line for operators: why the sidecar is or is not ready."""
+        if self.ready:
+            return "ZooKeeper session connected"
+        if self.state is ZkState.CONNECTED:
+            return "ZooKeeper session connected; arming namespace watches"
+        return f"ZooKeeper session is {self.state.value}"
+
+    def _require_ready(self) -> None:
+        if not self.ready:
+            raise NotConnected(self.describe_state())
+
+    # -- watches (kazoo threads -> loop) ------------------------------------
+    def _version_watch(self, event: WatchedEvent) -> None:
+        # kazoo thread. EventType.NONE (path None) is kazoo dropping watches on
+        # SUSPENDED/LOST: the state listener handles that, not the key.
+        if event.type != EventType.NONE and event.path:
+            bridge.post(self.zk.loop, self._on_version_event, event.path)
+
+    def _on_version_event(self, path: str) -> None:
+        key = self.layout.key_of_version_path(path)
+        if key is not None:
+            self._events.key_changed(key)
+
+    def _epoch_watch(self, event: WatchedEvent) -> None:
+        if event.type != EventType.NONE:
+            bridge.post(self.zk.loop, self._on_epoch_event)
+
+    def _on_epoch_event(self) -> None:
+        self._events.flush("invalidate-all (epoch changed)")
+        self._spawn(self._arm_epoch())
+
+    def _prefix_watch(self, event: WatchedEvent) -> None:
+        if event.type != EventType.NONE:
+            bridge.post(self.zk.loop, lambda: self._spawn(self._arm_prefixes()))
+
+    async def _arm_epoch(self) -> None:
+        stat = await self.zk.exists(self.layout.epoch, watch=self._epoch_watch)
+        mzxid = int(stat.mzxid) if stat else 0
+        if self._epoch_mzxid is not None and mzxid != self._epoch_mzxid:
+            # Changed while the watch was down (between the event that fired it
+            # and this re-arm): fills begun in that gap must not survive.
+            self._events.flush("invalidate-all (epoch changed while re-arming)")
+        self._epoch_mzxid = mzxid
+
+    async def _arm_prefixes(self) -> None:
+        names = await self.zk.get_children(self.layout.prefixes, watch=self._prefix_watch)
+        entries = sorted(p for n in names if (p := self.layout.parse_prefix_entry(n)) is not None)
+        newest = entries[-1][0] if entries else -1
+        if self._prefix_seq is None:  # first look in this session: nothing cached yet
+            self._prefix_seq = newest
+            return
+        fresh = [(seq, prefix) for seq, prefix in entries if seq > self._prefix_seq]
+        if fresh and fresh[0][0] > self._prefix_seq + 1 and self._prefix_seq >= 0:
+            # Entries we never saw were trimmed: we cannot know their prefixes.
+            self._events.flush("prefix log truncated past what this sidecar applied")
+        elif fresh:
+            self._events.prefixes_invalidated([prefix for _, prefix in fresh])
+        self._prefix_seq = max(self._prefix_seq, newest)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._rearm_tasks.add(task)
+        task.add_done_callback(self._rearm_done)
+
+    def _rearm_done(self, task: asyncio.Task[None]) -> None:
+        self._rearm_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Connection trouble: the next CONNECTED re-arms everything.
+            log.warning("re-arming a namespace watch failed: %s", task.exception())
+
+    # -- session states -----------------------------------------------------
+    def _on_state(self, state: ZkState) -> None:
+        # On the loop (ZkSession posts it). Order matters: fills are voided
+        # before anything else can run.
+        self.state_generation += 1
+        self.ready = False
+        if self._setup_task is not None:
+            self._setup_task.cancel()
+            self._setup_task = None
+        if state is ZkState.LOST:
+            self._events.flush("zookeeper session expired")
+        self._events.state_changed(state)
+        if state is ZkState.CONNECTED:
+            if self._was_connected:
+                # kazoo dropped every watch on SUSPENDED and does not restore
+                # them: no cached entry is still watched.
+                self._events.flush("reconnected: watches were lost with the connection")
+            self._setup_task = asyncio.ensure_future(self._setup_session())
+
+    async def _setup_session(self) -> None:
+        try:
+            await ensure_layout(self.zk, self.layout)
+            new_session = self.zk.session_id != self._session_id
+            # The cache was flushed on this CONNECTED (or is empty at start):
+            # whatever the epoch and the prefix log say now is the baseline.
+            self._epoch_mzxid = None
+            self._prefix_seq = None
+            await self._arm_epoch()
+            await self._arm_prefixes()
+            await self._register_member()
+            self._session_id = self.zk.session_id
+            if new_session:
+                self.sessions += 1
+            self._was_connected = True
+            self.ready = True
+            log.info("ready: member %s in %s", self.member_id, self.layout.root)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - setup is retried while connected
+            log.warning("session setup failed (%s); retrying", exc)
+            self._setup_task = asyncio.ensure_future(self._retry_setup())
+
+    async def _retry_setup(self) -> None:
+        await asyncio.sleep(0.5)
+        if self.state is ZkState.CONNECTED and not self.ready:
+            await self._setup_session()
+
+    async def _register_member(self) -> None:
+        path = self.layout.member_path(self.member_id)
+        info = dict(self._member_info, session=f"0x{self.zk.session_id or 0:x}")
+        data = orjson.dumps(info)
+        for _ in range(3):
+            try:
+                await self.zk.create(path, data, ephemeral=True)
+                return
+            except NodeExistsError:
+                stat = await self.zk.exists(path)
+                if stat is not None and stat.ephemeralOwner == self.zk.session_id:
+                    return
+                # A previous life of this member id (a restarted pod) whose
+                # session has not expired yet: take the name over.
+                log.warning("member %s exists from session 0x%x; replacing it",
+                            self.member_id, stat.ephemeralOwner if stat else 0)
+                try:
+                    await self.zk.delete(path)
+                except NoNodeError:
+                    pass
+        raise CoordinationError(f"could not register member {self.member_id}")

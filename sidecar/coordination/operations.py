@@ -1,0 +1,161 @@
+"""Stateless ZooKeeper operations shared by the daemon and ``cachectl``.
+
+Nothing here keeps watches or state: these functions take a connected
+:class:`ZkSession` and a :class:`Layout` and do one protocol step each.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from kazoo.exceptions import NodeExistsError, NoNodeError
+
+from .layout import Layout
+from .session import ZkSession
+
+__all__ = [
+    "PREFIX_LOG_RETAIN",
+    "InvalidationReceipt",
+    "bump_version",
+    "ensure_layout",
+    "list_members",
+    "publish_invalidation",
+    "read_version",
+]
+
+log = logging.getLogger(__name__)
+
+# Prefix log entries kept; a sidecar that falls further behind than this
+# (it sees a gap in the sequence) flushes everything instead.
+PREFIX_LOG_RETAIN = 1000
+_TRIM_EVERY = 100
+
+
+async def ensure_layout(zk: ZkSession, layout: Layout) -> None:
+    """Create the namespace's fixed parents if they are missing (idempotent)."""
+    for path in (layout.versions, layout.locks, layout.members, layout.prefixes):
+        await zk.ensure_path(path)
+    try:
+        await zk.create(layout.epoch, b"0")
+    except NodeExistsError:
+        pass
+
+
+async def read_version(zk: ZkSession, layout: Layout, key: str) -> int:
+    """The key's current version (its version znode's mzxid), 0 if never written."""
+    stat = await zk.exists(layout.version_path(key))
+    return int(stat.mzxid) if stat else 0
+
+
+async def bump_version(zk: ZkSession, layout: Layout, key: str, op: str, by: str) -> int:
+    """Give ``key`` a new version, firing every sidecar's watch on it; return it.
+
+    The znode's data records who did what, for operators reading ZooKeeper;
+    nothing relies on it.  Not idempotent across connection loss (a retried
+    set bumps twice), which is harmless: a version only has to move forward.
+    """
+    path = layout.version_path(key)
+    data = orjson.dumps({"op": op, "by": by})
+    try:
+        return int((await zk.set(path, data)).mzxid)
+    except NoNodeError:
+        pass
+    try:
+        _, stat = await zk.create(path, data, makepath=True)
+        return int(stat.mzxid)
+    except NodeExistsError:  # created concurrently (an invalidation): set it
+        return int((await zk.set(path, data)).mzxid)
+
+
+@dataclass(slots=True)
+class InvalidationReceipt:
+    """What :func:`publish_invalidation` wrote, for the API response and the CLI."""
+
+    keys: dict[str, int] = field(default_factory=dict)
+    prefixes: dict[str, int] = field(default_factory=dict)
+    all: bool = False
+    epoch: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """The JSON body of ``202 Accepted``."""
+        return {
+            "keys": self.keys,
+            "prefixes": self.prefixes,
+            "all": self.all,
+            "epoch": self.epoch,
+        }
+
+
+async def publish_invalidation(
+    zk: ZkSession,
+    layout: Layout,
+    *,
+    keys: list[str],
+    prefixes: list[str],
+    everything: bool,
+    by: str,
+) -> InvalidationReceipt:
+    """Publish an invalidation to every sidecar of the namespace.
+
+    Keys get a new version (the origin is not touched); prefixes get an entry in
+    the prefix log; ``everything`` bumps the epoch.  Sidecars apply each through
+    the watch they already hold, so the guarantee is the same for all three.
+    """
+    receipt = InvalidationReceipt(all=everything)
+    for key in dict.fromkeys(keys):
+        receipt.keys[key] = await bump_version(zk, layout, key, "invalidate", by)
+    for prefix in dict.fromkeys(prefixes):
+        path, _ = await zk.create(
+            layout.prefix_entry_base(prefix), orjson.dumps({"by": by}), sequence=True, makepath=True
+        )
+        parsed = layout.parse_prefix_entry(path.rpartition("/")[2])
+        seq = parsed[0] if parsed else -1
+        receipt.prefixes[prefix] = seq
+        if seq % _TRIM_EVERY == 0:
+            await _trim_prefix_log(zk, layout)
+    if everything:
+        data = orjson.dumps({"by": by})
+        try:
+            stat = await zk.set(layout.epoch, data)
+        except NoNodeError:
+            _, stat = await zk.create(layout.epoch, data, makepath=True)
+        receipt.epoch = int(stat.mzxid)
+    return receipt
+
+
+async def _trim_prefix_log(zk: ZkSession, layout: Layout) -> None:
+    entries = sorted(
+        (parsed[0], name)
+        for name in await zk.get_children(layout.prefixes)
+        if (parsed := layout.parse_prefix_entry(name)) is not None
+    )
+    for _, name in entries[:-PREFIX_LOG_RETAIN]:
+        try:
+            await zk.delete(f"{layout.prefixes}/{name}")
+        except NoNodeError:
+            pass
+
+
+async def list_members(zk: ZkSession, layout: Layout) -> list[dict[str, Any]]:
+    """The live sidecars of the namespace, from their ephemeral znodes."""
+    try:
+        names = await zk.get_children(layout.members)
+    except NoNodeError:
+        return []
+    members = []
+    for name in sorted(names):
+        try:
+            data, stat = await zk.get(layout.member_path(name))
+        except NoNodeError:
+            continue  # left while we listed
+        try:
+            info = orjson.loads(data) if data else {}
+        except orjson.JSONDecodeError:
+            info = {"raw": data.decode("utf-8", "replace")}
+        info.setdefault("member_id", name)
+        info["session"] = f"0x{stat.ephemeralOwner:x}"
+        members.append(info)
+    return members

@@ -1,0 +1,212 @@
+"""An asyncio face on one kazoo client: async znode calls and state changes.
+
+Only this package touches kazoo, and only through :mod:`sidecar.bridge`.  Every
+call here is non-blocking for the loop and bounded by ``op_timeout`` (kazoo
+queues requests while it reconnects, so an unbounded await could hang for as
+long as ZooKeeper is away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import (
+    ConnectionClosedError,
+    ConnectionLoss,
+    OperationTimeoutError,
+    SessionExpiredError,
+)
+from kazoo.protocol.states import ZnodeStat
+from kazoo.retry import KazooRetry
+
+from .. import bridge
+from ..errors import CoordinationError, NotConnected
+
+__all__ = ["ZkSession", "ZkState", "ZnodeStat"]
+
+log = logging.getLogger(__name__)
+
+# Exceptions meaning "the call may or may not have been applied; the
+# connection is gone": callers decide whether to retry.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionLoss,
+    SessionExpiredError,
+    ConnectionClosedError,
+    OperationTimeoutError,
+)
+
+
+class ZkState(enum.Enum):
+    """The sidecar's view of its ZooKeeper session (see README, "Connection states")."""
+
+    CONNECTING = "connecting"  # never connected yet
+    CONNECTED = "connected"
+    SUSPENDED = "suspended"  # connection lost, the session may survive
+    LOST = "lost"  # session expired (kazoo reconnects with a new one)
+
+
+_KAZOO_STATES = {
+    KazooState.CONNECTED: ZkState.CONNECTED,
+    KazooState.SUSPENDED: ZkState.SUSPENDED,
+    KazooState.LOST: ZkState.LOST,
+}
+
+
+class ZkSession:
+    """One kazoo client used from asyncio.
+
+    State changes are delivered on the loop to ``on_state(ZkState)``.
+    """
+
+    def __init__(
+        self,
+        hosts: str,
+        session_timeout: float,
+        *,
+        op_timeout: float | None = None,
+        on_state: Callable[[ZkState], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.loop = loop or asyncio.get_running_loop()
+        self.op_timeout = op_timeout or session_timeout
+        self.state = ZkState.CONNECTING
+        self._on_state = on_state
+        self._connected_waiters: list[asyncio.Future[None]] = []
+        # Reconnect forever with capped backoff: the sidecar outlives outages.
+        self.client = KazooClient(
+            hosts=hosts,
+            timeout=session_timeout,
+            connection_retry=KazooRetry(max_tries=-1, delay=0.1, max_delay=1.0),
+            logger=logging.getLogger("kazoo.client"),
+        )
+        self.client.add_listener(self._kazoo_listener)
+
+    # -- lifecycle ----------------------------------------------------------
+    def start(self) -> None:
+        """Start connecting in the background; states arrive through ``on_state``."""
+        self.client.start_async()
+
+    async def connect(self, timeout: float) -> None:
+        """Start and wait until connected, or raise :class:`NotConnected`."""
+        self.start()
+        try:
+            await self.wait_connected(timeout)
+        except NotConnected:
+            await self.close()
+            raise
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Wait until the session is connected, or raise :class:`NotConnected`."""
+        if self.state is ZkState.CONNECTED:
+            return
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self._connected_waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise NotConnected(
+                f"could not connect to ZooKeeper at {self.client.hosts} within {timeout:g}s"
+            ) from None
+        finally:
+            if fut in self._connected_waiters:
+                self._connected_waiters.remove(fut)
+
+    async def close(self) -> None:
+        """Close the session (ephemeral znodes go at once) and stop kazoo's threads."""
+        # stop() and close() join kazoo threads: run them off the loop.
+        await asyncio.to_thread(self._stop_and_close)
+
+    def _stop_and_close(self) -> None:
+        try:
+            self.client.stop()
+        finally:
+            self.client.close()
+
+    @property
+    def session_id(self) -> int | None:
+        """The current session id, if any."""
+        sid = self.client.client_id
+        return sid[0] if sid else None
+
+    @property
+    def negotiated_timeout(self) -> float:
+        """The session timeout the server granted, in seconds."""
+        ms = getattr(self.client._connection, "negotiated_session_timeout", None)
+        return (ms / 1000.0) if ms else float(self.client._session_timeout) / 1000.0
+
+    # -- state --------------------------------------------------------------
+    def _kazoo_listener(self, kstate: str) -> None:
+        # Runs on kazoo's connection thread: never block, never touch state here.
+        bridge.post(self.loop, self._apply_state, _KAZOO_STATES[kstate])
+
+    def _apply_state(self, state: ZkState) -> None:
+        self.state = state
+        log.info("zookeeper session state: %s (session 0x%x)", state.value, self.session_id or 0)
+        if state is ZkState.CONNECTED:
+            for fut in self._connected_waiters:
+                if not fut.done():
+                    fut.set_result(None)
+        if self._on_state is not None:
+            self._on_state(state)
+
+    # -- znode calls --------------------------------------------------------
+    async def call(self, async_result: Any, what: str) -> Any:
+        """Await a kazoo ``*_async`` result, bounded by ``op_timeout``.
+
+        Connection errors become :class:`CoordinationError`; ZooKeeper's own
+        errors (``NoNodeError``, ``BadVersionError``...) pass through unchanged.
+        """
+        try:
+            return await asyncio.wait_for(bridge.wait(async_result, self.loop), self.op_timeout)
+        except TimeoutError:
+            raise CoordinationError(f"ZooKeeper {what} timed out after {self.op_timeout:g}s") from None
+        except CONNECTION_ERRORS as exc:
+            raise CoordinationError(f"ZooKeeper {what} failed: {type(exc).__name__}") from exc
+
+    async def exists(self, path: str, watch: Callable[[Any], None] | None = None) -> ZnodeStat | None:
+        """``exists`` (arming a data watch if ``watch`` is given)."""
+        return await self.call(self.client.exists_async(path, watch=watch), "exists")  # type: ignore[no-any-return]
+
+    async def get(self, path: str, watch: Callable[[Any], None] | None = None) -> tuple[bytes, ZnodeStat]:
+        """``getData`` (arming a data watch if ``watch`` is given)."""
+        return await self.call(self.client.get_async(path, watch=watch), "get")  # type: ignore[no-any-return]
+
+    async def get_children(self, path: str, watch: Callable[[Any], None] | None = None) -> list[str]:
+        """``getChildren`` (arming a child watch if ``watch`` is given)."""
+        return await self.call(self.client.get_children_async(path, watch=watch), "get_children")  # type: ignore[no-any-return]
+
+    async def set(self, path: str, data: bytes, version: int = -1) -> ZnodeStat:
+        """``setData``; ``version`` >= 0 makes it a compare-and-set."""
+        return await self.call(self.client.set_async(path, data, version), "set")  # type: ignore[no-any-return]
+
+    async def create(
+        self,
+        path: str,
+        data: bytes = b"",
+        *,
+        ephemeral: bool = False,
+        sequence: bool = False,
+        makepath: bool = False,
+    ) -> tuple[str, ZnodeStat]:
+        """``create2``: returns the created path and its stat."""
+        result = self.client.create_async(
+            path, data, ephemeral=ephemeral, sequence=sequence, makepath=makepath, include_data=True
+        )
+        return await self.call(result, "create")  # type: ignore[no-any-return]
+
+    async def delete(self, path: str, version: int = -1) -> None:
+        """``delete``; ``version`` >= 0 makes it conditional."""
+        await self.call(self.client.delete_async(path, version), "delete")
+
+    async def ensure_path(self, path: str) -> None:
+        """Create ``path`` and its parents if missing."""
+        await self.call(self.client.ensure_path_async(path), "ensure_path")
+
+    async def sync(self, path: str) -> None:
+        """``sync``: the next read on this session sees every write committed before it."""
+        await self.call(self.client.sync_async(path), "sync")

@@ -1,0 +1,10 @@
+"""Local development and test harness: a real ZooKeeper and real sidecar processes.
+
+Used by ``scripts/dev.sh``, the test fixtures and ``bench/``.  Every process
+listens on loopback only and is owned (started and stopped) by its caller.
+"""
+
+from .process import SidecarProcess, free_port
+from .zookeeper import LocalZooKeeper, find_zkserver
+
+__all__ = ["LocalZooKeeper", "SidecarProcess", "find_zkserver", "free_port"]

@@ -1,0 +1,110 @@
+"""A real ``cache-sidecar`` process, started and stopped by its owner."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SidecarProcess", "free_port"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class SidecarProcess:
+    """``python -m sidecar`` with the given settings, on a free loopback port."""
+
+    def __init__(self, log_dir: str | Path, name: str, settings: dict[str, Any]) -> None:
+        self.name = name
+        self.port = int(settings.pop("port", 0)) or free_port()
+        self.settings = {"listen": f"127.0.0.1:{self.port}", "member_id": name, **settings}
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_dir) / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        """The command line that starts this sidecar."""
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in self.settings.items()]
+        return [sys.executable, "-m", "sidecar", *flags]
+
+    def start(self, wait_ready: bool = True, timeout: float = 30.0) -> None:
+        """Start the process; by default wait until ``/readyz`` answers 200."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ZKCACHE_")}
+        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env)
+        log.close()
+        if wait_ready:
+            self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 30.0, ready: bool = True) -> None:
+        """Wait until ``/readyz`` is 200 (or, with ``ready=False``, not 200)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self.is_ready() == ready:
+                return
+            time.sleep(0.05)
+        state = "ready" if ready else "not ready"
+        raise TimeoutError(f"{self.name} not {state} within {timeout:g}s:\n{self.log_tail()}")
+
+    def is_ready(self) -> bool:
+        """True if ``/readyz`` answers 200."""
+        try:
+            with urllib.request.urlopen(self.url + "/readyz", timeout=1) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stats(self) -> dict[str, Any]:
+        """``GET /v1/stats``."""
+        with urllib.request.urlopen(self.url + "/v1/stats", timeout=5) as resp:
+            return dict(json.loads(resp.read()))
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM (graceful), SIGKILL after ``timeout``; returns the exit status."""
+        if self.proc is None:
+            return None
+        self.resume()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def pause(self) -> None:
+        """SIGSTOP the process (a long GC pause, a frozen VM)."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of this sidecar's log."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"

@@ -1,0 +1,164 @@
+"""A real ZooKeeper server (Debian's ``zookeeper`` package) run as a child process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from .process import free_port
+
+__all__ = ["LocalZooKeeper", "find_zkserver"]
+
+_CANDIDATES = ("/usr/share/zookeeper/bin/zkServer.sh", "/opt/zookeeper/bin/zkServer.sh")
+
+
+def find_zkserver() -> str | None:
+    """Path of ``zkServer.sh``: ``$ZKCACHE_ZKSERVER``, Debian's, or on ``PATH``."""
+    explicit = os.environ.get("ZKCACHE_ZKSERVER")
+    if explicit:
+        return explicit if os.path.exists(explicit) else None
+    for path in _CANDIDATES:
+        if os.path.exists(path):
+            return path
+    return shutil.which("zkServer.sh")
+
+
+def four_letter(host: str, port: int, cmd: str, timeout: float = 1.0) -> str:
+    """Send a four-letter command (``ruok``, ``mntr``, ``srvr``) and return the answer."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(cmd.encode())
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+class LocalZooKeeper:
+    """One standalone ZooKeeper on 127.0.0.1 with its own data dir.
+
+    ``stop``/``kill``/``pause``/``resume`` are the fault-injection handles the
+    tests use; ``start`` again on the same data dir restarts the same server
+    (sessions survive a restart shorter than their timeout).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        tick_ms: int = 500,
+        min_session_ms: int = 1000,
+        max_session_ms: int = 60000,
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.host = host
+        self.port = port or free_port(host)
+        self.tick_ms = tick_ms
+        self.min_session_ms = min_session_ms
+        self.max_session_ms = max_session_ms
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.data_dir / "zookeeper.log"
+
+    @property
+    def hosts(self) -> str:
+        """The connect string (no chroot)."""
+        return f"{self.host}:{self.port}"
+
+    def _write_config(self) -> Path:
+        (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
+        cfg = self.data_dir / "zoo.cfg"
+        cfg.write_text(
+            f"tickTime={self.tick_ms}\n"
+            f"dataDir={self.data_dir / 'data'}\n"
+            f"clientPort={self.port}\n"
+            f"clientPortAddress={self.host}\n"
+            f"minSessionTimeout={self.min_session_ms}\n"
+            f"maxSessionTimeout={self.max_session_ms}\n"
+            "maxClientCnxns=0\n"
+            "admin.enableServer=false\n"
+            "4lw.commands.whitelist=*\n"
+            "autopurge.purgeInterval=0\n"
+        )
+        return cfg
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the server and wait until it answers ``ruok`` with ``imok``."""
+        script = find_zkserver()
+        if script is None:
+            raise RuntimeError(
+                "zkServer.sh not found: install Debian's 'zookeeper' package "
+                "(apt-get install -y zookeeper) or set ZKCACHE_ZKSERVER"
+            )
+        cfg = self._write_config()
+        logs = self.data_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        env = dict(os.environ, ZOO_LOG_DIR=str(logs), ZOO_LOG4J_PROP="INFO,CONSOLE",
+                   JVMFLAGS="-Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(
+            [script, "start-foreground", str(cfg)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ZooKeeper exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self.is_serving():
+                return
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"ZooKeeper did not answer ruok within {timeout:g}s:\n{self.log_tail()}")
+
+    def is_serving(self) -> bool:
+        """True if the server answers ``ruok`` with ``imok``."""
+        try:
+            return four_letter(self.host, self.port, "ruok", 0.5) == "imok"
+        except OSError:
+            return False
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``; waits for the exit."""
+        if self.proc is None:
+            return
+        self.resume()
+        self._signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL (a crash) and wait for the exit."""
+        if self.proc is None:
+            return
+        self._signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc = None
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open but nothing answers (a hung server)."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        self._signal(signal.SIGCONT)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the server's log, for failure messages."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"

@@ -1,0 +1,133 @@
+"""The one exception hierarchy of the sidecar.
+
+Every error a client can see is a subclass of :class:`SidecarError`, and each
+class carries the HTTP status and the problem ``type`` it is rendered as.  The
+HTTP layer renders them in exactly one place (``http_api._problem_middleware``)
+as ``application/problem+json`` (RFC 9457); the CLI maps them to exit codes in
+one place (``cli.main``).
+
+    SidecarError
+    ├── BadRequest                  400  bad-request
+    │   └── InvalidKey              400  invalid-key
+    ├── Unauthorized                401  unauthorized
+    ├── NotFound                    404  not-found
+    ├── PreconditionFailed          412  precondition-failed
+    ├── PayloadTooLarge             413  payload-too-large
+    ├── ConfigError                 (exit status 2, never an HTTP response)
+    ├── CoordinationError           503  coordination-unavailable
+    │   ├── NotConnected            503  zookeeper-unavailable
+    │   ├── LockTimeout             503  lock-timeout   (also asyncio.TimeoutError)
+    │   └── InvalidationNotPublished 503 invalidation-not-published
+    └── OriginError                 502  origin-error
+        ├── OriginUnavailable       502  origin-unavailable
+        └── OriginTimeout           504  origin-timeout (also asyncio.TimeoutError)
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+__all__ = [
+    "BadRequest",
+    "ConfigError",
+    "CoordinationError",
+    "InvalidKey",
+    "InvalidationNotPublished",
+    "LockTimeout",
+    "NotConnected",
+    "NotFound",
+    "OriginError",
+    "OriginTimeout",
+    "OriginUnavailable",
+    "PayloadTooLarge",
+    "PreconditionFailed",
+    "SidecarError",
+    "Unauthorized",
+]
+
+PROBLEM_BASE = "https://zk-cache-sidecar.dev/problems/"
+
+
+class SidecarError(Exception):
+    """Root of every error the sidecar reports to a client."""
+
+    status: int = 500
+    problem: str = "internal-error"
+    title: str = "Internal error"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+
+    @property
+    def type_uri(self) -> str:
+        """The RFC 9457 ``type`` member of the problem document."""
+        return PROBLEM_BASE + self.problem
+
+
+class BadRequest(SidecarError):
+    status, problem, title = 400, "bad-request", "Bad request"
+
+
+class InvalidKey(BadRequest):
+    problem, title = "invalid-key", "Invalid key"
+
+
+class Unauthorized(SidecarError):
+    status, problem, title = 401, "unauthorized", "Missing or wrong bearer token"
+
+
+class NotFound(SidecarError):
+    status, problem, title = 404, "not-found", "Not found"
+
+
+class PreconditionFailed(SidecarError):
+    status, problem, title = 412, "precondition-failed", "Precondition failed"
+
+    def __init__(self, detail: str = "", current_version: int | None = None) -> None:
+        super().__init__(detail)
+        self.current_version = current_version
+
+
+class PayloadTooLarge(SidecarError):
+    status, problem, title = 413, "payload-too-large", "Payload too large"
+
+
+class ConfigError(SidecarError):
+    """An invalid setting. The daemon exits with status 2 and this one line."""
+
+    problem, title = "config-error", "Invalid configuration"
+
+
+class CoordinationError(SidecarError):
+    status, problem, title = 503, "coordination-unavailable", "ZooKeeper operation failed"
+
+
+class NotConnected(CoordinationError):
+    problem, title = "zookeeper-unavailable", "Not connected to ZooKeeper"
+
+
+class LockTimeout(CoordinationError, asyncio.TimeoutError):
+    problem, title = "lock-timeout", "Timed out waiting for the key's write lock"
+
+
+class InvalidationNotPublished(CoordinationError):
+    """The origin was written but the version bump could not be published.
+
+    Other sidecars may keep serving the previous value until their TTL or
+    until the key is invalidated again; the client is told so explicitly.
+    """
+
+    problem, title = "invalidation-not-published", "Write applied, invalidation not published"
+
+
+class OriginError(SidecarError):
+    status, problem, title = 502, "origin-error", "The origin failed"
+
+
+class OriginUnavailable(OriginError):
+    problem, title = "origin-unavailable", "The origin is unreachable"
+
+
+class OriginTimeout(OriginError, asyncio.TimeoutError):
+    status, problem, title = 504, "origin-timeout", "The origin timed out"

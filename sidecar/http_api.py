@@ -1,0 +1,263 @@
+"""The localhost HTTP API (see README, "HTTP API").
+
+Handlers parse and validate, call :class:`~sidecar.service.CacheService`, and
+shape responses.  Errors are rendered in one place, :func:`_problem_middleware`,
+as ``application/problem+json``.  The hit path is one dict lookup and one
+response: no ZooKeeper, origin, lock or thread hop.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+from aiohttp import web
+
+from . import metrics
+from .coordination import validate_key
+from .errors import (
+    BadRequest,
+    InvalidKey,
+    NotConnected,
+    NotFound,
+    PayloadTooLarge,
+    PreconditionFailed,
+    SidecarError,
+    Unauthorized,
+)
+from .origins import DEFAULT_CONTENT_TYPE, OriginValue
+from .service import CacheService
+
+__all__ = ["KEY_PREFIX", "SERVICE", "make_app"]
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "/v1/keys/"
+SERVICE = web.AppKey("service", CacheService)
+_REGISTRY = web.AppKey("registry", Any)
+_PROBLEM_TYPE = "application/problem+json"
+_UNAUTHENTICATED = frozenset({"/healthz", "/readyz"})
+_ETAG_RE = re.compile(r'^\s*(?:W/)?"(\d+)"\s*$')
+_MAX_INVALIDATE_ITEMS = 1000
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# -- problem rendering ------------------------------------------------------
+def _problem(status: int, type_uri: str, title: str, detail: str, instance: str,
+             **extra: Any) -> web.Response:
+    body = {"type": type_uri, "title": title, "status": status, "detail": detail,
+            "instance": instance, **extra}
+    return web.Response(status=status, body=orjson.dumps(body), content_type=_PROBLEM_TYPE)
+
+
+@web.middleware
+async def _problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except SidecarError as exc:
+        extra: dict[str, Any] = {}
+        headers = {}
+        if isinstance(exc, PreconditionFailed) and exc.current_version is not None:
+            extra["current_version"] = exc.current_version
+            headers["ETag"] = f'"{exc.current_version}"'
+        resp = _problem(exc.status, exc.type_uri, exc.title, exc.detail, request.path, **extra)
+        resp.headers.update(headers)
+        if exc.status >= 500 and not isinstance(exc, NotConnected):
+            log.warning("%s %s -> %d %s", request.method, request.path, exc.status, exc.detail)
+        return resp
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _problem(exc.status, "about:blank", exc.reason, exc.text or exc.reason, request.path)
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return _problem(500, "about:blank", "Internal Server Error",
+                        "unexpected error; see the sidecar log", request.path)
+
+
+def _auth_middleware(token: str) -> Any:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in _UNAUTHENTICATED:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                raise Unauthorized("send 'Authorization: Bearer <auth_token>'")
+        return await handler(request)
+
+    return auth
+
+
+# -- request parsing --------------------------------------------------------
+def _key_of(request: web.Request) -> str:
+    # The raw (still percent-encoded) path, so that '%2F' and '/' both work
+    # and no normalisation of '.' or '..' segments changes the key.
+    raw = request.rel_url.raw_path[len(KEY_PREFIX):]
+    try:
+        key = unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidKey("key is not valid percent-encoded UTF-8") from None
+    return validate_key(key)
+
+
+def _parse_etag(value: str, header: str) -> int:
+    m = _ETAG_RE.match(value)
+    if m is None:
+        raise BadRequest(f'{header} must be one entity tag like "42", got {value!r}')
+    return int(m.group(1))
+
+
+def _etag(version: int) -> str:
+    return f'"{version}"'
+
+
+# -- handlers ---------------------------------------------------------------
+async def get_key(request: web.Request) -> web.StreamResponse:
+    """GET /v1/keys/{key}: hit, miss (read-through) or 404."""
+    service = request.app[SERVICE]
+    key = _key_of(request)
+    entry = service.cached(key)
+    if entry is not None:
+        value, ctype, version, source = entry.value, entry.content_type, entry.version, "hit"
+    else:
+        fetched = await service.fetch(key)
+        if fetched.value is None:
+            raise NotFound(f"the origin has no value for key {key!r}")
+        value, ctype, source = fetched.value.value, fetched.value.content_type, fetched.source
+        version = fetched.version
+    headers = {"X-Cache": source}
+    if version is not None:
+        etag = _etag(version)
+        headers["ETag"] = etag
+        inm = request.headers.get("If-None-Match")
+        if inm is not None and etag in (t.strip() for t in inm.split(",")):
+            return web.Response(status=304, headers=headers)
+    return web.Response(body=value, headers={**headers, "Content-Type": ctype})
+
+
+async def put_key(request: web.Request) -> web.StreamResponse:
+    """PUT /v1/keys/{key}: write-through, optionally conditional."""
+    service = request.app[SERVICE]
+    key = _key_of(request)
+    limit = service.config.max_value_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"value is {request.content_length} bytes; the limit is {limit}")
+    body = await request.read()  # bounded by client_max_size: aiohttp answers 413 beyond
+    if len(body) > limit:
+        raise PayloadTooLarge(f"value exceeds the limit of {limit} bytes")
+    if_match = request.headers.get("If-Match")
+    if_none_match = request.headers.get("If-None-Match")
+    if if_none_match is not None and if_none_match.strip() != "*":
+        raise BadRequest("PUT supports only 'If-None-Match: *' (create only)")
+    if if_match is not None and if_none_match is not None:
+        raise BadRequest("send If-Match or If-None-Match, not both")
+    ctype = request.headers.get("Content-Type", DEFAULT_CONTENT_TYPE)
+    version = await service.put(
+        key,
+        OriginValue(body, ctype),
+        if_match=None if if_match is None else _parse_etag(if_match, "If-Match"),
+        if_none_match=if_none_match is not None,
+    )
+    return web.Response(body=orjson.dumps({"key": key, "version": version}),
+                        content_type="application/json", headers={"ETag": _etag(version)})
+
+
+async def delete_key(request: web.Request) -> web.StreamResponse:
+    """DELETE /v1/keys/{key}: delete-through; the version bump is the tombstone."""
+    service = request.app[SERVICE]
+    key = _key_of(request)
+    if_match = request.headers.get("If-Match")
+    version = await service.delete(
+        key, if_match=None if if_match is None else _parse_etag(if_match, "If-Match")
+    )
+    return web.Response(status=204, headers={"ETag": _etag(version)})
+
+
+def _string_list(body: dict[str, Any], name: str) -> list[str]:
+    items = body.get(name, [])
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise BadRequest(f"'{name}' must be a list of strings")
+    if len(items) > _MAX_INVALIDATE_ITEMS:
+        raise BadRequest(f"at most {_MAX_INVALIDATE_ITEMS} {name} per request")
+    for item in items:
+        try:
+            validate_key(item)
+        except InvalidKey as exc:
+            raise BadRequest(f"'{name}' has an invalid entry: {exc.detail}") from None
+    return items
+
+
+async def invalidate(request: web.Request) -> web.StreamResponse:
+    """POST /v1/invalidate: fleet-wide invalidation; the origin is not touched."""
+    service = request.app[SERVICE]
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest('body must be an object like {"keys": [], "prefixes": [], "all": false}')
+    unknown = sorted(set(body) - {"keys", "prefixes", "all"})
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}")
+    keys, prefixes = _string_list(body, "keys"), _string_list(body, "prefixes")
+    everything = body.get("all", False)
+    if not isinstance(everything, bool):
+        raise BadRequest("'all' must be true or false")
+    if not keys and not prefixes and not everything:
+        raise BadRequest("nothing to invalidate: give keys, prefixes or all=true")
+    receipt = await service.invalidate(keys, prefixes, everything)
+    return web.Response(status=202, body=orjson.dumps(receipt.as_json()),
+                        content_type="application/json")
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    """GET /healthz: the process is alive and serving HTTP."""
+    return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+
+
+async def readyz(request: web.Request) -> web.StreamResponse:
+    """GET /readyz: 200 only while the ZooKeeper session is connected and set up."""
+    service = request.app[SERVICE]
+    if not service.ready:
+        raise NotConnected(service.coord.describe_state())
+    return web.Response(body=b'{"status":"ready"}', content_type="application/json")
+
+
+async def stats(request: web.Request) -> web.StreamResponse:
+    """GET /v1/stats: counters and state as JSON."""
+    return web.Response(body=orjson.dumps(request.app[SERVICE].snapshot()),
+                        content_type="application/json")
+
+
+async def metrics_handler(request: web.Request) -> web.StreamResponse:
+    """GET /metrics: Prometheus text format."""
+    body = metrics.render(request.app[_REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+def make_app(service: CacheService) -> web.Application:
+    """The aiohttp application serving ``service``."""
+    middlewares = [_problem_middleware]
+    if service.config.auth_token:
+        middlewares.append(_auth_middleware(service.config.auth_token))
+    # Large enough for the biggest value and for a full invalidation request.
+    max_body = max(service.config.max_value_bytes, 2 * 1024**2) + 64 * 1024
+    app = web.Application(middlewares=middlewares, client_max_size=max_body)
+    app[SERVICE] = service
+    app[_REGISTRY] = metrics.make_registry(service)
+    app.router.add_get(KEY_PREFIX + "{key:.+}", get_key, allow_head=False)
+    app.router.add_put(KEY_PREFIX + "{key:.+}", put_key)
+    app.router.add_delete(KEY_PREFIX + "{key:.+}", delete_key)
+    app.router.add_post("/v1/invalidate", invalidate)
+    app.router.add_get("/v1/stats", stats)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    return app

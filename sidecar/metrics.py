@@ -1,0 +1,66 @@
+"""Prometheus metrics, read from the service's own counters at scrape time.
+
+The request path only increments plain integers (``service.Stats``,
+``cache.CacheCounters``); this collector turns them into Prometheus families
+when ``/metrics`` is scraped, so metrics cost nothing on a hit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .service import CacheService
+
+__all__ = ["CONTENT_TYPE", "make_registry", "render"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_COUNTERS = {
+    "hits": "Reads served from the local cache",
+    "misses": "Reads filled from the origin through the watch protocol",
+    "bypassed_reads": "Reads sent to the origin uncached while ZooKeeper was unavailable",
+    "writes": "Write-through PUTs acknowledged",
+    "deletes": "Delete-through DELETEs acknowledged",
+    "invalidations_received": "Invalidation events applied from ZooKeeper",
+    "invalidations_published": "Invalidation requests published by this sidecar",
+    "flushes": "Whole-cache flushes (invalidate-all, session loss, reconnect)",
+}
+
+
+class _ServiceCollector(Collector):
+    def __init__(self, service: CacheService) -> None:
+        self._service = service
+
+    def collect(self) -> Iterator[Metric]:
+        svc = self._service
+        for name, doc in _COUNTERS.items():
+            yield CounterMetricFamily(f"zkcache_{name}", doc, value=getattr(svc.stats, name))
+        counters = svc.cache.counters
+        yield CounterMetricFamily("zkcache_evictions", "Entries evicted by the LRU bounds", value=counters.evictions)
+        yield CounterMetricFamily("zkcache_refused_fills", "Fills not installed because an invalidation overtook them", value=counters.refused_fills)
+        yield GaugeMetricFamily("zkcache_entries", "Entries cached", value=len(svc.cache))
+        yield GaugeMetricFamily("zkcache_bytes", "Bytes charged against max_bytes", value=svc.cache.bytes)
+        yield GaugeMetricFamily("zkcache_max_bytes", "Configured byte bound", value=svc.config.max_bytes)
+        yield GaugeMetricFamily("zkcache_ready", "1 when the ZooKeeper session is usable", value=int(svc.ready))
+        state = GaugeMetricFamily("zkcache_zookeeper_state", "ZooKeeper session state", labels=["state"])
+        for candidate in ("connecting", "connected", "suspended", "lost"):
+            state.add_metric([candidate], int(svc.coord.state.value == candidate))
+        yield state
+
+
+def make_registry(service: CacheService) -> CollectorRegistry:
+    """A registry with the service's metrics (no process metrics: keep scrapes cheap)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_ServiceCollector(service))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The text exposition of ``registry``."""
+    return generate_latest(registry)

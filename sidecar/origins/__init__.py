@@ -1,0 +1,23 @@
+"""Backing stores the sidecar reads through and writes through."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from .base import DEFAULT_CONTENT_TYPE, Origin, OriginValue
+from .http import HttpOrigin
+from .sqlite import SqliteOrigin
+
+__all__ = ["DEFAULT_CONTENT_TYPE", "Origin", "OriginValue", "open_origin"]
+
+
+async def open_origin(url: str, timeout: float, max_value_bytes: int) -> Origin:
+    """Open the origin named by ``url`` (already validated by ``config``)."""
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        sqlite = SqliteOrigin(url, timeout)
+        await sqlite.open()
+        return sqlite
+    http = HttpOrigin(url, timeout, max_value_bytes)
+    await http.open()
+    return http

@@ -1,0 +1,44 @@
+"""What every origin (backing store) offers the cache service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["DEFAULT_CONTENT_TYPE", "Origin", "OriginValue"]
+
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+@dataclass(frozen=True, slots=True)
+class OriginValue:
+    """A value as stored in the origin, with the Content-Type it was written with."""
+
+    value: bytes
+    content_type: str = DEFAULT_CONTENT_TYPE
+
+
+class Origin(Protocol):
+    """A backing store. Every method is bounded by the origin timeout.
+
+    Raise ``OriginTimeout`` on a timeout and ``OriginError`` (or a subclass) on
+    any other failure; never a bare library exception.
+    """
+
+    name: str
+
+    async def get(self, key: str) -> OriginValue | None:
+        """The stored value, or ``None`` if the origin has none."""
+        ...
+
+    async def put(self, key: str, value: OriginValue) -> None:
+        """Store ``value`` durably before returning."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Remove the value; absent keys are not an error."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and threads."""
+        ...

@@ -1,0 +1,158 @@
+"""Fixtures: a real ZooKeeper, real sidecar processes, real origins.
+
+Like kazoo's test harness, one ZooKeeper serves the whole session and each
+test gets its own namespace (its own subtree), so tests cannot see each
+other's znodes.  Tests that stop or pause ZooKeeper get a private server.
+On failure, the logs of every process the test started are printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sidecar.dev import LocalZooKeeper, SidecarProcess, free_port
+
+HERE = Path(__file__).parent
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[_FAILED] = report.failed
+    return report
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
+def _dump_logs_if_failed(request: pytest.FixtureRequest, name: str, tail: Callable[[], str]) -> None:
+    if request.node.stash.get(_FAILED, False):
+        sys.stderr.write(f"\n----- log of {name} -----\n{tail()}\n")
+
+
+@pytest.fixture(scope="session")
+def zk_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalZooKeeper]:
+    """One real ZooKeeper for the session (do not stop it in a test)."""
+    server = LocalZooKeeper(tmp_path_factory.mktemp("zk-shared"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def zk_private(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalZooKeeper]:
+    """A ZooKeeper of this test's own, free to be stopped, killed or paused."""
+    server = LocalZooKeeper(tmp_path / "zk")
+    server.start()
+    yield server
+    _dump_logs_if_failed(request, "zookeeper", server.log_tail)
+    server.stop()
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A namespace no other test uses."""
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A fresh SQLite origin file for this test."""
+    return f"sqlite:///{tmp_path / 'origin.db'}"
+
+
+SidecarFactory = Callable[..., SidecarProcess]
+
+
+@pytest.fixture
+def sidecars(
+    tmp_path: Path, zk_server: LocalZooKeeper, namespace: str, sqlite_url: str,
+    request: pytest.FixtureRequest,
+) -> Iterator[SidecarFactory]:
+    """Start real sidecar processes: ``sidecars("a", zk=..., origin=...)``.
+
+    Defaults: the shared ZooKeeper, this test's namespace and SQLite file.
+    Every process is stopped (and its log printed on failure) at teardown.
+    """
+    started: list[SidecarProcess] = []
+
+    def start(name: str, wait_ready: bool = True, **settings: Any) -> SidecarProcess:
+        merged = {"zk": zk_server.hosts, "namespace": namespace, "origin": sqlite_url,
+                  "zk_session_timeout": "4s", "log_level": "debug", **settings}
+        proc = SidecarProcess(tmp_path / "logs", name, merged)
+        started.append(proc)
+        proc.start(wait_ready=wait_ready)
+        return proc
+
+    yield start
+    for proc in started:
+        _dump_logs_if_failed(request, f"sidecar {proc.name}", proc.log_tail)
+        proc.stop()
+
+
+@pytest.fixture
+def upstream(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A real HTTP origin process (tests/upstream.py); yields its base URL."""
+    port = free_port()
+    log_path = tmp_path / "upstream.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(HERE / "upstream.py"), str(port)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            urllib.request.urlopen(base + "/_control/held/x", timeout=1).read()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError(f"upstream did not start:\n{log_path.read_text()}") from None
+            time.sleep(0.05)
+    yield base
+    _dump_logs_if_failed(request, "upstream", lambda: log_path.read_text(errors="replace"))
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:  # a request still held open by a failed test
+        proc.kill()
+        proc.wait(5)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client for talking to sidecars."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+async def eventually(
+    check: Callable[[], Any], *, timeout: float = 5.0, interval: float = 0.01, what: str = "condition"
+) -> Any:
+    """Await ``check()`` (sync or async) until it returns a truthy value, or fail.
+
+    For conditions that are reached through an event in another process (a
+    watch firing, a session moving): a bounded wait with a clear message.
+    """
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"{what} not reached within {timeout:g}s (last: {last!r})")

@@ -1,0 +1,129 @@
+"""The pure cache: bounds, TTL, and the fill-ticket invariant."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.cache import ENTRY_OVERHEAD, CoherentCache, Entry
+
+
+def entry(key: str, size: int = 10, version: int = 1) -> Entry:
+    return Entry.make(key, b"x" * size, "text/plain", version)
+
+
+def fill(cache: CoherentCache, key: str, e: Entry) -> bool:
+    ticket = cache.begin_fill(key)
+    try:
+        return cache.install(ticket, e)
+    finally:
+        cache.end_fill(ticket)
+
+
+def test_bounded_by_entry_count_evicts_least_recently_used() -> None:
+    cache = CoherentCache(max_entries=3, max_bytes=10**9)
+    for k in "abc":
+        fill(cache, k, entry(k))
+    assert cache.get("a") is not None  # a is now most recently used
+    fill(cache, "d", entry("d"))
+    assert len(cache) == 3
+    assert "b" not in cache and {"a", "c", "d"} <= {k for k in "abcd" if k in cache}
+    assert cache.counters.evictions == 1
+
+
+def test_bounded_by_bytes() -> None:
+    per = 100 + 1 + ENTRY_OVERHEAD
+    cache = CoherentCache(max_entries=1000, max_bytes=per * 5)
+    for i in range(10):
+        fill(cache, chr(ord("a") + i), entry(chr(ord("a") + i), 100))
+    assert len(cache) == 5
+    assert cache.bytes == per * 5
+    assert cache.counters.evictions == 5
+
+
+def test_value_larger_than_max_bytes_is_not_cached() -> None:
+    cache = CoherentCache(max_entries=10, max_bytes=500)
+    assert fill(cache, "big", entry("big", 1000)) is False
+    assert len(cache) == 0 and cache.bytes == 0
+
+
+def test_ttl_expires_entries() -> None:
+    now = [0.0]
+    cache = CoherentCache(max_entries=10, max_bytes=10**6, ttl=5, timer=lambda: now[0])
+    fill(cache, "k", entry("k"))
+    now[0] = 4.9
+    assert cache.get("k") is not None
+    now[0] = 5.1
+    assert cache.get("k") is None
+
+
+def test_invalidation_voids_fill_in_flight() -> None:
+    cache = CoherentCache(10, 10**6)
+    ticket = cache.begin_fill("k")
+    cache.invalidate("k")  # arrives while the origin is being read
+    assert cache.install(ticket, entry("k")) is False
+    cache.end_fill(ticket)
+    assert cache.get("k") is None
+    assert cache.counters.refused_fills == 1
+
+
+def test_invalidation_of_other_key_does_not_void() -> None:
+    cache = CoherentCache(10, 10**6)
+    ticket = cache.begin_fill("k")
+    cache.invalidate("j")
+    cache.invalidate_prefix("kk")
+    assert cache.install(ticket, entry("k")) is True
+
+
+def test_prefix_and_all_void_fills_and_drop_entries() -> None:
+    cache = CoherentCache(10, 10**6)
+    fill(cache, "user/1", entry("user/1"))
+    fill(cache, "order/1", entry("order/1"))
+    t_user = cache.begin_fill("user/2")
+    assert cache.invalidate_prefix("user/") == 1
+    assert cache.install(t_user, entry("user/2")) is False
+    assert "order/1" in cache
+    t_order = cache.begin_fill("order/2")
+    assert cache.invalidate_all() == 1
+    assert cache.install(t_order, entry("order/2")) is False
+    assert len(cache) == 0
+
+
+def test_void_fills_keeps_entries() -> None:
+    cache = CoherentCache(10, 10**6)
+    fill(cache, "a", entry("a"))
+    ticket = cache.begin_fill("b")
+    cache.void_fills()
+    assert cache.install(ticket, entry("b")) is False
+    assert "a" in cache
+
+
+def test_tickets_taken_after_invalidation_are_valid() -> None:
+    cache = CoherentCache(10, 10**6)
+    cache.invalidate("k")
+    assert fill(cache, "k", entry("k", version=2)) is True
+    assert cache.fills_in_flight == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["begin", "inv", "install", "all"]),
+                          st.sampled_from(["a", "b", "ab"])), max_size=40))
+def test_no_ticket_survives_an_invalidation_of_its_key(ops: list[tuple[str, str]]) -> None:
+    """Model check: a ticket begun before any covering invalidation never installs."""
+    cache = CoherentCache(100, 10**6)
+    open_tickets: list[tuple[object, str, bool]] = []  # (ticket, key, invalidated since begin)
+    for op, key in ops:
+        if op == "begin":
+            open_tickets.append((cache.begin_fill(key), key, False))
+        elif op == "inv":
+            cache.invalidate_prefix(key) if key == "a" else cache.invalidate(key)
+            open_tickets = [(t, k, dirty or (k.startswith("a") if key == "a" else k == key))
+                            for t, k, dirty in open_tickets]
+        elif op == "all":
+            cache.invalidate_all()
+            open_tickets = [(t, k, True) for t, k, _ in open_tickets]
+        elif open_tickets:
+            t, k, dirty = open_tickets.pop(0)
+            installed = cache.install(t, entry(k))  # type: ignore[arg-type]
+            cache.end_fill(t)  # type: ignore[arg-type]
+            assert installed == (not dirty)

@@ -1,0 +1,254 @@
+"""Coherence across real sidecar processes sharing one ZooKeeper and one origin."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sqlite3
+import subprocess
+import sys
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from sidecar.origins.sqlite import sqlite_path
+from tests.conftest import SidecarFactory, eventually
+
+pytestmark = pytest.mark.slow
+
+
+async def get(http: aiohttp.ClientSession, base: str, key: str, **kw: Any) -> tuple[int, str, bytes, dict[str, str]]:
+    async with http.get(URL(f"{base}/v1/keys/{key}", encoded=True), **kw) as resp:
+        return resp.status, resp.headers.get("X-Cache", ""), await resp.read(), resp.headers.copy()
+
+
+async def put(http: aiohttp.ClientSession, base: str, key: str, body: bytes, **headers: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    async with http.put(URL(f"{base}/v1/keys/{key}", encoded=True), data=body, headers=headers) as resp:
+        return resp.status, await resp.json(content_type=None), resp.headers.copy()
+
+
+def cachectl(zk: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli.main", "--zk", zk, "--namespace", namespace, *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+async def test_write_on_a_is_seen_by_b(sidecars: SidecarFactory, http: aiohttp.ClientSession) -> None:
+    a, b = sidecars("a"), sidecars("b")
+    status, body, headers = await put(http, a.url, "user/42", b'{"name":"ada"}', **{"Content-Type": "application/json"})
+    assert status == 200 and headers["ETag"] == f'"{body["version"]}"'
+    status, source, value, _ = await get(http, b.url, "user/42")
+    assert (status, source, value) == (200, "miss", b'{"name":"ada"}')
+    status, source, value, h = await get(http, b.url, "user/42")
+    assert (status, source, value) == (200, "hit", b'{"name":"ada"}')
+    assert h["Content-Type"] == "application/json" and h["ETag"] == headers["ETag"]
+
+    before = b.stats()["invalidations_received"]
+    status, body2, headers2 = await put(http, a.url, "user/42", b'{"name":"grace"}', **{"Content-Type": "application/json"})
+    assert body2["version"] > body["version"]
+    # B's entry is dropped by its watch: wait for that event, not for time.
+    await eventually(lambda: b.stats()["invalidations_received"] > before, what="B's watch event")
+    status, source, value, h = await get(http, b.url, "user/42")
+    assert (status, source, value) == (200, "miss", b'{"name":"grace"}')
+    assert h["ETag"] == headers2["ETag"]
+
+
+async def test_delete_is_a_tombstone_seen_by_every_sidecar(sidecars: SidecarFactory, http: aiohttp.ClientSession) -> None:
+    a, b = sidecars("a"), sidecars("b")
+    await put(http, a.url, "k", b"v1")
+    assert (await get(http, b.url, "k"))[:3] == (200, "miss", b"v1")
+    async with http.delete(f"{a.url}/v1/keys/k") as resp:
+        assert resp.status == 204 and resp.headers["ETag"]
+    await eventually(lambda: b.stats()["entries"] == 0, what="B dropping the deleted key")
+    status, _, body, headers = await get(http, b.url, "k")
+    assert status == 404 and headers["Content-Type"] == "application/problem+json"
+    assert json.loads(body)["status"] == 404
+
+
+async def test_cachectl_invalidates_key_prefix_and_all(
+    sidecars: SidecarFactory, http: aiohttp.ClientSession, zk_server: Any, namespace: str, sqlite_url: str
+) -> None:
+    a, b = sidecars("a"), sidecars("b")
+    for key in ("user/1", "user/2", "order/1"):
+        await put(http, a.url, key, b"old")
+        await get(http, b.url, key)
+    assert b.stats()["entries"] == 3
+
+    # Change the origin behind the sidecars' back, as an operator would,
+    # then tell the fleet.
+    db = sqlite3.connect(sqlite_path(sqlite_url))
+    db.execute("UPDATE kv SET value = ?", (b"new",))
+    db.commit()
+    db.close()
+    assert (await get(http, b.url, "user/1"))[1:3] == ("hit", b"old")
+
+    run = cachectl(zk_server.hosts, namespace, "invalidate", "order/1")
+    assert run.returncode == 0, run.stderr
+    assert "order/1" in json.loads(run.stdout)["keys"]
+    await eventually(lambda: "order/1" not in str(b.stats()) and b.stats()["entries"] == 2, what="key invalidation")
+    assert (await get(http, b.url, "order/1"))[1:3] == ("miss", b"new")
+
+    run = cachectl(zk_server.hosts, namespace, "invalidate", "--prefix", "user/")
+    assert run.returncode == 0, run.stderr
+    await eventually(lambda: b.stats()["entries"] == 1, what="prefix invalidation")
+    assert (await get(http, b.url, "user/2"))[1:3] == ("miss", b"new")
+    assert (await get(http, b.url, "order/1"))[1] == "hit"  # not covered by the prefix
+
+    run = cachectl(zk_server.hosts, namespace, "invalidate", "--all")
+    assert run.returncode == 0, run.stderr
+    await eventually(lambda: a.stats()["entries"] == 0 and b.stats()["entries"] == 0, what="invalidate --all")
+
+    run = cachectl(zk_server.hosts, namespace, "members")
+    assert run.returncode == 0 and "a " in run.stdout and "b " in run.stdout, run.stdout
+
+
+async def test_http_invalidate_endpoint(sidecars: SidecarFactory, http: aiohttp.ClientSession) -> None:
+    a, b = sidecars("a"), sidecars("b")
+    await put(http, a.url, "p/1", b"x")
+    await get(http, b.url, "p/1")
+    async with http.post(f"{a.url}/v1/invalidate", json={"prefixes": ["p/"]}) as resp:
+        assert resp.status == 202
+        assert "p/" in (await resp.json())["prefixes"]
+    await eventually(lambda: b.stats()["entries"] == 0, what="prefix invalidation via HTTP")
+
+
+async def test_conditional_writes(sidecars: SidecarFactory, http: aiohttp.ClientSession) -> None:
+    a, b = sidecars("a"), sidecars("b")
+    status, _, h1 = await put(http, a.url, "cas", b"1", **{"If-None-Match": "*"})
+    assert status == 200
+    status, _, _ = await put(http, b.url, "cas", b"again", **{"If-None-Match": "*"})
+    assert status == 412
+    status, _, h2 = await put(http, b.url, "cas", b"2", **{"If-Match": h1["ETag"]})
+    assert status == 200
+    async with http.put(f"{a.url}/v1/keys/cas", data=b"3", headers={"If-Match": h1["ETag"]}) as resp:
+        assert resp.status == 412
+        problem = await resp.json(content_type="application/problem+json")
+        assert problem["current_version"] == int(h2["ETag"].strip('"'))
+        assert resp.headers["ETag"] == h2["ETag"]
+    assert (await get(http, a.url, "cas"))[2] == b"2"  # the refused write left no trace
+    async with http.get(f"{a.url}/v1/keys/cas", headers={"If-None-Match": h2["ETag"]}) as resp:
+        assert resp.status == 304
+
+
+async def test_bad_requests_are_problems_and_change_nothing(sidecars: SidecarFactory, http: aiohttp.ClientSession) -> None:
+    a = sidecars("a", max_value_bytes="1KiB")
+    await put(http, a.url, "k", b"ok")
+    cases = [
+        ("PUT", "/v1/keys/k", b"x" * 2048, {}, 413),
+        ("PUT", "/v1/keys/" + "x" * 1025, b"v", {}, 400),
+        ("GET", "/v1/keys/%FF", None, {}, 400),
+        ("PUT", "/v1/keys/k", b"v", {"If-Match": "nonsense"}, 400),
+        ("POST", "/v1/invalidate", b"[1]", {}, 400),
+        ("POST", "/v1/invalidate", b"{}", {}, 400),
+        ("POST", "/v1/invalidate", b'{"keys": [1]}', {}, 400),
+        ("GET", "/v1/nothing-here", None, {}, 404),
+        ("PATCH", "/v1/keys/k", b"", {}, 405),
+    ]
+    for method, path, body, headers, expected in cases:
+        async with http.request(method, a.url + path, data=body, headers=headers) as resp:
+            assert resp.status == expected, (method, path, await resp.text())
+            assert resp.headers["Content-Type"] == "application/problem+json", (method, path)
+            problem = await resp.json(content_type=None)
+            assert problem["status"] == expected and problem["title"] and problem["detail"]
+    assert (await get(http, a.url, "k"))[2] == b"ok"
+    assert a.stats()["writes"] == 1
+
+
+async def test_keys_with_slashes_dots_and_unicode(sidecars: SidecarFactory, http: aiohttp.ClientSession) -> None:
+    a, b = sidecars("a"), sidecars("b")
+    for key, path in [("a/b/c", "a/b/c"), ("a/b/c", "a%2Fb%2Fc"), ("..", "%2E%2E"), ("ключ ☃", "%D0%BA%D0%BB%D1%8E%D1%87%20%E2%98%83")]:
+        assert (await put(http, a.url, path, key.encode()))[0] == 200, path
+        status, _, value, _ = await get(http, b.url, path)
+        assert (status, value) == (200, key.encode()), path
+
+
+async def test_fill_that_began_before_a_write_is_never_installed(
+    sidecars: SidecarFactory, upstream: str, http: aiohttp.ClientSession
+) -> None:
+    """The watch is armed before the origin read, and an invalidation voids the fill.
+
+    B misses on k and its origin read is held open (having read v1).  A writes
+    v2.  Only after B has *received* the invalidation is B's read released: B
+    must answer v1 to that concurrent request but must not cache it; the next
+    read on B returns v2.
+    """
+    origin = upstream + "/kv"
+    a, b = sidecars("a", origin=origin), sidecars("b", origin=origin)
+    await put(http, a.url, "race", b"v1")
+    async with http.post(f"{upstream}/_control/hold/race"):
+        pass
+    reader = asyncio.create_task(get(http, b.url, "race"))
+
+    async def held() -> bool:
+        async with http.get(f"{upstream}/_control/held/race") as resp:
+            return (await resp.json())["held"] == 1
+
+    await eventually(held, what="B's origin read being held")
+    before = b.stats()["invalidations_received"]
+    write = asyncio.create_task(put(http, a.url, "race", b"v2"))
+    await eventually(lambda: b.stats()["invalidations_received"] > before, what="B receiving the invalidation")
+    async with http.post(f"{upstream}/_control/release/race"):
+        pass
+    assert (await write)[0] == 200
+    status, source, value, _ = await reader
+    assert (status, source, value) == (200, "miss", b"v1")  # concurrent with the write: allowed
+    assert b.stats()["refused_fills"] >= 1
+    status, source, value, _ = await get(http, b.url, "race")
+    assert (source, value) == ("miss", b"v2"), "a fill that raced a write was installed"
+
+
+async def test_concurrent_writers_and_readers_converge_on_the_last_acknowledged_write(
+    sidecars: SidecarFactory, http: aiohttp.ClientSession, sqlite_url: str
+) -> None:
+    """Many writers through both sidecars on a few keys, readers on both.
+
+    Afterwards both sidecars serve exactly what the origin holds, and the
+    origin holds the write with the highest acknowledged version of each key.
+    """
+    a, b = sidecars("a"), sidecars("b")
+    keys = ["hot/0", "hot/1", "hot/2"]
+    acked: dict[str, list[tuple[int, bytes]]] = {k: [] for k in keys}
+    deadline = time.monotonic() + 60
+    rng = random.Random(7)
+
+    async def writer(n: int) -> None:
+        for i in range(15):  # bounded in count...
+            if time.monotonic() > deadline:  # ...and in time
+                return
+            key, node = rng.choice(keys), rng.choice((a, b))
+            value = f"w{n}-{i}".encode()
+            status, body, _ = await put(http, node.url, key, value)
+            assert status == 200, body
+            acked[key].append((body["version"], value))
+
+    async def reader() -> None:
+        for _ in range(60):
+            if time.monotonic() > deadline:
+                return
+            status, _, _, _ = await get(http, rng.choice((a, b)).url, rng.choice(keys))
+            assert status in (200, 404)
+
+    await asyncio.gather(*(writer(n) for n in range(8)), *(reader() for _ in range(4)))
+
+    db = sqlite3.connect(sqlite_path(sqlite_url))
+    stored = dict(db.execute("SELECT key, value FROM kv").fetchall())
+    db.close()
+    for key in keys:
+        assert acked[key], f"no write landed on {key}"
+        versions = [v for v, _ in acked[key]]
+        assert len(set(versions)) == len(versions), "two acknowledged writes share a version"
+        last = max(acked[key])[1]
+        assert stored[key] == last, f"origin lost the last acknowledged write of {key}"
+
+        async def both_serve_origin(key: str = key) -> bool:
+            got = [await get(http, n.url, key) for n in (a, b)]
+            return all(g[2] == stored[key] for g in got)
+
+        # The propagation window: a watch event per sidecar, milliseconds.
+        await eventually(both_serve_origin, timeout=3.0, what=f"both sidecars serving origin's {key}")
+        for node in (a, b):  # and it stays so: served from cache, still right
+            status, source, value, _ = await get(http, node.url, key)
+            assert (status, value) == (200, stored[key]) and source == "hit"

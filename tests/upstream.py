@@ -1,0 +1,92 @@
+"""A real HTTP origin for tests, run as its own process: ``python upstream.py PORT``.
+
+Stores values in memory under ``/kv/{key}``.  Control endpoints let a test
+hold GETs of a key (the value is read when the GET arrives, returned on
+release), or make every request fail with 500 or hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from aiohttp import web
+
+STORE: dict[str, tuple[bytes, str]] = {}
+HOLD: set[str] = set()
+HELD: dict[str, int] = {}
+RELEASE: dict[str, asyncio.Event] = {}
+MODE = {"mode": "ok"}
+
+
+async def _faults() -> None:
+    if MODE["mode"] == "500":
+        raise web.HTTPInternalServerError(text="upstream broken on purpose")
+    if MODE["mode"] == "hang":
+        await asyncio.sleep(3600)
+
+
+async def get(request: web.Request) -> web.Response:
+    await _faults()
+    key = request.match_info["key"]
+    stored = STORE.get(key)  # read first: a held GET returns what it read
+    if key in HOLD:
+        HELD[key] = HELD.get(key, 0) + 1
+        await RELEASE.setdefault(key, asyncio.Event()).wait()
+        HELD[key] -= 1
+    if stored is None:
+        raise web.HTTPNotFound()
+    return web.Response(body=stored[0], content_type=None, headers={"Content-Type": stored[1]})
+
+
+async def put(request: web.Request) -> web.Response:
+    await _faults()
+    STORE[request.match_info["key"]] = (await request.read(),
+                                        request.headers.get("Content-Type", "application/octet-stream"))
+    return web.Response(status=204)
+
+
+async def delete(request: web.Request) -> web.Response:
+    await _faults()
+    if STORE.pop(request.match_info["key"], None) is None:
+        raise web.HTTPNotFound()
+    return web.Response(status=204)
+
+
+async def hold(request: web.Request) -> web.Response:
+    key = request.match_info["key"]
+    HOLD.add(key)
+    RELEASE[key] = asyncio.Event()
+    return web.Response(status=204)
+
+
+async def release(request: web.Request) -> web.Response:
+    key = request.match_info["key"]
+    HOLD.discard(key)
+    RELEASE.setdefault(key, asyncio.Event()).set()
+    return web.Response(status=204)
+
+
+async def held(request: web.Request) -> web.Response:
+    return web.json_response({"held": HELD.get(request.match_info["key"], 0)})
+
+
+async def mode(request: web.Request) -> web.Response:
+    MODE["mode"] = request.match_info["mode"]
+    return web.Response(status=204)
+
+
+def main() -> None:
+    app = web.Application()
+    app.router.add_get("/kv/{key:.+}", get)
+    app.router.add_put("/kv/{key:.+}", put)
+    app.router.add_delete("/kv/{key:.+}", delete)
+    app.router.add_post("/_control/hold/{key:.+}", hold)
+    app.router.add_post("/_control/release/{key:.+}", release)
+    app.router.add_get("/_control/held/{key:.+}", held)
+    app.router.add_post("/_control/mode/{mode}", mode)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()
