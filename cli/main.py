@@ -86,33 +86,57 @@ def _run_zk(obj: dict[str, Any], action: Callable[[ZkSession, Layout], Awaitable
 
 
 @click.group(context_settings={"auto_envvar_prefix": _ENV, "help_option_names": ["-h", "--help"]})
-@click.option("--zk", default="127.0.0.1:2181", show_default=True, callback=_check_zk,
-              help="ZooKeeper connect string (env ZKCACHE_ZK).")
-@click.option("--namespace", default="default", show_default=True,
-              help="Cache namespace (env ZKCACHE_NAMESPACE).")
+@click.option(
+    "--zk",
+    default="127.0.0.1:2181",
+    show_default=True,
+    callback=_check_zk,
+    help="ZooKeeper connect string (env ZKCACHE_ZK).",
+)
+@click.option("--namespace", default="default", show_default=True, help="Cache namespace (env ZKCACHE_NAMESPACE).")
 @click.option("--zk-root", default="/zkcache", show_default=True, help="Root znode (env ZKCACHE_ZK_ROOT).")
-@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
-              help="Seconds to wait for ZooKeeper or the sidecar.")
-@click.option("--sidecar", default="http://127.0.0.1:7070", show_default=True,
-              help="Sidecar base URL for get/put (env ZKCACHE_SIDECAR).")
+@click.option(
+    "--timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds to wait for ZooKeeper or the sidecar.",
+)
+@click.option(
+    "--sidecar",
+    default="http://127.0.0.1:7070",
+    show_default=True,
+    help="Sidecar base URL for get/put (env ZKCACHE_SIDECAR).",
+)
 @click.option("--auth-token", default=None, help="Bearer token of the sidecar API (env ZKCACHE_AUTH_TOKEN).")
 @click.version_option(package_name="zk-cache-sidecar", prog_name="cachectl")
 @click.pass_context
-def cli(ctx: click.Context, zk: str, namespace: str, zk_root: str, timeout: float,
-        sidecar: str, auth_token: str | None) -> None:
+def cli(
+    ctx: click.Context, zk: str, namespace: str, zk_root: str, timeout: float, sidecar: str, auth_token: str | None
+) -> None:
     """Operate a zk-cache-sidecar fleet."""
-    ctx.obj = {"zk": zk, "namespace": namespace, "zk_root": zk_root.rstrip("/"),
-               "timeout": timeout, "sidecar": sidecar.rstrip("/"), "auth_token": auth_token}
+    ctx.obj = {
+        "zk": zk,
+        "namespace": namespace,
+        "zk_root": zk_root.rstrip("/"),
+        "timeout": timeout,
+        "sidecar": sidecar.rstrip("/"),
+        "auth_token": auth_token,
+    }
 
 
 @cli.command()
 @click.argument("keys", nargs=-1, callback=_check_keys)
-@click.option("--prefix", "prefixes", multiple=True, callback=_check_keys,
-              help="Invalidate every key starting with this (repeatable).")
+@click.option(
+    "--prefix",
+    "prefixes",
+    multiple=True,
+    callback=_check_keys,
+    help="Invalidate every key starting with this (repeatable).",
+)
 @click.option("--all", "everything", is_flag=True, help="Invalidate every key of the namespace.")
 @click.pass_obj
-def invalidate(obj: dict[str, Any], keys: tuple[str, ...], prefixes: tuple[str, ...],
-               everything: bool) -> None:
+def invalidate(obj: dict[str, Any], keys: tuple[str, ...], prefixes: tuple[str, ...], everything: bool) -> None:
     """Drop KEYS (and prefixes, or everything) from every sidecar's cache.
 
     The origin is not touched. Prints what was published as JSON.
@@ -143,12 +167,15 @@ def members(obj: dict[str, Any], as_json: bool) -> None:
         return
     click.echo(f"{'MEMBER':<32} {'ADDRESS':<24} {'SESSION':<20} VERSION")
     for m in found:
-        click.echo(f"{m.get('member_id', '?'):<32} {m.get('address', '?'):<24} "
-                   f"{m.get('session', '?'):<20} {m.get('version', '?')}")
+        click.echo(
+            f"{m.get('member_id', '?'):<32} {m.get('address', '?'):<24} "
+            f"{m.get('session', '?'):<20} {m.get('version', '?')}"
+        )
 
 
-def _http(obj: dict[str, Any], method: str, key: str, body: bytes | None = None,
-          headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def _http(
+    obj: dict[str, Any], method: str, key: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     url = f"{obj['sidecar']}/v1/keys/{quote(key, safe='')}"
     headers = dict(headers or {})
     if obj["auth_token"]:
@@ -185,8 +212,7 @@ def get(obj: dict[str, Any], key: str, etag: bool) -> None:
 
 @cli.command()
 @click.argument("key", callback=lambda c, p, v: _check_keys(c, p, (v,))[0])
-@click.option("--file", "source", type=click.File("rb"), required=True,
-              help="File with the value ('-' for stdin).")
+@click.option("--file", "source", type=click.File("rb"), required=True, help="File with the value ('-' for stdin).")
 @click.option("--content-type", default="application/octet-stream", show_default=True)
 @click.option("--if-match", default=None, help="Only write if the current version is this.")
 @click.pass_obj

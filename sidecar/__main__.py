@@ -32,8 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="TOML file of settings ([sidecar] table)")
     helps = {name: text for name, _, _, text in settings_help()}
     for name in flag_names():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="VALUE",
-                            help=helps[name])
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="VALUE", help=helps[name])
     return parser
 
 
@@ -57,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         runner = asyncio.run
     else:
-        runner = uvloop.run  # type: ignore[assignment]
+        runner = uvloop.run
     from .app import serve
 
     try:

@@ -34,14 +34,12 @@ async def serve(config: Config, started: asyncio.Event | None = None) -> None:
     origin = await open_origin(config.origin, config.origin_timeout, config.max_value_bytes)
     service = CacheService(config, origin)
     app = make_app(service)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=SHUTDOWN_TIMEOUT)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     listen = config.listen
     site: web.BaseSite
     if listen.unix_path is not None:
-        if os.path.exists(listen.unix_path):
-            os.unlink(listen.unix_path)  # stale socket from a previous run
+        _remove_stale_socket(listen.unix_path)
         site = web.UnixSite(runner, listen.unix_path)
     else:
         site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
@@ -52,9 +50,15 @@ async def serve(config: Config, started: asyncio.Event | None = None) -> None:
     try:
         await site.start()
         service.start()
-        log.info("member %s serving %s on %s, origin %s, zookeeper %s%s",
-                 config.member_id, config.namespace, listen, origin.name, config.zk,
-                 config.namespace_root)
+        log.info(
+            "member %s serving %s on %s, origin %s, zookeeper %s%s",
+            config.member_id,
+            config.namespace,
+            listen,
+            origin.name,
+            config.zk,
+            config.namespace_root,
+        )
         if started is not None:
             started.set()
         await stop.wait()
@@ -64,3 +68,11 @@ async def serve(config: Config, started: asyncio.Event | None = None) -> None:
             loop.remove_signal_handler(sig)
         await runner.cleanup()
         await service.stop()
+
+
+def _remove_stale_socket(path: str) -> None:
+    # A socket file left by a previous run would make bind() fail.
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

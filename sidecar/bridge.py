@@ -62,7 +62,7 @@ def wait(result: KazooAsyncResult, loop: asyncio.AbstractEventLoop | None = None
         # Runs on a kazoo thread: the result is already set, so get() does not block.
         try:
             value = res.get(block=False)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+        except BaseException as exc:
             post(loop, _settle, fut, False, exc)
         else:
             post(loop, _settle, fut, True, value)

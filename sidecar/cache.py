@@ -78,7 +78,7 @@ class _BoundedMixin:
     def __setitem__(self, key: Any, value: Any) -> None:
         super().__setitem__(key, value)  # type: ignore[misc]
         while len(self) > self.max_entries:  # type: ignore[arg-type]
-            self.popitem()  # type: ignore[attr-defined]
+            self.popitem()
 
     def popitem(self) -> tuple[Any, Any]:
         # cachetools calls popitem only to make room: that is an eviction.
@@ -205,4 +205,3 @@ class CoherentCache:
         for tickets in self._fills.values():
             for ticket in tickets:
                 ticket.valid = False
-

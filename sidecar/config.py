@@ -205,17 +205,29 @@ class Config:
     namespace: str = _setting("default", _parse_namespace, "cache name; sidecars of one namespace share coherence")
     zk_root: str = _setting("/zkcache", _parse_zk_root, "root znode; the namespace lives at <zk_root>/<namespace>")
     zk_session_timeout: float = _setting(10.0, _positive_duration, "ZooKeeper session timeout requested")
-    listen: Listen = _setting(_parse_listen(DEFAULT_LISTEN), _parse_listen, "HTTP listen address host:port, or unix:/path")
+    listen: Listen = _setting(  # noqa: RUF009 - Listen is frozen: sharing the default is safe
+        _parse_listen(DEFAULT_LISTEN), _parse_listen, "HTTP listen address host:port, or unix:/path"
+    )
     auth_token: str | None = _setting(None, _text, "bearer token required on the API (mandatory off loopback)")
     origin: str = _setting("sqlite:///./zkcache.db", _parse_origin, "backing store: sqlite:///path or http(s)://base")
     origin_timeout: float = _setting(5.0, _positive_duration, "timeout of one origin call")
     max_entries: int = _setting(100_000, _positive_int, "cache bound: number of entries")
     max_bytes: int = _setting(256 * 1024**2, _positive_size, "cache bound: bytes (keys, values, per-entry overhead)")
     max_value_bytes: int = _setting(1024**2, _positive_size, "largest value accepted by PUT (413 beyond)")
-    ttl: float = _setting(0.0, _non_negative_duration, "entry time to live; 0 keeps entries until evicted or invalidated")
+    ttl: float = _setting(
+        0.0, _non_negative_duration, "entry time to live; 0 keeps entries until evicted or invalidated"
+    )
     lock_timeout: float = _setting(10.0, _positive_duration, "how long a write waits for the key's ZooKeeper lock")
-    suspended_grace: float | None = _setting(None, _optional_duration, "how long cached values are served after the ZooKeeper connection is lost (auto: a third of the session timeout)")
-    suspended_reads: str = _setting("origin", _choice("origin", "fail"), "reads that cannot be served from cache while disconnected: origin (uncached) or fail (503)")
+    suspended_grace: float | None = _setting(
+        None,
+        _optional_duration,
+        "how long cached values are served after the ZooKeeper connection is lost (auto: session timeout / 3)",
+    )
+    suspended_reads: str = _setting(
+        "origin",
+        _choice("origin", "fail"),
+        "reads that cannot be served from cache while disconnected: origin (uncached) or fail (503)",
+    )
     member_id: str = _setting(None, _text, "this sidecar's id in members/ (default: $POD_NAME, else hostname-pid)")
     log_level: str = _setting("info", _choice("debug", "info", "warning", "error"), "log level")
 
@@ -230,9 +242,7 @@ class Config:
                 "set auth_token (ZKCACHE_AUTH_TOKEN) to listen beyond localhost"
             )
         if self.max_value_bytes > self.max_bytes:
-            raise ConfigError(
-                f"setting 'max_value_bytes': {self.max_value_bytes} exceeds max_bytes {self.max_bytes}"
-            )
+            raise ConfigError(f"setting 'max_value_bytes': {self.max_value_bytes} exceeds max_bytes {self.max_bytes}")
         if self.suspended_grace is not None and self.suspended_grace > self.zk_session_timeout:
             raise ConfigError(
                 "setting 'suspended_grace': must not exceed zk_session_timeout "

@@ -17,6 +17,7 @@ from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from . import metrics
 from .coordination import validate_key
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "/v1/keys/"
 SERVICE = web.AppKey("service", CacheService)
-_REGISTRY = web.AppKey("registry", Any)
+_REGISTRY = web.AppKey("registry", CollectorRegistry)
 _PROBLEM_TYPE = "application/problem+json"
 _UNAUTHENTICATED = frozenset({"/healthz", "/readyz"})
 _ETAG_RE = re.compile(r'^\s*(?:W/)?"(\d+)"\s*$')
@@ -49,10 +50,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 # -- problem rendering ------------------------------------------------------
-def _problem(status: int, type_uri: str, title: str, detail: str, instance: str,
-             **extra: Any) -> web.Response:
-    body = {"type": type_uri, "title": title, "status": status, "detail": detail,
-            "instance": instance, **extra}
+def _problem(status: int, type_uri: str, title: str, detail: str, instance: str, **extra: Any) -> web.Response:
+    body = {"type": type_uri, "title": title, "status": status, "detail": detail, "instance": instance, **extra}
     return web.Response(status=status, body=orjson.dumps(body), content_type=_PROBLEM_TYPE)
 
 
@@ -77,8 +76,9 @@ async def _problem_middleware(request: web.Request, handler: Handler) -> web.Str
         return _problem(exc.status, "about:blank", exc.reason, exc.text or exc.reason, request.path)
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return _problem(500, "about:blank", "Internal Server Error",
-                        "unexpected error; see the sidecar log", request.path)
+        return _problem(
+            500, "about:blank", "Internal Server Error", "unexpected error; see the sidecar log", request.path
+        )
 
 
 def _auth_middleware(token: str) -> Any:
@@ -99,7 +99,7 @@ def _auth_middleware(token: str) -> Any:
 def _key_of(request: web.Request) -> str:
     # The raw (still percent-encoded) path, so that '%2F' and '/' both work
     # and no normalisation of '.' or '..' segments changes the key.
-    raw = request.rel_url.raw_path[len(KEY_PREFIX):]
+    raw = request.rel_url.raw_path[len(KEY_PREFIX) :]
     try:
         key = unquote(raw, errors="strict")
     except UnicodeDecodeError:
@@ -123,6 +123,7 @@ async def get_key(request: web.Request) -> web.StreamResponse:
     """GET /v1/keys/{key}: hit, miss (read-through) or 404."""
     service = request.app[SERVICE]
     key = _key_of(request)
+    version: int | None
     entry = service.cached(key)
     if entry is not None:
         value, ctype, version, source = entry.value, entry.content_type, entry.version, "hit"
@@ -165,8 +166,11 @@ async def put_key(request: web.Request) -> web.StreamResponse:
         if_match=None if if_match is None else _parse_etag(if_match, "If-Match"),
         if_none_match=if_none_match is not None,
     )
-    return web.Response(body=orjson.dumps({"key": key, "version": version}),
-                        content_type="application/json", headers={"ETag": _etag(version)})
+    return web.Response(
+        body=orjson.dumps({"key": key, "version": version}),
+        content_type="application/json",
+        headers={"ETag": _etag(version)},
+    )
 
 
 async def delete_key(request: web.Request) -> web.StreamResponse:
@@ -174,9 +178,7 @@ async def delete_key(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     key = _key_of(request)
     if_match = request.headers.get("If-Match")
-    version = await service.delete(
-        key, if_match=None if if_match is None else _parse_etag(if_match, "If-Match")
-    )
+    version = await service.delete(key, if_match=None if if_match is None else _parse_etag(if_match, "If-Match"))
     return web.Response(status=204, headers={"ETag": _etag(version)})
 
 
@@ -213,8 +215,7 @@ async def invalidate(request: web.Request) -> web.StreamResponse:
     if not keys and not prefixes and not everything:
         raise BadRequest("nothing to invalidate: give keys, prefixes or all=true")
     receipt = await service.invalidate(keys, prefixes, everything)
-    return web.Response(status=202, body=orjson.dumps(receipt.as_json()),
-                        content_type="application/json")
+    return web.Response(status=202, body=orjson.dumps(receipt.as_json()), content_type="application/json")
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
@@ -232,8 +233,7 @@ async def readyz(request: web.Request) -> web.StreamResponse:
 
 async def stats(request: web.Request) -> web.StreamResponse:
     """GET /v1/stats: counters and state as JSON."""
-    return web.Response(body=orjson.dumps(request.app[SERVICE].snapshot()),
-                        content_type="application/json")
+    return web.Response(body=orjson.dumps(request.app[SERVICE].snapshot()), content_type="application/json")
 
 
 async def metrics_handler(request: web.Request) -> web.StreamResponse:

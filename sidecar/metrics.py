@@ -43,7 +43,11 @@ class _ServiceCollector(Collector):
             yield CounterMetricFamily(f"zkcache_{name}", doc, value=getattr(svc.stats, name))
         counters = svc.cache.counters
         yield CounterMetricFamily("zkcache_evictions", "Entries evicted by the LRU bounds", value=counters.evictions)
-        yield CounterMetricFamily("zkcache_refused_fills", "Fills not installed because an invalidation overtook them", value=counters.refused_fills)
+        yield CounterMetricFamily(
+            "zkcache_refused_fills",
+            "Fills not installed because an invalidation overtook them",
+            value=counters.refused_fills,
+        )
         yield GaugeMetricFamily("zkcache_entries", "Entries cached", value=len(svc.cache))
         yield GaugeMetricFamily("zkcache_bytes", "Bytes charged against max_bytes", value=svc.cache.bytes)
         yield GaugeMetricFamily("zkcache_max_bytes", "Configured byte bound", value=svc.config.max_bytes)

@@ -156,19 +156,13 @@ class CacheService:
 
     async def _read_disconnected(self, key: str) -> Fetched:
         if self.config.suspended_reads == "fail":
-            raise NotConnected(
-                f"ZooKeeper session is {self.coord.state.value} and cached values may be stale"
-            )
+            raise NotConnected(f"ZooKeeper session is {self.coord.state.value} and cached values may be stale")
         self.stats.bypassed_reads += 1
         return Fetched(await self.origin.get(key), None, "bypass")
 
     def _within_grace(self) -> bool:
         since = self._disconnected_since
-        return (
-            since is not None
-            and self.coord.state is ZkState.SUSPENDED
-            and self._clock() - since <= self._grace
-        )
+        return since is not None and self.coord.state is ZkState.SUSPENDED and self._clock() - since <= self._grace
 
     # -- writes -------------------------------------------------------------
     async def put(
@@ -191,9 +185,7 @@ class CacheService:
         task.add_done_callback(self._writes.discard)
         return await asyncio.shield(task)
 
-    async def _write(
-        self, key: str, value: OriginValue | None, if_match: int | None, if_none_match: bool
-    ) -> int:
+    async def _write(self, key: str, value: OriginValue | None, if_match: int | None, if_none_match: bool) -> int:
         validate_key(key)
         if not self.coord.ready:
             raise NotConnected(f"writes need ZooKeeper; the session is {self.coord.state.value}")
@@ -204,9 +196,7 @@ class CacheService:
             if if_match is not None:
                 current = await self.coord.read_version(key)
                 if current != if_match:
-                    raise PreconditionFailed(
-                        f"If-Match \"{if_match}\" but the current version is \"{current}\"", current
-                    )
+                    raise PreconditionFailed(f'If-Match "{if_match}" but the current version is "{current}"', current)
             if if_none_match and await self.origin.get(key) is not None:
                 raise PreconditionFailed("If-None-Match: * but the key has a value")
             if self.coord.state_generation != generation:
@@ -226,7 +216,10 @@ class CacheService:
         return version
 
     async def _bump_until_published(self, key: str, op: str) -> int:
+        # The origin already has the new value: keep trying to tell the fleet
+        # (across a reconnect, even a new session) until the lock timeout.
         deadline = self._clock() + self.config.lock_timeout
+        backoff = 0.05
         while True:
             try:
                 return await self.coord.bump_version(key, op)
@@ -238,8 +231,11 @@ class CacheService:
                         "the origin has the new value but other sidecars were not told; "
                         "retry the write or invalidate the key"
                     ) from exc
+                log.warning("key %r: version bump failed (%s); retrying", key, exc)
+                await asyncio.sleep(min(backoff, remaining))
+                backoff = min(backoff * 2, 1.0)
                 try:
-                    await self.coord.zk.wait_connected(remaining)
+                    await self.coord.zk.wait_connected(max(deadline - self._clock(), 0.001))
                 except NotConnected:
                     continue
 
@@ -256,9 +252,7 @@ class CacheService:
             self.cache.end_fill(ticket)
 
     # -- invalidation -------------------------------------------------------
-    async def invalidate(
-        self, keys: list[str], prefixes: list[str], everything: bool
-    ) -> InvalidationReceipt:
+    async def invalidate(self, keys: list[str], prefixes: list[str], everything: bool) -> InvalidationReceipt:
         """Publish a fleet-wide invalidation (no origin change); apply it here at once."""
         for key in keys:
             validate_key(key)

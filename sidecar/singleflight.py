@@ -10,6 +10,7 @@ before the write.  Only the event loop thread may use a ``Group``.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -33,7 +34,7 @@ class Group(Generic[T]):
         if fut is None:
             fut = asyncio.ensure_future(fn())
             self._flights[key] = fut
-            fut.add_done_callback(lambda f, key=key: self._done(key, f))
+            fut.add_done_callback(functools.partial(self._done, key))
         # shield: one caller going away (client disconnect) must not cancel
         # the fill that the other callers are waiting for.
         return await asyncio.shield(fut)

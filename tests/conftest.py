@@ -9,6 +9,7 @@ On failure, the logs of every process the test started are printed.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -78,7 +79,10 @@ SidecarFactory = Callable[..., SidecarProcess]
 
 @pytest.fixture
 def sidecars(
-    tmp_path: Path, zk_server: LocalZooKeeper, namespace: str, sqlite_url: str,
+    tmp_path: Path,
+    zk_server: LocalZooKeeper,
+    namespace: str,
+    sqlite_url: str,
     request: pytest.FixtureRequest,
 ) -> Iterator[SidecarFactory]:
     """Start real sidecar processes: ``sidecars("a", zk=..., origin=...)``.
@@ -89,8 +93,14 @@ def sidecars(
     started: list[SidecarProcess] = []
 
     def start(name: str, wait_ready: bool = True, **settings: Any) -> SidecarProcess:
-        merged = {"zk": zk_server.hosts, "namespace": namespace, "origin": sqlite_url,
-                  "zk_session_timeout": "4s", "log_level": "debug", **settings}
+        merged = {
+            "zk": zk_server.hosts,
+            "namespace": namespace,
+            "origin": sqlite_url,
+            "zk_session_timeout": "4s",
+            "log_level": "debug",
+            **settings,
+        }
         proc = SidecarProcess(tmp_path / "logs", name, merged)
         started.append(proc)
         proc.start(wait_ready=wait_ready)
@@ -108,8 +118,9 @@ def upstream(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     port = free_port()
     log_path = tmp_path / "upstream.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(HERE / "upstream.py"), str(port)],
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "upstream.py"), str(port)], stdout=log, stderr=subprocess.STDOUT
+        )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
     while True:
@@ -156,3 +167,20 @@ async def eventually(
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"{what} not reached within {timeout:g}s (last: {last!r})")
+
+
+def cachectl(zk: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the real ``cachectl`` CLI against ``zk``/``namespace``."""
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", "--zk", zk, "--namespace", namespace, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def member_ids(zk: str, namespace: str) -> set[str]:
+    """Ids of the live members, as ``cachectl members --json`` reports them."""
+    run = cachectl(zk, namespace, "members", "--json")
+    assert run.returncode == 0, run.stderr
+    return {m["member_id"] for m in json.loads(run.stdout)}

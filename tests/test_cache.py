@@ -106,8 +106,11 @@ def test_tickets_taken_after_invalidation_are_valid() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["begin", "inv", "install", "all"]),
-                          st.sampled_from(["a", "b", "ab"])), max_size=40))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["begin", "inv", "install", "all"]), st.sampled_from(["a", "b", "ab"])), max_size=40
+    )
+)
 def test_no_ticket_survives_an_invalidation_of_its_key(ops: list[tuple[str, str]]) -> None:
     """Model check: a ticket begun before any covering invalidation never installs."""
     cache = CoherentCache(100, 10**6)
@@ -117,8 +120,9 @@ def test_no_ticket_survives_an_invalidation_of_its_key(ops: list[tuple[str, str]
             open_tickets.append((cache.begin_fill(key), key, False))
         elif op == "inv":
             cache.invalidate_prefix(key) if key == "a" else cache.invalidate(key)
-            open_tickets = [(t, k, dirty or (k.startswith("a") if key == "a" else k == key))
-                            for t, k, dirty in open_tickets]
+            open_tickets = [
+                (t, k, dirty or (k.startswith("a") if key == "a" else k == key)) for t, k, dirty in open_tickets
+            ]
         elif op == "all":
             cache.invalidate_all()
             open_tickets = [(t, k, True) for t, k, _ in open_tickets]

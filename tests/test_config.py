@@ -82,8 +82,13 @@ def test_every_setting_has_an_env_var_and_help() -> None:
     ],
 )
 def test_daemon_exits_2_with_one_line(argv: list[str], env: dict[str, str], needle: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "sidecar", *argv], capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", **env}, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", *argv],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", **env},
+        timeout=30,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr

@@ -10,8 +10,9 @@ from sidecar.coordination.layout import MAX_KEY_BYTES, Layout, escape, unescape,
 from sidecar.errors import InvalidKey
 
 keys = st.text(min_size=1, max_size=200).filter(
-    lambda s: 1 <= len(s.encode("utf-8", "surrogatepass")) <= MAX_KEY_BYTES
-    and not any(0xD800 <= ord(c) <= 0xDFFF for c in s)
+    lambda s: (
+        1 <= len(s.encode("utf-8", "surrogatepass")) <= MAX_KEY_BYTES and not any(0xD800 <= ord(c) <= 0xDFFF for c in s)
+    )
 )
 
 

@@ -41,8 +41,10 @@ async def get(request: web.Request) -> web.Response:
 
 async def put(request: web.Request) -> web.Response:
     await _faults()
-    STORE[request.match_info["key"]] = (await request.read(),
-                                        request.headers.get("Content-Type", "application/octet-stream"))
+    STORE[request.match_info["key"]] = (
+        await request.read(),
+        request.headers.get("Content-Type", "application/octet-stream"),
+    )
     return web.Response(status=204)
 
 

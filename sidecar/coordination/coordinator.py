@@ -134,9 +134,7 @@ class Coordinator:
         async with self.locks.hold(self.layout.lock_path(key), timeout):
             yield self.state_generation
 
-    async def publish(
-        self, keys: list[str], prefixes: list[str], everything: bool
-    ) -> InvalidationReceipt:
+    async def publish(self, keys: list[str], prefixes: list[str], everything: bool) -> InvalidationReceipt:
         """Publish a fleet-wide invalidation (see ``operations.publish_invalidation``)."""
         self._require_ready()
         return await publish_invalidation(
@@ -252,7 +250,7 @@ class Coordinator:
             log.info("ready: member %s in %s", self.member_id, self.layout.root)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - setup is retried while connected
+        except Exception as exc:
             log.warning("session setup failed (%s); retrying", exc)
             self._setup_task = asyncio.ensure_future(self._retry_setup())
 
@@ -275,8 +273,11 @@ class Coordinator:
                     return
                 # A previous life of this member id (a restarted pod) whose
                 # session has not expired yet: take the name over.
-                log.warning("member %s exists from session 0x%x; replacing it",
-                            self.member_id, stat.ephemeralOwner if stat else 0)
+                log.warning(
+                    "member %s exists from session 0x%x; replacing it",
+                    self.member_id,
+                    stat.ephemeralOwner if stat else 0,
+                )
                 try:
                     await self.zk.delete(path)
                 except NoNodeError:

@@ -53,9 +53,7 @@ class KeyLocks:
         """Hold the lock at ``path`` for the block; raise :class:`LockTimeout`."""
         loop = asyncio.get_running_loop()
         lock: Any = self._zk.client.Lock(path, self._identifier)
-        acquiring = loop.run_in_executor(
-            self._acquirers, functools.partial(lock.acquire, True, timeout)
-        )
+        acquiring = loop.run_in_executor(self._acquirers, functools.partial(lock.acquire, True, timeout))
         try:
             acquired = await asyncio.shield(acquiring)
         except asyncio.CancelledError:

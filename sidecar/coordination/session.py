@@ -109,9 +109,7 @@ class ZkSession:
         try:
             await asyncio.wait_for(fut, timeout)
         except TimeoutError:
-            raise NotConnected(
-                f"could not connect to ZooKeeper at {self.client.hosts} within {timeout:g}s"
-            ) from None
+            raise NotConnected(f"could not connect to ZooKeeper at {self.client.hosts} within {timeout:g}s") from None
         finally:
             if fut in self._connected_waiters:
                 self._connected_waiters.remove(fut)
@@ -170,7 +168,7 @@ class ZkSession:
 
     async def exists(self, path: str, watch: Callable[[Any], None] | None = None) -> ZnodeStat | None:
         """``exists`` (arming a data watch if ``watch`` is given)."""
-        return await self.call(self.client.exists_async(path, watch=watch), "exists")  # type: ignore[no-any-return]
+        return await self.call(self.client.exists_async(path, watch=watch), "exists")
 
     async def get(self, path: str, watch: Callable[[Any], None] | None = None) -> tuple[bytes, ZnodeStat]:
         """``getData`` (arming a data watch if ``watch`` is given)."""
@@ -182,7 +180,7 @@ class ZkSession:
 
     async def set(self, path: str, data: bytes, version: int = -1) -> ZnodeStat:
         """``setData``; ``version`` >= 0 makes it a compare-and-set."""
-        return await self.call(self.client.set_async(path, data, version), "set")  # type: ignore[no-any-return]
+        return await self.call(self.client.set_async(path, data, version), "set")
 
     async def create(
         self,

@@ -43,10 +43,11 @@ class SidecarProcess:
     def start(self, wait_ready: bool = True, timeout: float = 30.0) -> None:
         """Start the process; by default wait until ``/readyz`` answers 200."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        log = open(self.log_path, "ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("ZKCACHE_")}
-        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env)
+        self.proc = subprocess.Popen(
+            self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
         log.close()
         if wait_ready:
             self.wait_ready(timeout)

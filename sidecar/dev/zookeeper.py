@@ -98,12 +98,19 @@ class LocalZooKeeper:
         cfg = self._write_config()
         logs = self.data_dir / "logs"
         logs.mkdir(exist_ok=True)
-        env = dict(os.environ, ZOO_LOG_DIR=str(logs), ZOO_LOG4J_PROP="INFO,CONSOLE",
-                   JVMFLAGS="-Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1")
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        env = dict(
+            os.environ,
+            ZOO_LOG_DIR=str(logs),
+            ZOO_LOG4J_PROP="INFO,CONSOLE",
+            JVMFLAGS="-Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1",
+        )
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [script, "start-foreground", str(cfg)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
             start_new_session=True,
         )
         log.close()

@@ -7,7 +7,6 @@ client's: 5xx, unexpected statuses and refused connections become 502
 
 from __future__ import annotations
 
-import asyncio
 from urllib.parse import quote
 
 import aiohttp
@@ -54,7 +53,7 @@ class HttpOrigin:
                 if len(body) > self._max:
                     raise OriginError(f"origin value for key exceeds {self._max} bytes")
                 return OriginValue(body, resp.headers.get("Content-Type", DEFAULT_CONTENT_TYPE))
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise OriginTimeout(f"{self.base}: GET timed out after {self._seconds:g}s") from None
         except aiohttp.ClientError as exc:
             raise OriginUnavailable(f"{self.base}: GET failed: {exc}") from exc
@@ -68,14 +67,13 @@ class HttpOrigin:
         await self._send("DELETE", key, None)
 
     async def _send(self, method: str, key: str, value: OriginValue | None) -> None:
-        kwargs = {} if value is None else {
-            "data": value.value, "headers": {"Content-Type": value.content_type}}
+        kwargs = {} if value is None else {"data": value.value, "headers": {"Content-Type": value.content_type}}
         try:
             async with self._http.request(method, self._url(key), **kwargs) as resp:  # type: ignore[arg-type]
                 if method == "DELETE" and resp.status == 404:
                     return
                 self._check(resp, method)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise OriginTimeout(f"{self.base}: {method} timed out after {self._seconds:g}s") from None
         except aiohttp.ClientError as exc:
             raise OriginUnavailable(f"{self.base}: {method} failed: {exc}") from exc

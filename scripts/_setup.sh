@@ -1,0 +1,35 @@
+# Sourced by dev.sh and test.sh: install what is missing, idempotently.
+# - ZooKeeper from Debian's 'zookeeper' package, unless one is installed
+#   (zkServer.sh found) or configured (ZKCACHE_ZK / ZKCACHE_ZKSERVER set);
+# - a project virtualenv in .venv with the package and its test extras.
+
+_sudo() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+have_zkserver() {
+  [ -n "${ZKCACHE_ZKSERVER:-}" ] && [ -x "${ZKCACHE_ZKSERVER}" ] && return 0
+  [ -x /usr/share/zookeeper/bin/zkServer.sh ] && return 0
+  command -v zkServer.sh >/dev/null 2>&1
+}
+
+ensure_zookeeper() {
+  if have_zkserver; then return 0; fi
+  echo ">> installing ZooKeeper (Debian package 'zookeeper')" >&2
+  _sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive _sudo apt-get install -y -qq zookeeper >/dev/null
+  have_zkserver || { echo "ZooKeeper install failed: zkServer.sh not found" >&2; return 1; }
+}
+
+ensure_venv() {
+  local stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+  if [ ! -x .venv/bin/python ]; then
+    echo ">> creating .venv" >&2
+    python3 -m venv .venv
+  fi
+  if [ ! -e "$stamp" ]; then
+    echo ">> installing Python dependencies into .venv" >&2
+    .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+    rm -f .venv/.installed-*
+    touch "$stamp"
+  fi
+}

@@ -1,0 +1,164 @@
+"""What the sidecar serves when ZooKeeper or the origin fails (README: "Connection states")."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import aiohttp
+import pytest
+
+from sidecar.dev import LocalZooKeeper, free_port
+from sidecar.origins.sqlite import sqlite_path
+from tests.conftest import SidecarFactory, eventually, member_ids
+from tests.test_coherence import get, put
+
+pytestmark = pytest.mark.slow
+
+
+def change_origin_behind_the_cache(sqlite_url: str, key: str, value: bytes) -> None:
+    db = sqlite3.connect(sqlite_path(sqlite_url))
+    db.execute("UPDATE kv SET value = ? WHERE key = ?", (value, key))
+    db.commit()
+    db.close()
+
+
+async def problem_of(http: aiohttp.ClientSession, method: str, url: str, **kw: object) -> tuple[int, dict[str, object]]:
+    async with http.request(method, url, **kw) as resp:  # type: ignore[arg-type]
+        assert resp.headers["Content-Type"] == "application/problem+json"
+        return resp.status, await resp.json(content_type=None)
+
+
+async def test_zookeeper_down_no_grace_reads_bypass_to_origin_and_writes_fail(
+    zk_private: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession, sqlite_url: str
+) -> None:
+    a = sidecars("a", zk=zk_private.hosts, suspended_grace="0s", suspended_reads="origin")
+    b = sidecars("b", zk=zk_private.hosts)
+    await put(http, a.url, "k", b"v1")
+    assert (await get(http, a.url, "k"))[1] == "hit"
+
+    zk_private.stop()
+    await eventually(lambda: not a.is_ready(), what="A noticing ZooKeeper is gone")
+    status, problem = await problem_of(http, "GET", a.url + "/readyz")
+    assert status == 503 and problem["type"].endswith("zookeeper-unavailable")  # type: ignore[union-attr]
+
+    # Nobody can tell A about writes now: with no grace, A must not serve its
+    # cached copy; it reads the origin (uncached) instead.
+    change_origin_behind_the_cache(sqlite_url, "k", b"v2")
+    status, source, value, headers = await get(http, a.url, "k")
+    assert (status, source, value) == (200, "bypass", b"v2")
+    assert "ETag" not in headers  # the version is unknown without ZooKeeper
+    status, problem = await problem_of(http, "PUT", a.url + "/v1/keys/k", data=b"v3")
+    assert status == 503 and "ZooKeeper" in str(problem["detail"])
+
+    # ZooKeeper comes back (same data, within the session timeout): the
+    # session survives, but kazoo dropped every watch, so A flushed and
+    # re-armed; coherence works again.
+    zk_private.start()
+    a.wait_ready(20)
+    b.wait_ready(20)
+    assert a.stats()["zookeeper"]["sessions"] == 1, "the session should have survived"
+    assert a.stats()["entries"] == 0
+    assert (await get(http, a.url, "k"))[1:3] == ("miss", b"v2")
+    assert (await get(http, a.url, "k"))[1] == "hit"
+    await put(http, b.url, "k", b"v4")
+    await eventually(lambda: a.stats()["entries"] == 0, what="A's re-armed watch firing")
+    assert (await get(http, a.url, "k"))[2] == b"v4"
+
+
+async def test_zookeeper_down_hits_are_served_for_the_grace_then_stop(
+    zk_private: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession, sqlite_url: str
+) -> None:
+    grace = 1.5
+    a = sidecars("a", zk=zk_private.hosts, suspended_grace=f"{grace}s", zk_session_timeout="6s")
+    await put(http, a.url, "k", b"v1")
+    assert (await get(http, a.url, "k"))[1] == "hit"
+    change_origin_behind_the_cache(sqlite_url, "k", b"v2")
+
+    zk_private.stop()
+    await eventually(lambda: not a.is_ready(), what="A noticing ZooKeeper is gone")
+    lost_at = time.monotonic()
+    status, source, value, _ = await get(http, a.url, "k")
+    assert (status, source, value) == (200, "hit", b"v1"), "within the grace the cached value is served"
+
+    async def bypassing() -> bool:
+        return (await get(http, a.url, "k"))[1] == "bypass"
+
+    await eventually(bypassing, timeout=grace + 3, what="A stopping to serve cached values")
+    assert time.monotonic() - lost_at >= grace - 0.2, "stopped serving hits before the grace ended"
+    assert (await get(http, a.url, "k"))[2] == b"v2"
+
+
+async def test_zookeeper_down_with_fail_policy_answers_503(
+    zk_private: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    a = sidecars("a", zk=zk_private.hosts, suspended_grace="0s", suspended_reads="fail")
+    await put(http, a.url, "k", b"v1")
+    zk_private.kill()  # a crash this time
+    await eventually(lambda: not a.is_ready(), what="A noticing ZooKeeper is gone")
+    status, problem = await problem_of(http, "GET", a.url + "/v1/keys/k")
+    assert status == 503 and problem["type"].endswith("zookeeper-unavailable")  # type: ignore[union-attr]
+    async with http.get(a.url + "/healthz") as resp:
+        assert resp.status == 200  # alive: Kubernetes must not restart it for this
+
+
+async def test_session_expiry_flushes_and_reregisters(
+    zk_private: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """B is frozen past its session timeout while A writes: LOST, then a new session."""
+    a = sidecars("a", zk=zk_private.hosts)
+    b = sidecars("b", zk=zk_private.hosts, zk_session_timeout="2s")
+    await put(http, a.url, "k", b"v1")
+    assert (await get(http, b.url, "k"))[1:3] == ("miss", b"v1")
+    first_session = b.stats()["zookeeper"]["session"]
+
+    b.pause()
+    try:
+        await put(http, a.url, "k", b"v2")  # B cannot hear about this
+        # ZooKeeper expires B's session: its member znode goes.
+        ns = str(a.settings["namespace"])
+        await eventually(
+            lambda: "b" not in member_ids(zk_private.hosts, ns),
+            timeout=15,
+            interval=0.3,
+            what="ZooKeeper expiring B's session",
+        )
+    finally:
+        b.resume()
+
+    await eventually(
+        lambda: b.stats()["zookeeper"]["sessions"] == 2 and b.is_ready(),
+        timeout=15,
+        what="B establishing a new session",
+    )
+    stats = b.stats()
+    assert stats["zookeeper"]["session"] != first_session
+    assert stats["flushes"] >= 1
+    assert (await get(http, b.url, "k"))[1:3] == ("miss", b"v2")
+    assert "b" in member_ids(zk_private.hosts, ns), "B must re-register its member znode"
+
+
+async def test_http_origin_failures_map_to_502_and_504(
+    sidecars: SidecarFactory, upstream: str, http: aiohttp.ClientSession
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/kv"  # nothing listens there
+    a = sidecars("a", origin=dead)
+    status, problem = await problem_of(http, "GET", a.url + "/v1/keys/k")
+    assert status == 502 and problem["type"].endswith("origin-unavailable")  # type: ignore[union-attr]
+    status, problem = await problem_of(http, "PUT", a.url + "/v1/keys/k", data=b"v")
+    assert status == 502
+    assert a.stats()["writes"] == 0
+
+    b = sidecars("b", origin=upstream + "/kv", origin_timeout="0.5s")
+    async with http.post(upstream + "/_control/mode/500"):
+        pass
+    status, problem = await problem_of(http, "GET", b.url + "/v1/keys/k")
+    assert status == 502 and "500" in str(problem["detail"])
+    async with http.post(upstream + "/_control/mode/hang"):
+        pass
+    status, problem = await problem_of(http, "GET", b.url + "/v1/keys/k")
+    assert status == 504 and problem["type"].endswith("origin-timeout")  # type: ignore[union-attr]
+    async with http.post(upstream + "/_control/mode/ok"):
+        pass
+    assert (await put(http, b.url, "k", b"v"))[0] == 200
+    assert (await get(http, b.url, "k"))[2] == b"v"

@@ -1,0 +1,145 @@
+"""The service in this process, against the real ZooKeeper: threading invariants.
+
+* kazoo runs watch callbacks and completions on its own threads; the service
+  must only ever be entered on the event loop thread;
+* nothing on the request path blocks the loop (no synchronous kazoo call, no
+  sqlite call, no sleep): ``blockbuster`` raises on any blocking call made on
+  the loop thread while it is active, as in aiohttp's own test suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from blockbuster import BlockBuster, blockbuster_ctx
+from kazoo.client import KazooClient
+
+from sidecar.config import load_config
+from sidecar.dev import LocalZooKeeper
+from sidecar.http_api import make_app
+from sidecar.origins import open_origin
+from sidecar.service import CacheService
+from tests.conftest import eventually
+
+
+@pytest.fixture
+async def service(zk_server: LocalZooKeeper, namespace: str, tmp_path: Path) -> AsyncIterator[CacheService]:
+    cfg = load_config(
+        {
+            "zk": zk_server.hosts,
+            "namespace": namespace,
+            "member_id": "inproc",
+            "origin": f"sqlite:///{tmp_path / 'o.db'}",
+        },
+        env={},
+    )
+    svc = CacheService(cfg, await open_origin(cfg.origin, cfg.origin_timeout, cfg.max_value_bytes))
+    svc.start()
+    await eventually(lambda: svc.ready, what="service ready")
+    yield svc
+    await svc.stop()
+
+
+@pytest.fixture
+async def client(service: CacheService) -> AsyncIterator[TestClient[Any, Any]]:
+    async with TestClient(TestServer(make_app(service))) as c:
+        yield c
+
+
+@pytest.fixture
+def other_client(zk_server: LocalZooKeeper) -> Iterator[KazooClient]:
+    """A plain kazoo client standing for another sidecar or an operator."""
+    kz = KazooClient(hosts=zk_server.hosts)
+    kz.start(10)
+    yield kz
+    kz.stop()
+    kz.close()
+
+
+@pytest.fixture
+def no_blocking() -> Iterator[BlockBuster]:
+    """Fail on any blocking call on the loop thread, with two reasoned exceptions."""
+    with blockbuster_ctx() as bb:
+        # Every kazoo *_async call wakes kazoo's connection thread with a
+        # 1-byte send on a local socketpair (kazoo/client.py, _call): the same
+        # self-pipe wake-up asyncio's call_soon_threadsafe does. It cannot
+        # wait on the network.
+        bb.functions["socket.socket.send"].can_block_in("kazoo/client.py", "_call")
+        # Log records go synchronously to stderr (under pytest, a file).
+        for func in ("io.TextIOWrapper.write", "io.BufferedWriter.write", "os.write"):
+            bb.functions[func].can_block_in("logging/__init__.py", "emit")
+        yield bb
+
+
+async def test_watch_events_reach_the_service_on_the_loop_thread(
+    service: CacheService, client: TestClient[Any, Any], other_client: KazooClient
+) -> None:
+    loop_thread = threading.get_ident()
+    seen: list[tuple[str, int]] = []
+    original = service.key_changed
+
+    def spy(key: str) -> None:
+        seen.append((key, threading.get_ident()))
+        original(key)
+
+    service.key_changed = spy  # type: ignore[method-assign]
+    assert (await client.put("/v1/keys/t/1", data=b"v1")).status == 200
+    resp = await client.get("/v1/keys/t/1")
+    assert resp.headers["X-Cache"] == "hit"
+    # Another party bumps the version znode directly, from another thread.
+    path = service.coord.layout.version_path("t/1")
+    await asyncio.to_thread(other_client.set, path, b"{}")
+    await eventually(lambda: any(k == "t/1" for k, _ in seen), what="the watch event")
+    assert {thread for _, thread in seen} == {loop_thread}
+    assert "t/1" not in service.cache
+
+
+async def test_state_changes_are_applied_on_the_loop_thread(service: CacheService) -> None:
+    loop_thread = threading.get_ident()
+    seen: list[int] = []
+    original = service.state_changed
+    service.state_changed = lambda s: (seen.append(threading.get_ident()), original(s))  # type: ignore[method-assign,func-returns-value]
+    # Dropping the socket from under kazoo makes it SUSPENDED then CONNECTED.
+    await asyncio.to_thread(service.coord.zk.client._connection._socket.shutdown, 2)
+    await eventually(lambda: len(seen) >= 2 and service.ready, timeout=15, what="suspend and reconnect")
+    assert set(seen) == {loop_thread}
+
+
+async def test_request_path_never_blocks_the_loop(
+    service: CacheService, client: TestClient[Any, Any], no_blocking: BlockBuster
+) -> None:
+    assert (await client.put("/v1/keys/nb", data=b"v1")).status == 200  # lock, origin, bump
+    assert (await client.put("/v1/keys/nb", data=b"v2", headers={"If-Match": '"1"'})).status == 412
+    assert (await client.get("/v1/keys/nb")).headers["X-Cache"] == "hit"
+    service.cache.invalidate("nb")
+    miss = await client.get("/v1/keys/nb")  # watch + origin read
+    assert (miss.headers["X-Cache"], await miss.read()) == ("miss", b"v1")
+    assert (await client.get("/v1/keys/absent")).status == 404
+    assert (await client.post("/v1/invalidate", json={"keys": ["nb"], "prefixes": ["n"], "all": True})).status == 202
+    assert (await client.delete("/v1/keys/nb")).status == 204
+    assert (await client.get("/v1/stats")).status == 200
+    assert (await client.get("/metrics")).status == 200
+
+
+async def test_auth_token_is_required_when_set(zk_server: LocalZooKeeper, namespace: str, tmp_path: Path) -> None:
+    cfg = load_config(
+        {"zk": zk_server.hosts, "namespace": namespace, "member_id": "auth", "auth_token": "s3cret",
+         "listen": "0.0.0.0:7070", "origin": f"sqlite:///{tmp_path / 'o.db'}"},
+        env={},
+    )
+    svc = CacheService(cfg, await open_origin(cfg.origin, cfg.origin_timeout, cfg.max_value_bytes))
+    try:
+        async with TestClient(TestServer(make_app(svc))) as c:
+            assert (await c.get("/healthz")).status == 200  # probes need no token
+            resp = await c.get("/v1/keys/k")
+            assert resp.status == 401 and resp.headers["Content-Type"] == "application/problem+json"
+            assert (await c.get("/v1/stats", headers={"Authorization": "Bearer wrong"})).status == 401
+            assert (await c.get("/v1/stats", headers={"Authorization": "Bearer s3cret"})).status == 200
+    finally:
+        await svc.stop()
