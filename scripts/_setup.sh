@@ -26,9 +26,12 @@ ensure_venv() {
     python3 -m venv .venv
   fi
   if [ ! -e "$stamp" ]; then
-    echo ">> installing Python dependencies into .venv" >&2
-    .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+    echo ">> installing Python dependencies into .venv (log: .venv/pip.log)" >&2
+    if ! .venv/bin/python -m pip install --disable-pip-version-check -e '.[test]' >.venv/pip.log 2>&1; then
+      tail -30 .venv/pip.log >&2
+      echo "pip install failed; full log in .venv/pip.log" >&2
+      return 1
+    fi
     rm -f .venv/.installed-*
     touch "$stamp"
   fi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -14,7 +15,23 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SidecarProcess", "free_port"]
+__all__ = ["SidecarProcess", "die_with_parent", "free_port"]
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGTERM when its parent dies (Linux).
+
+    A test run that is killed must not leave ZooKeepers and sidecars behind.
+    The setting survives exec, so it also covers the JVM that zkServer.sh execs.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: best effort
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -46,7 +63,12 @@ class SidecarProcess:
         log = open(self.log_path, "ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("ZKCACHE_")}
         self.proc = subprocess.Popen(
-            self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            self.argv(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            preexec_fn=die_with_parent,
         )
         log.close()
         if wait_ready:

@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .process import free_port
+from .process import die_with_parent, free_port
 
 __all__ = ["LocalZooKeeper", "find_zkserver"]
 
@@ -112,6 +112,7 @@ class LocalZooKeeper:
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         log.close()
         deadline = time.monotonic() + timeout
