@@ -13,6 +13,7 @@ one place (``cli.main``).
     ├── NotFound                    404  not-found
     ├── PreconditionFailed          412  precondition-failed
     ├── PayloadTooLarge             413  payload-too-large
+    ├── NotCached                   504  not-cached (GET with Cache-Control: only-if-cached)
     ├── ConfigError                 (exit status 2, never an HTTP response)
     ├── CoordinationError           503  coordination-unavailable
     │   ├── NotConnected            503  zookeeper-unavailable
@@ -34,6 +35,7 @@ __all__ = [
     "InvalidKey",
     "InvalidationNotPublished",
     "LockTimeout",
+    "NotCached",
     "NotConnected",
     "NotFound",
     "OriginError",
@@ -91,6 +93,12 @@ class PreconditionFailed(SidecarError):
 
 class PayloadTooLarge(SidecarError):
     status, problem, title = 413, "payload-too-large", "Payload too large"
+
+
+class NotCached(SidecarError):
+    """``Cache-Control: only-if-cached`` and the key is not cached (RFC 9111, 5.2.1.7)."""
+
+    status, problem, title = 504, "not-cached", "Not in this sidecar's cache"
 
 
 class ConfigError(SidecarError):

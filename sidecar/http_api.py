@@ -24,6 +24,7 @@ from .coordination import validate_key
 from .errors import (
     BadRequest,
     InvalidKey,
+    NotCached,
     NotConnected,
     NotFound,
     PayloadTooLarge,
@@ -128,6 +129,8 @@ async def get_key(request: web.Request) -> web.StreamResponse:
     if entry is not None:
         value, ctype, version, source = entry.value, entry.content_type, entry.version, "hit"
     else:
+        if "only-if-cached" in request.headers.get("Cache-Control", ""):
+            raise NotCached(f"key {key!r} is not cached here")
         fetched = await service.fetch(key)
         if fetched.value is None:
             raise NotFound(f"the origin has no value for key {key!r}")

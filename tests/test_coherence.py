@@ -131,6 +131,8 @@ async def test_conditional_writes(sidecars: SidecarFactory, http: aiohttp.Client
     assert (await get(http, a.url, "cas"))[2] == b"2"  # the refused write left no trace
     async with http.get(f"{a.url}/v1/keys/cas", headers={"If-None-Match": h2["ETag"]}) as resp:
         assert resp.status == 304
+    async with http.get(f"{b.url}/v1/keys/never", headers={"Cache-Control": "only-if-cached"}) as resp:
+        assert resp.status == 504 and (await resp.json(content_type=None))["type"].endswith("not-cached")
 
 
 async def test_bad_requests_are_problems_and_change_nothing(
