@@ -49,3 +49,13 @@ def test_every_error_has_a_status_and_problem_type() -> None:
         cls = getattr(errors, name)
         assert issubclass(cls, errors.SidecarError)
         assert 400 <= cls.status < 600 and cls.problem and cls.title
+
+
+def test_readme_documents_every_setting() -> None:
+    import pathlib
+
+    from sidecar.config import settings_help
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    missing = [env for _, env, _, _ in settings_help() if f"`{env}`" not in readme]
+    assert missing == [], f"README's configuration table lacks {missing}"
