@@ -129,8 +129,14 @@ async def test_request_path_never_blocks_the_loop(
 
 async def test_auth_token_is_required_when_set(zk_server: LocalZooKeeper, namespace: str, tmp_path: Path) -> None:
     cfg = load_config(
-        {"zk": zk_server.hosts, "namespace": namespace, "member_id": "auth", "auth_token": "s3cret",
-         "listen": "0.0.0.0:7070", "origin": f"sqlite:///{tmp_path / 'o.db'}"},
+        {
+            "zk": zk_server.hosts,
+            "namespace": namespace,
+            "member_id": "auth",
+            "auth_token": "s3cret",
+            "listen": "0.0.0.0:7070",
+            "origin": f"sqlite:///{tmp_path / 'o.db'}",
+        },
         env={},
     )
     svc = CacheService(cfg, await open_origin(cfg.origin, cfg.origin_timeout, cfg.max_value_bytes))
