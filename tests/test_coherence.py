@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import sqlite3
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -261,3 +265,54 @@ async def test_concurrent_writers_and_readers_converge_on_the_last_acknowledged_
         for node in (a, b):  # and it stays so: served from cache, still right
             status, source, value, _ = await get(http, node.url, key)
             assert (status, value) == (200, stored[key]) and source == "hit"
+
+
+def test_cachectl_get_and_put_through_a_sidecar(sidecars: SidecarFactory, tmp_path: Path) -> None:
+    a, b = sidecars("a"), sidecars("b")
+    value = tmp_path / "v.json"
+    value.write_bytes(b'{"x": 1}')
+    env = {**os.environ, "ZKCACHE_SIDECAR": a.url}
+    put_run = subprocess.run(
+        [sys.executable, "-m", "cli.main", "put", "cfg/x", "--file", str(value), "--content-type", "application/json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert put_run.returncode == 0, put_run.stderr
+    version = json.loads(put_run.stdout)["version"]
+    get_run = subprocess.run(
+        [sys.executable, "-m", "cli.main", "--sidecar", b.url, "get", "cfg/x", "--etag"],
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert get_run.returncode == 0 and get_run.stdout == b'{"x": 1}'
+    assert f'ETag: "{version}"'.encode() in get_run.stderr
+    stale = subprocess.run(
+        [sys.executable, "-m", "cli.main", "put", "cfg/x", "--file", str(value), "--if-match", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert stale.returncode == 1 and "412" in stale.stderr and stale.stderr.count("\n") == 1
+
+
+async def test_unix_socket_listener(sidecars: SidecarFactory, tmp_path: Path) -> None:
+    sock = tmp_path / "zkcache.sock"
+    sidecars("u", wait_ready=False, listen=f"unix:{sock}")
+
+    async def ready() -> bool:
+        if not sock.exists():
+            return False
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as unix:
+            async with unix.get("http://sidecar/readyz") as resp:
+                return resp.status == 200
+
+    await eventually(ready, timeout=20, what="the sidecar answering on its Unix socket")
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as unix:
+        async with unix.put("http://sidecar/v1/keys/k", data=b"v") as resp:
+            assert resp.status == 200
+        async with unix.get("http://sidecar/v1/keys/k") as resp:
+            assert (await resp.read(), resp.headers["X-Cache"]) == (b"v", "hit")
