@@ -22,7 +22,7 @@ after step 1 and voids the ticket.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,13 +180,17 @@ class CoherentCache:
         self.counters.invalidated_entries += dropped
         return dropped
 
-    def invalidate_prefix(self, prefix: str) -> int:
-        """Drop every key starting with ``prefix`` and void their fills; O(entries)."""
+    def invalidate_prefixes(self, prefixes: Sequence[str]) -> int:
+        """Drop every key starting with any of ``prefixes``, void their fills.
+
+        One pass over the cache, however many prefixes: O(entries).
+        """
+        starts = tuple(prefixes)
         for key, tickets in self._fills.items():
-            if key.startswith(prefix):
+            if key.startswith(starts):
                 for ticket in tickets:
                     ticket.valid = False
-        doomed = [k for k in list(self._data.keys()) if k.startswith(prefix)]
+        doomed = [k for k in list(self._data.keys()) if k.startswith(starts)]
         for key in doomed:
             self._data.pop(key, None)
         self.counters.invalidated_entries += len(doomed)

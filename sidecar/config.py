@@ -243,10 +243,11 @@ class Config:
             )
         if self.max_value_bytes > self.max_bytes:
             raise ConfigError(f"setting 'max_value_bytes': {self.max_value_bytes} exceeds max_bytes {self.max_bytes}")
-        if self.suspended_grace is not None and self.suspended_grace > self.zk_session_timeout:
+        if self.suspended_grace is not None and self.suspended_grace > self.zk_session_timeout / 3:
             raise ConfigError(
-                "setting 'suspended_grace': must not exceed zk_session_timeout "
-                f"({self.suspended_grace}s > {self.zk_session_timeout}s)"
+                "setting 'suspended_grace': must not exceed a third of zk_session_timeout "
+                f"({self.suspended_grace:g}s > {self.zk_session_timeout / 3:g}s), or stale hits could "
+                "outlive the session"
             )
 
     @property
@@ -258,11 +259,13 @@ class Config:
     def effective_suspended_grace(self) -> float:
         """Seconds to keep serving hits after SUSPENDED.
 
-        kazoo declares the connection lost after 2/3 of the session timeout
-        without a server reply, so a third of the timeout keeps
-        "last heard from ZooKeeper" + grace within one session timeout: a
-        sidecar never serves a cached value for longer than the session that
-        would have received its invalidation could have lived.
+        A hit needs an answer from ZooKeeper within 2/3 of the session
+        timeout (kazoo's own dead-connection bound, which the sidecar also
+        enforces itself), so a grace of at most a third keeps "last heard from
+        ZooKeeper" + grace within one session timeout: no cached value is
+        served after the session that would have received its invalidation
+        could have expired.  Assumes the server grants the requested timeout
+        (its maxSessionTimeout is at least ``zk_session_timeout``).
         """
         if self.suspended_grace is not None:
             return self.suspended_grace

@@ -14,8 +14,12 @@ Read (miss) protocol, per key::
 Write protocol (PUT/DELETE), per key::
 
     local asyncio lock -> ZooKeeper lock -> [check If-Match / If-None-Match]
-    -> origin write -> bump version (fires every watch) -> release
-    -> re-arm our own watch and install the written value (best effort)
+    -> origin write -> bump version (fires every watch) -> drop our own entry
+    -> release -> refill in the background through the read protocol
+
+The writer does not cache the value it wrote: between its origin write and
+its version bump an outside writer (or, after a lost lock, another sidecar)
+may have written the origin again, and only a read after the bump can tell.
 
 Serving policy by session state is in :meth:`CacheService.cached` and
 :meth:`CacheService.fetch`; the README's "Connection states" section is its
@@ -86,6 +90,7 @@ class CacheService:
         self._flights: Group[Fetched] = Group()
         self._local_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._writes: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self._grace = config.effective_suspended_grace
         self._disconnected_since: float | None = clock()
         self.started_at = time.time()
@@ -113,32 +118,44 @@ class CacheService:
         """Finish writes in progress, leave the fleet, close the origin."""
         if self._writes:
             await asyncio.wait(self._writes, timeout=self.config.lock_timeout)
+        for task in self._background:
+            task.cancel()
         await self.coord.stop()
         await self.origin.close()
 
     @property
     def ready(self) -> bool:
-        """True when the session is connected and every namespace watch is armed."""
-        return self.coord.ready
+        """Connected, every namespace watch armed, and ZooKeeper answered within the lease."""
+        return self.coord.usable
 
     # -- reads --------------------------------------------------------------
     def cached(self, key: str) -> Entry | None:
         """The cached entry if it may be served now (a hit), else ``None``.
 
-        Connected: any cached entry.  Disconnected: entries are served for
-        ``suspended_grace`` seconds after the connection was lost, never later.
+        Connected: any cached entry, as long as ZooKeeper answered within
+        ``lease + grace``.  Disconnected: for ``suspended_grace`` seconds after
+        the connection was lost.  So no hit is served more than
+        ``2/3 * session timeout + grace`` (at most one session timeout) after
+        this sidecar last heard from ZooKeeper.
         """
         entry = self.cache.get(key)
-        if entry is None:
-            return None
-        if not self.coord.ready and not self._within_grace():
+        if entry is None or not self._may_serve_cached():
             return None
         self.stats.hits += 1
         return entry
 
+    def _may_serve_cached(self) -> bool:
+        coord = self.coord
+        if coord.silence() > coord.lease + self._grace:
+            return False
+        if coord.ready:
+            return True
+        since = self._disconnected_since
+        return coord.state is ZkState.SUSPENDED and since is not None and self._clock() - since <= self._grace
+
     async def fetch(self, key: str) -> Fetched:
         """Read ``key`` when :meth:`cached` had nothing to serve."""
-        if not self.coord.ready:
+        if not self.coord.usable:
             return await self._read_disconnected(key)
         self.stats.misses += 1
         return await self._flights.do(key, lambda: self._fill(key))
@@ -159,10 +176,6 @@ class CacheService:
             raise NotConnected(f"ZooKeeper session is {self.coord.state.value} and cached values may be stale")
         self.stats.bypassed_reads += 1
         return Fetched(await self.origin.get(key), None, "bypass")
-
-    def _within_grace(self) -> bool:
-        since = self._disconnected_since
-        return since is not None and self.coord.state is ZkState.SUSPENDED and self._clock() - since <= self._grace
 
     # -- writes -------------------------------------------------------------
     async def put(
@@ -187,8 +200,8 @@ class CacheService:
 
     async def _write(self, key: str, value: OriginValue | None, if_match: int | None, if_none_match: bool) -> int:
         validate_key(key)
-        if not self.coord.ready:
-            raise NotConnected(f"writes need ZooKeeper; the session is {self.coord.state.value}")
+        if not self.coord.usable:
+            raise NotConnected(f"writes need ZooKeeper: {self.coord.describe_state()}")
         local = self._local_locks.get(key)
         if local is None:
             local = self._local_locks[key] = asyncio.Lock()
@@ -199,20 +212,22 @@ class CacheService:
                     raise PreconditionFailed(f'If-Match "{if_match}" but the current version is "{current}"', current)
             if if_none_match and await self.origin.get(key) is not None:
                 raise PreconditionFailed("If-None-Match: * but the key has a value")
-            if self.coord.state_generation != generation:
-                raise CoordinationError("the ZooKeeper connection moved while holding the lock")
-            self.cache.invalidate(key)
-            self._flights.forget(key)
+            self.coord.check_lock(generation)  # last look before the origin changes
+            self._drop_key(key)
             if value is None:
                 await self.origin.delete(key)
             else:
                 await self.origin.put(key, value)
             version = await self._bump_until_published(key, "delete" if value is None else "put")
+            # Our own watch event may still be on its way (kazoo delivers it on
+            # another thread): drop now, so this sidecar never answers with the
+            # old value after acknowledging, and void fills that read it.
+            self._drop_key(key)
         if value is None:
             self.stats.deletes += 1
         else:
             self.stats.writes += 1
-            await self._install_own_write(key, value, version)
+            self._spawn(self._refill(key))
         return version
 
     async def _bump_until_published(self, key: str, op: str) -> int:
@@ -226,10 +241,13 @@ class CacheService:
             except CoordinationError as exc:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
-                    log.error("key %r: origin written but version bump failed: %s", key, exc)
+                    log.error(
+                        "key %r: origin written but version bump failed: %s; retrying in the background", key, exc
+                    )
+                    self._spawn(self._republish(key, op))
                     raise InvalidationNotPublished(
-                        "the origin has the new value but other sidecars were not told; "
-                        "retry the write or invalidate the key"
+                        "the origin has the new value but other sidecars were not told yet; "
+                        "this sidecar keeps retrying the invalidation in the background"
                     ) from exc
                 log.warning("key %r: version bump failed (%s); retrying", key, exc)
                 await asyncio.sleep(min(backoff, remaining))
@@ -239,17 +257,31 @@ class CacheService:
                 except NotConnected:
                     continue
 
-    async def _install_own_write(self, key: str, value: OriginValue, version: int) -> None:
-        # Re-arm our watch and cache what we wrote, through the same ticket
-        # protocol as a fill: if anything newer arrived meanwhile, skip it.
-        ticket = self.cache.begin_fill(key)
+    async def _republish(self, key: str, op: str) -> None:
+        # A version only moves forward, so retrying until it lands is safe;
+        # until then other sidecars may serve the previous value (README, Limits).
+        delay = 1.0
+        while True:
+            try:
+                await self.coord.bump_version(key, op)
+                log.warning("key %r: invalidation published late", key)
+                return
+            except CoordinationError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _refill(self, key: str) -> None:
+        # "Update the local entry" after a write, through the read protocol
+        # (watch, then origin read): correct whoever wrote the origin last.
         try:
-            if await self.coord.watch_version(key) == version:
-                self.cache.install(ticket, Entry.make(key, value.value, value.content_type, version))
-        except CoordinationError:
-            pass  # best effort: the next read fills it
-        finally:
-            self.cache.end_fill(ticket)
+            await self._flights.do(key, lambda: self._fill(key))
+        except Exception as exc:  # best effort; the next read fills it
+            log.debug("refill of %r after write failed: %s", key, exc)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- invalidation -------------------------------------------------------
     async def invalidate(self, keys: list[str], prefixes: list[str], everything: bool) -> InvalidationReceipt:
@@ -264,18 +296,18 @@ class CacheService:
             self._drop_all()
         for key in keys:
             self._drop_key(key)
-        for prefix in prefixes:
-            self._drop_prefix(prefix)
+        self._drop_prefixes(prefixes)
         return receipt
 
     def _drop_key(self, key: str) -> None:
         self.cache.invalidate(key)
         self._flights.forget(key)
 
-    def _drop_prefix(self, prefix: str) -> None:
-        self.cache.invalidate_prefix(prefix)
-        # Over-approximates: forgets every flight, so later callers refill.
-        self._flights.forget_all()
+    def _drop_prefixes(self, prefixes: list[str]) -> None:
+        if prefixes:
+            self.cache.invalidate_prefixes(prefixes)  # one pass over the cache
+            # Over-approximates: forgets every flight, so later callers refill.
+            self._flights.forget_all()
 
     def _drop_all(self) -> None:
         self.cache.invalidate_all()
@@ -290,8 +322,7 @@ class CacheService:
     def prefixes_invalidated(self, prefixes: list[str]) -> None:
         """New prefix-log entries arrived."""
         self.stats.invalidations_received += len(prefixes)
-        for prefix in prefixes:
-            self._drop_prefix(prefix)
+        self._drop_prefixes(prefixes)
 
     def flush(self, reason: str) -> None:
         """Drop everything and void every fill."""
@@ -318,7 +349,8 @@ class CacheService:
             "namespace": self.config.namespace,
             "zookeeper": {
                 "state": self.coord.state.value,
-                "ready": self.coord.ready,
+                "ready": self.coord.usable,
+                "silence_seconds": round(self.coord.silence(), 3),
                 "session": f"0x{self.coord.zk.session_id or 0:x}",
                 "sessions": self.coord.sessions,
             },

@@ -71,7 +71,7 @@ def test_invalidation_of_other_key_does_not_void() -> None:
     cache = CoherentCache(10, 10**6)
     ticket = cache.begin_fill("k")
     cache.invalidate("j")
-    cache.invalidate_prefix("kk")
+    cache.invalidate_prefixes(["kk"])
     assert cache.install(ticket, entry("k")) is True
 
 
@@ -80,7 +80,7 @@ def test_prefix_and_all_void_fills_and_drop_entries() -> None:
     fill(cache, "user/1", entry("user/1"))
     fill(cache, "order/1", entry("order/1"))
     t_user = cache.begin_fill("user/2")
-    assert cache.invalidate_prefix("user/") == 1
+    assert cache.invalidate_prefixes(["user/"]) == 1
     assert cache.install(t_user, entry("user/2")) is False
     assert "order/1" in cache
     t_order = cache.begin_fill("order/2")
@@ -119,7 +119,7 @@ def test_no_ticket_survives_an_invalidation_of_its_key(ops: list[tuple[str, str]
         if op == "begin":
             open_tickets.append((cache.begin_fill(key), key, False))
         elif op == "inv":
-            cache.invalidate_prefix(key) if key == "a" else cache.invalidate(key)
+            cache.invalidate_prefixes([key]) if key == "a" else cache.invalidate(key)
             open_tickets = [
                 (t, k, dirty or (k.startswith("a") if key == "a" else k == key)) for t, k, dirty in open_tickets
             ]
@@ -131,3 +131,13 @@ def test_no_ticket_survives_an_invalidation_of_its_key(ops: list[tuple[str, str]
             installed = cache.install(t, entry(k))  # type: ignore[arg-type]
             cache.end_fill(t)  # type: ignore[arg-type]
             assert installed == (not dirty)
+
+
+def test_many_prefixes_in_one_pass() -> None:
+    cache = CoherentCache(100, 10**6)
+    for k in ("a/1", "b/1", "c/1", "d/1"):
+        fill(cache, k, entry(k))
+    ticket = cache.begin_fill("c/2")
+    assert cache.invalidate_prefixes(["a/", "c/", "zz"]) == 2
+    assert cache.install(ticket, entry("c/2")) is False
+    assert {k for k in ("a/1", "b/1", "c/1", "d/1") if k in cache} == {"b/1", "d/1"}

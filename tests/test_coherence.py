@@ -28,6 +28,17 @@ async def get(http: aiohttp.ClientSession, base: str, key: str, **kw: Any) -> tu
         return resp.status, resp.headers.get("X-Cache", ""), await resp.read(), resp.headers.copy()
 
 
+async def get_hit(http: aiohttp.ClientSession, base: str, key: str) -> tuple[int, str, bytes, Any]:
+    """GET until it is served from the cache (after a write the writer refills in the background)."""
+
+    async def attempt() -> tuple[int, str, bytes, Any] | None:
+        got = await get(http, base, key)
+        return got if got[1] == "hit" else None
+
+    result: tuple[int, str, bytes, Any] = await eventually(attempt, what=f"a cache hit on {key}")
+    return result
+
+
 async def put(
     http: aiohttp.ClientSession, base: str, key: str, body: bytes, **headers: str
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
@@ -191,6 +202,7 @@ async def test_fill_that_began_before_a_write_is_never_installed(
     origin = upstream + "/kv"
     a, b = sidecars("a", origin=origin), sidecars("b", origin=origin)
     await put(http, a.url, "race", b"v1")
+    await get_hit(http, a.url, "race")  # A's post-write refill is done: only B will read below
     async with http.post(f"{upstream}/_control/hold/race"):
         pass
     reader = asyncio.create_task(get(http, b.url, "race"))
@@ -315,4 +327,32 @@ async def test_unix_socket_listener(sidecars: SidecarFactory, tmp_path: Path) ->
         async with unix.put("http://sidecar/v1/keys/k", data=b"v") as resp:
             assert resp.status == 200
         async with unix.get("http://sidecar/v1/keys/k") as resp:
-            assert (await resp.read(), resp.headers["X-Cache"]) == (b"v", "hit")
+            assert (await resp.read(), resp.headers["X-Cache"]) in ((b"v", "hit"), (b"v", "miss"))
+
+
+async def test_writer_does_not_cache_its_value_over_a_later_outside_write(
+    sidecars: SidecarFactory, upstream: str, http: aiohttp.ClientSession, zk_server: Any, namespace: str
+) -> None:
+    """Between A's origin write and A's version bump, an outside writer writes the
+    origin and invalidates the key. A's bump is then the newest version, yet A's
+    value is not the origin's: A must end up serving the origin's value."""
+    origin = upstream + "/kv"
+    a = sidecars("a", origin=origin)
+    async with http.post(f"{upstream}/_control/hold-put/ow"):
+        pass
+    write = asyncio.create_task(put(http, a.url, "ow", b"from-A"))
+
+    async def put_held() -> bool:
+        async with http.get(f"{upstream}/_control/held/put:ow") as resp:
+            return bool((await resp.json())["held"])
+
+    await eventually(put_held, what="A's origin write being held after it was stored")
+    async with http.put(f"{origin}/ow", data=b"from-outside") as resp:
+        assert resp.status == 204
+    run = await asyncio.to_thread(cachectl, zk_server.hosts, namespace, "invalidate", "ow")
+    assert run.returncode == 0, run.stderr
+    async with http.post(f"{upstream}/_control/release/put:ow"):
+        pass
+    assert (await write)[0] == 200
+    _, _, value, _ = await get_hit(http, a.url, "ow")
+    assert value == b"from-outside", "the writer cached its own value over a later origin write"

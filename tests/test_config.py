@@ -42,7 +42,7 @@ def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
         ({"ttl": "soon"}, "setting 'ttl': not a duration"),
         ({"max_value_bytes": "2GiB"}, "setting 'max_value_bytes'"),
         ({"suspended_reads": "maybe"}, "setting 'suspended_reads'"),
-        ({"suspended_grace": "1h"}, "setting 'suspended_grace'"),
+        ({"suspended_grace": "4s"}, "setting 'suspended_grace': must not exceed a third"),
     ],
 )
 def test_invalid_settings_name_the_setting(flags: dict[str, str], message: str) -> None:

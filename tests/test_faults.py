@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 
@@ -11,7 +12,7 @@ import pytest
 from sidecar.dev import LocalZooKeeper, free_port
 from sidecar.origins.sqlite import sqlite_path
 from tests.conftest import SidecarFactory, eventually, member_ids
-from tests.test_coherence import get, put
+from tests.test_coherence import get, get_hit, put
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ async def test_zookeeper_down_no_grace_reads_bypass_to_origin_and_writes_fail(
     a = sidecars("a", zk=zk_private.hosts, suspended_grace="0s", suspended_reads="origin")
     b = sidecars("b", zk=zk_private.hosts)
     await put(http, a.url, "k", b"v1")
-    assert (await get(http, a.url, "k"))[1] == "hit"
+    await get_hit(http, a.url, "k")
 
     zk_private.stop()
     await eventually(lambda: not a.is_ready(), what="A noticing ZooKeeper is gone")
@@ -72,7 +73,7 @@ async def test_zookeeper_down_hits_are_served_for_the_grace_then_stop(
     grace = 1.5
     a = sidecars("a", zk=zk_private.hosts, suspended_grace=f"{grace}s", zk_session_timeout="6s")
     await put(http, a.url, "k", b"v1")
-    assert (await get(http, a.url, "k"))[1] == "hit"
+    await get_hit(http, a.url, "k")
     change_origin_behind_the_cache(sqlite_url, "k", b"v2")
 
     zk_private.stop()
@@ -162,3 +163,52 @@ async def test_http_origin_failures_map_to_502_and_504(
         pass
     assert (await put(http, b.url, "k", b"v"))[0] == 200
     assert (await get(http, b.url, "k"))[2] == b"v"
+
+
+async def test_hung_zookeeper_under_steady_traffic_stops_hits_within_the_lease(
+    zk_private: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession, sqlite_url: str
+) -> None:
+    """kazoo sends no pings while requests flow, so with a hung server and steady
+    misses it never reports SUSPENDED. The sidecar's own lease must still stop
+    serving cached values within 2/3 of the session timeout (+ grace, here 0)."""
+    a = sidecars("a", zk=zk_private.hosts, zk_session_timeout="3s", suspended_grace="0s")
+    await put(http, a.url, "k", b"v1")
+    await get_hit(http, a.url, "k")
+    change_origin_behind_the_cache(sqlite_url, "k", b"v2")
+
+    stop = asyncio.Event()
+
+    async def one_miss(i: int) -> None:
+        async with http.get(f"{a.url}/v1/keys/absent-{i}") as resp:
+            await resp.read()
+
+    async def steady_misses() -> None:
+        # A miss every 0.1 s without waiting for the previous one: kazoo's
+        # socket is never idle long enough for it to send a ping.
+        misses = []
+        for i in range(200):  # bounded: at most 200 requests, ~20 s
+            if stop.is_set():
+                break
+            misses.append(asyncio.create_task(one_miss(i)))
+            await asyncio.sleep(0.1)
+        await asyncio.gather(*misses)
+
+    traffic = asyncio.create_task(steady_misses())
+    zk_private.pause()
+    paused_at = time.monotonic()
+    try:
+
+        async def not_a_hit() -> bool:
+            return (await get(http, a.url, "k"))[1] != "hit"
+
+        await eventually(not_a_hit, timeout=8, what="A to stop serving its cached value")
+        assert time.monotonic() - paused_at <= 2 + 1.5, "hits outlived the lease"
+        status, source, value, _ = await get(http, a.url, "k")
+        assert (status, source, value) == (200, "bypass", b"v2")
+        async with http.get(a.url + "/readyz") as resp:
+            assert resp.status == 503  # "no answer from ZooKeeper", or SUSPENDED once traffic stopped
+    finally:
+        stop.set()
+        zk_private.resume()
+        await traffic
+    await eventually(lambda: a.is_ready(), timeout=15, what="A ready again after ZooKeeper resumes")

@@ -90,8 +90,7 @@ async def test_watch_events_reach_the_service_on_the_loop_thread(
 
     service.key_changed = spy  # type: ignore[method-assign]
     assert (await client.put("/v1/keys/t/1", data=b"v1")).status == 200
-    resp = await client.get("/v1/keys/t/1")
-    assert resp.headers["X-Cache"] == "hit"
+    await eventually(lambda: "t/1" in service.cache, what="the writer's background refill")
     # Another party bumps the version znode directly, from another thread.
     path = service.coord.layout.version_path("t/1")
     await asyncio.to_thread(other_client.set, path, b"{}")
@@ -116,6 +115,7 @@ async def test_request_path_never_blocks_the_loop(
 ) -> None:
     assert (await client.put("/v1/keys/nb", data=b"v1")).status == 200  # lock, origin, bump
     assert (await client.put("/v1/keys/nb", data=b"v2", headers={"If-Match": '"1"'})).status == 412
+    await eventually(lambda: "nb" in service.cache, what="the writer's background refill")
     assert (await client.get("/v1/keys/nb")).headers["X-Cache"] == "hit"
     service.cache.invalidate("nb")
     miss = await client.get("/v1/keys/nb")  # watch + origin read

@@ -57,3 +57,7 @@ def test_invalid_keys(key: str) -> None:
 def test_dots_and_slashes_are_escaped() -> None:
     assert escape(".") == "%2E" and escape("..") == "%2E%2E"
     assert escape("a/b") == "a%2Fb"
+
+
+def test_prefix_entries_with_bad_escapes_are_ignored_not_fatal() -> None:
+    assert Layout.parse_prefix_entry("%FF~0000000001") is None

@@ -14,6 +14,7 @@ from aiohttp import web
 
 STORE: dict[str, tuple[bytes, str]] = {}
 HOLD: set[str] = set()
+HOLD_PUT: dict[str, asyncio.Event] = {}  # one-shot: the next PUT of the key is held after storing
 HELD: dict[str, int] = {}
 RELEASE: dict[str, asyncio.Event] = {}
 MODE = {"mode": "ok"}
@@ -41,10 +42,13 @@ async def get(request: web.Request) -> web.Response:
 
 async def put(request: web.Request) -> web.Response:
     await _faults()
-    STORE[request.match_info["key"]] = (
-        await request.read(),
-        request.headers.get("Content-Type", "application/octet-stream"),
-    )
+    key = request.match_info["key"]
+    STORE[key] = (await request.read(), request.headers.get("Content-Type", "application/octet-stream"))
+    release = HOLD_PUT.pop(key, None)
+    if release is not None:  # stored, but the writer does not hear so yet
+        HELD[f"put:{key}"] = 1
+        await release.wait()
+        HELD[f"put:{key}"] = 0
     return web.Response(status=204)
 
 
@@ -59,6 +63,13 @@ async def hold(request: web.Request) -> web.Response:
     key = request.match_info["key"]
     HOLD.add(key)
     RELEASE[key] = asyncio.Event()
+    return web.Response(status=204)
+
+
+async def hold_put(request: web.Request) -> web.Response:
+    event = asyncio.Event()
+    HOLD_PUT[request.match_info["key"]] = event
+    RELEASE["put:" + request.match_info["key"]] = event
     return web.Response(status=204)
 
 
@@ -84,6 +95,7 @@ def main() -> None:
     app.router.add_put("/kv/{key:.+}", put)
     app.router.add_delete("/kv/{key:.+}", delete)
     app.router.add_post("/_control/hold/{key:.+}", hold)
+    app.router.add_post("/_control/hold-put/{key:.+}", hold_put)
     app.router.add_post("/_control/release/{key:.+}", release)
     app.router.add_get("/_control/held/{key:.+}", held)
     app.router.add_post("/_control/mode/{mode}", mode)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
@@ -71,6 +72,12 @@ class Coordinator:
     ) -> None:
         self.layout = Layout(root)
         self.member_id = member_id
+        # kazoo declares a silent connection dead after 2/3 of the session
+        # timeout; we hold ourselves to the same bound with our own clock,
+        # because kazoo never pings while requests keep the socket busy.
+        self.lease = session_timeout * 2 / 3
+        self._heartbeat_interval = session_timeout / 3
+        self._heartbeat_task: asyncio.Task[None] | None = None
         self._member_info = member_info
         self._events = events
         self.zk = ZkSession(hosts, session_timeout, on_state=self._on_state)
@@ -91,11 +98,12 @@ class Coordinator:
     def start(self) -> None:
         """Begin connecting; ``ready`` turns True once the session is set up."""
         self.zk.start()
+        self._heartbeat_task = asyncio.ensure_future(self._heartbeat())
 
     async def stop(self) -> None:
         """Leave the fleet: close the session (the member znode goes with it)."""
         self.ready = False
-        for task in [self._setup_task, *self._rearm_tasks]:
+        for task in [self._setup_task, self._heartbeat_task, *self._rearm_tasks]:
             if task is not None:
                 task.cancel()
         self.locks.shutdown()
@@ -105,6 +113,26 @@ class Coordinator:
     def state(self) -> ZkState:
         """The current session state."""
         return self.zk.state
+
+    def silence(self) -> float:
+        """Seconds since the server last answered anything on this session."""
+        return time.monotonic() - self.zk.last_heard
+
+    @property
+    def usable(self) -> bool:
+        """Ready, and the server answered within the lease: watches can be trusted."""
+        return self.ready and self.silence() <= self.lease
+
+    async def _heartbeat(self) -> None:
+        # Keeps last_heard fresh on an idle sidecar and exposes a dead link
+        # on a busy one (kazoo's own pings stop while requests flow).
+        while True:
+            await asyncio.sleep(self._heartbeat_interval)
+            if self.ready:
+                try:
+                    await self.zk.exists(self.layout.root)
+                except Exception as exc:  # the lease expiring is the signal
+                    log.debug("heartbeat failed: %s", exc)
 
     # -- key operations (request path; all async, none blocks the loop) ------
     async def watch_version(self, key: str) -> int:
@@ -129,10 +157,26 @@ class Coordinator:
 
     @asynccontextmanager
     async def locked(self, key: str, timeout: float) -> AsyncIterator[int]:
-        """Hold ``key``'s ZooKeeper lock; yields the state generation at acquisition."""
+        """Hold ``key``'s ZooKeeper lock; yields a token for :meth:`check_lock`.
+
+        The token is the state generation from *before* the request: any
+        session state change since then (which kazoo's lock docs say may mean
+        the lock is gone) makes :meth:`check_lock` fail.
+        """
         self._require_ready()
-        async with self.locks.hold(self.layout.lock_path(key), timeout):
-            yield self.state_generation
+        generation = self.state_generation
+        async with self.locks.hold(self.layout.lock_path(key), timeout, timeout + self.zk.op_timeout):
+            self.check_lock(generation)
+            yield generation
+
+    def check_lock(self, generation: int) -> None:
+        """Raise unless the session is usable and unchanged since ``generation``.
+
+        Without fencing tokens at the origin this narrows, but cannot close,
+        the window in which a lock lost to session expiry is still used.
+        """
+        if generation != self.state_generation or not self.usable:
+            raise CoordinationError("the ZooKeeper session moved while holding the lock; nothing was written")
 
     async def publish(self, keys: list[str], prefixes: list[str], everything: bool) -> InvalidationReceipt:
         """Publish a fleet-wide invalidation (see ``operations.publish_invalidation``)."""
@@ -143,6 +187,8 @@ class Coordinator:
 
     def describe_state(self) -> str:
         """One line for operators: why the sidecar is or is not ready."""
+        if self.ready and self.silence() > self.lease:
+            return f"no answer from ZooKeeper for {self.silence():.1f}s (lease {self.lease:g}s)"
         if self.ready:
             return "ZooKeeper session connected"
         if self.state is ZkState.CONNECTED:
@@ -150,7 +196,7 @@ class Coordinator:
         return f"ZooKeeper session is {self.state.value}"
 
     def _require_ready(self) -> None:
-        if not self.ready:
+        if not self.usable:
             raise NotConnected(self.describe_state())
 
     # -- watches (kazoo threads -> loop) ------------------------------------
@@ -208,9 +254,15 @@ class Coordinator:
 
     def _rearm_done(self, task: asyncio.Task[None]) -> None:
         self._rearm_tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # Connection trouble: the next CONNECTED re-arms everything.
-            log.warning("re-arming a namespace watch failed: %s", task.exception())
+        if task.cancelled() or task.exception() is None:
+            return
+        # Without the epoch or prefix watch we would miss invalidations: stop
+        # trusting the cache and set the session up again from scratch.
+        log.warning("re-arming a namespace watch failed (%s); resetting", task.exception())
+        self.ready = False
+        self._events.flush("a namespace watch could not be re-armed")
+        if self._setup_task is None or self._setup_task.done():
+            self._setup_task = asyncio.ensure_future(self._retry_setup())
 
     # -- session states -----------------------------------------------------
     def _on_state(self, state: ZkState) -> None:

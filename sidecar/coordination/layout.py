@@ -98,4 +98,7 @@ class Layout:
         m = _PREFIX_ENTRY.match(name)
         if m is None:
             return None
-        return int(m.group("seq")), unescape(m.group("prefix"))
+        try:
+            return int(m.group("seq")), unescape(m.group("prefix"))
+        except UnicodeDecodeError:
+            return None  # not written by us: ignore rather than wedge the watcher

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -49,16 +50,23 @@ class KeyLocks:
         self._releasers.shutdown(wait=False, cancel_futures=True)
 
     @asynccontextmanager
-    async def hold(self, path: str, timeout: float) -> AsyncIterator[None]:
-        """Hold the lock at ``path`` for the block; raise :class:`LockTimeout`."""
+    async def hold(self, path: str, timeout: float, wait_limit: float) -> AsyncIterator[None]:
+        """Hold the lock at ``path`` for the block; raise :class:`LockTimeout`.
+
+        ``timeout`` is the recipe's own wait for predecessors; ``wait_limit``
+        bounds the whole acquisition, since kazoo's requests can sit queued
+        while it reconnects and the recipe checks its deadline only between them.
+        """
         loop = asyncio.get_running_loop()
         lock: Any = self._zk.client.Lock(path, self._identifier)
         acquiring = loop.run_in_executor(self._acquirers, functools.partial(lock.acquire, True, timeout))
         try:
-            acquired = await asyncio.shield(acquiring)
-        except asyncio.CancelledError:
+            acquired = await asyncio.wait_for(asyncio.shield(acquiring), wait_limit)
+        except (asyncio.CancelledError, TimeoutError) as exc:
             lock.cancel()
             acquiring.add_done_callback(functools.partial(self._release_if_acquired, lock))
+            if isinstance(exc, TimeoutError):
+                raise LockTimeout(f"no write lock within {wait_limit:g}s") from None
             raise
         except KazooLockTimeout:
             acquired = False
@@ -78,9 +86,20 @@ class KeyLocks:
         try:
             await asyncio.shield(loop.run_in_executor(self._releasers, lock.release))
         except Exception:
-            # The lock node is ephemeral: if the delete failed the session's
-            # expiry removes it. Log, do not fail the already-applied write.
-            log.warning("releasing lock %s failed; it goes with the session", lock.path, exc_info=True)
+            # Do not fail the already-applied write. The node is ephemeral: it
+            # goes when the session ends; until then, retry in the background.
+            log.warning("releasing lock %s failed; retrying in the background", lock.path, exc_info=True)
+            self._releasers.submit(self._release_later, lock)
+
+    def _release_later(self, lock: Any) -> None:
+        for delay in (1, 2, 5, 10, 30):
+            time.sleep(delay)  # a releaser thread, never the loop
+            try:
+                lock.release()
+                return
+            except Exception:  # keep trying; logged below
+                continue
+        log.error("could not release lock %s; it stays until the session ends", lock.path)
 
     def _release_if_acquired(self, lock: Any, fut: Future[Any] | asyncio.Future[Any]) -> None:
         if fut.cancelled() or fut.exception() is not None or not fut.result():

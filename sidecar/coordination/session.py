@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import (
     ConnectionClosedError,
     ConnectionLoss,
+    KazooException,
     OperationTimeoutError,
     SessionExpiredError,
 )
@@ -75,13 +77,21 @@ class ZkSession:
         self.loop = loop or asyncio.get_running_loop()
         self.op_timeout = op_timeout or session_timeout
         self.state = ZkState.CONNECTING
+        # loop.time() of the last reply from the server (any answer, errors
+        # included). kazoo sends no pings while requests flow, so a silently
+        # dead link is only noticed here (see Coordinator's heartbeat).
+        self.last_heard = float("-inf")  # time.monotonic()
         self._on_state = on_state
         self._connected_waiters: list[asyncio.Future[None]] = []
         # Reconnect forever with capped backoff: the sidecar outlives outages.
+        # Commands (the lock recipe's internals) retry with the same cap but
+        # give up after two session timeouts: kazoo's default backs off to an
+        # hour, which would hold a lock node for as long.
         self.client = KazooClient(
             hosts=hosts,
             timeout=session_timeout,
             connection_retry=KazooRetry(max_tries=-1, delay=0.1, max_delay=1.0),
+            command_retry=KazooRetry(max_tries=-1, delay=0.1, max_delay=1.0, deadline=2 * session_timeout),
             logger=logging.getLogger("kazoo.client"),
         )
         self.client.add_listener(self._kazoo_listener)
@@ -131,12 +141,6 @@ class ZkSession:
         sid = self.client.client_id
         return sid[0] if sid else None
 
-    @property
-    def negotiated_timeout(self) -> float:
-        """The session timeout the server granted, in seconds."""
-        ms = getattr(self.client._connection, "negotiated_session_timeout", None)
-        return (ms / 1000.0) if ms else float(self.client._session_timeout) / 1000.0
-
     # -- state --------------------------------------------------------------
     def _kazoo_listener(self, kstate: str) -> None:
         # Runs on kazoo's connection thread: never block, never touch state here.
@@ -160,11 +164,16 @@ class ZkSession:
         errors (``NoNodeError``, ``BadVersionError``...) pass through unchanged.
         """
         try:
-            return await asyncio.wait_for(bridge.wait(async_result, self.loop), self.op_timeout)
+            result = await asyncio.wait_for(bridge.wait(async_result, self.loop), self.op_timeout)
         except TimeoutError:
             raise CoordinationError(f"ZooKeeper {what} timed out after {self.op_timeout:g}s") from None
         except CONNECTION_ERRORS as exc:
             raise CoordinationError(f"ZooKeeper {what} failed: {type(exc).__name__}") from exc
+        except KazooException:
+            self.last_heard = time.monotonic()  # the server answered (NoNode, BadVersion...)
+            raise
+        self.last_heard = time.monotonic()
+        return result
 
     async def exists(self, path: str, watch: Callable[[Any], None] | None = None) -> ZnodeStat | None:
         """``exists`` (arming a data watch if ``watch`` is given)."""
