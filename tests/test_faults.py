@@ -127,6 +127,11 @@ async def test_session_expiry_flushes_and_reregisters(
     finally:
         b.resume()
 
+    # Its very first request after waking: B has not heard from ZooKeeper for
+    # longer than its lease, so it must not answer from its (stale) cache.
+    status, source, value, _ = await get(http, b.url, "k")
+    assert (status, value) == (200, b"v2") and source != "hit", (source, value)
+
     await eventually(
         lambda: b.stats()["zookeeper"]["sessions"] == 2 and b.is_ready(),
         timeout=15,
