@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -173,7 +174,7 @@ class CacheService:
 
     async def _read_disconnected(self, key: str) -> Fetched:
         if self.config.suspended_reads == "fail":
-            raise NotConnected(f"ZooKeeper session is {self.coord.state.value} and cached values may be stale")
+            raise NotConnected(f"{self.coord.describe_state()}; cached values may be stale")
         self.stats.bypassed_reads += 1
         return Fetched(await self.origin.get(key), None, "bypass")
 
@@ -231,44 +232,32 @@ class CacheService:
         return version
 
     async def _bump_until_published(self, key: str, op: str) -> int:
-        # The origin already has the new value: keep trying to tell the fleet
-        # (across a reconnect, even a new session) until the lock timeout.
-        deadline = self._clock() + self.config.lock_timeout
+        # The origin already has the new value: the fleet must be told. Retry
+        # until the lock timeout; past it, answer 503 and go on retrying in the
+        # background (a version only moves forward, so retries are harmless).
+        try:
+            return await self._bump_with_retry(key, op, deadline=self._clock() + self.config.lock_timeout)
+        except CoordinationError as exc:
+            log.error("key %r: origin written, version bump failed (%s); retrying in the background", key, exc)
+            self._spawn(self._bump_with_retry(key, op, deadline=None))
+            raise InvalidationNotPublished(
+                "the origin has the new value but other sidecars were not told yet; "
+                "this sidecar keeps retrying the invalidation in the background"
+            ) from exc
+
+    async def _bump_with_retry(self, key: str, op: str, deadline: float | None) -> int:
+        # While kazoo reconnects, each attempt waits in its queue (op_timeout).
         backoff = 0.05
         while True:
             try:
                 return await self.coord.bump_version(key, op)
             except CoordinationError as exc:
-                remaining = deadline - self._clock()
+                remaining = math.inf if deadline is None else deadline - self._clock()
                 if remaining <= 0:
-                    log.error(
-                        "key %r: origin written but version bump failed: %s; retrying in the background", key, exc
-                    )
-                    self._spawn(self._republish(key, op))
-                    raise InvalidationNotPublished(
-                        "the origin has the new value but other sidecars were not told yet; "
-                        "this sidecar keeps retrying the invalidation in the background"
-                    ) from exc
+                    raise
                 log.warning("key %r: version bump failed (%s); retrying", key, exc)
                 await asyncio.sleep(min(backoff, remaining))
-                backoff = min(backoff * 2, 1.0)
-                try:
-                    await self.coord.zk.wait_connected(max(deadline - self._clock(), 0.001))
-                except NotConnected:
-                    continue
-
-    async def _republish(self, key: str, op: str) -> None:
-        # A version only moves forward, so retrying until it lands is safe;
-        # until then other sidecars may serve the previous value (README, Limits).
-        delay = 1.0
-        while True:
-            try:
-                await self.coord.bump_version(key, op)
-                log.warning("key %r: invalidation published late", key)
-                return
-            except CoordinationError:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                backoff = min(backoff * 2, 2.0)
 
     async def _refill(self, key: str) -> None:
         # "Update the local entry" after a write, through the read protocol

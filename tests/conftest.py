@@ -179,6 +179,11 @@ def cachectl(zk: str, namespace: str, *args: str) -> subprocess.CompletedProcess
     )
 
 
+def cachectl_bytes(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run the real ``cachectl`` with raw arguments; output as bytes (for ``get``)."""
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, timeout=60)
+
+
 def member_ids(zk: str, namespace: str) -> set[str]:
     """Ids of the live members, as ``cachectl members --json`` reports them."""
     run = cachectl(zk, namespace, "members", "--json")

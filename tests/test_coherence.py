@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +15,7 @@ import pytest
 from yarl import URL
 
 from sidecar.origins.sqlite import sqlite_path
-from tests.conftest import SidecarFactory, cachectl, eventually, member_ids
+from tests.conftest import SidecarFactory, cachectl, cachectl_bytes, eventually, member_ids
 
 pytestmark = pytest.mark.slow
 
@@ -283,32 +280,16 @@ def test_cachectl_get_and_put_through_a_sidecar(sidecars: SidecarFactory, tmp_pa
     a, b = sidecars("a"), sidecars("b")
     value = tmp_path / "v.json"
     value.write_bytes(b'{"x": 1}')
-    env = {**os.environ, "ZKCACHE_SIDECAR": a.url}
-    put_run = subprocess.run(
-        [sys.executable, "-m", "cli.main", "put", "cfg/x", "--file", str(value), "--content-type", "application/json"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
+    put_run = cachectl_bytes(
+        "--sidecar", a.url, "put", "cfg/x", "--file", str(value), "--content-type", "application/json"
     )
     assert put_run.returncode == 0, put_run.stderr
     version = json.loads(put_run.stdout)["version"]
-    get_run = subprocess.run(
-        [sys.executable, "-m", "cli.main", "--sidecar", b.url, "get", "cfg/x", "--etag"],
-        capture_output=True,
-        env=env,
-        timeout=60,
-    )
+    get_run = cachectl_bytes("--sidecar", b.url, "get", "cfg/x", "--etag")
     assert get_run.returncode == 0 and get_run.stdout == b'{"x": 1}'
     assert f'ETag: "{version}"'.encode() in get_run.stderr
-    stale = subprocess.run(
-        [sys.executable, "-m", "cli.main", "put", "cfg/x", "--file", str(value), "--if-match", "1"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    assert stale.returncode == 1 and "412" in stale.stderr and stale.stderr.count("\n") == 1
+    stale = cachectl_bytes("--sidecar", a.url, "put", "cfg/x", "--file", str(value), "--if-match", "1")
+    assert stale.returncode == 1 and b"412" in stale.stderr and stale.stderr.count(b"\n") == 1
 
 
 async def test_unix_socket_listener(sidecars: SidecarFactory, tmp_path: Path) -> None:
