@@ -217,6 +217,11 @@ class Config:
     ttl: float = _setting(
         0.0, _non_negative_duration, "entry time to live; 0 keeps entries until evicted or invalidated"
     )
+    consistency: str = _setting(
+        "eventual",
+        _choice("eventual", "strong"),
+        "default read consistency: eventual (hits served locally) or strong (ZooKeeper sync per read)",
+    )
     lock_timeout: float = _setting(10.0, _positive_duration, "how long a write waits for the key's ZooKeeper lock")
     suspended_grace: float | None = _setting(
         None,

@@ -20,6 +20,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from . import metrics
+from .cache import Entry
 from .coordination import validate_key
 from .errors import (
     BadRequest,
@@ -33,7 +34,7 @@ from .errors import (
     Unauthorized,
 )
 from .origins import DEFAULT_CONTENT_TYPE, OriginValue
-from .service import CacheService
+from .service import CacheService, Fetched
 
 __all__ = ["KEY_PREFIX", "SERVICE", "make_app"]
 
@@ -115,6 +116,15 @@ def _parse_etag(value: str, header: str) -> int:
     return int(m.group(1))
 
 
+def _consistency(request: web.Request, default: str) -> str:
+    if not request.query_string:  # the common case costs nothing
+        return default
+    level = request.query.get("consistency", default)
+    if level not in ("eventual", "strong"):
+        raise BadRequest(f"consistency must be 'eventual' or 'strong', got {level!r}")
+    return level
+
+
 def _etag(version: int) -> str:
     return f'"{version}"'
 
@@ -125,17 +135,23 @@ async def get_key(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     key = _key_of(request)
     version: int | None
-    entry = service.cached(key)
-    if entry is not None:
-        value, ctype, version, source = entry.value, entry.content_type, entry.version, "hit"
+    result: Entry | Fetched | None
+    if _consistency(request, service.config.consistency) == "strong":
+        result, source = await service.read_strong(key)
     else:
-        if "only-if-cached" in request.headers.get("Cache-Control", ""):
-            raise NotCached(f"key {key!r} is not cached here")
-        fetched = await service.fetch(key)
-        if fetched.value is None:
+        result = service.cached(key)
+        source = "hit"
+        if result is None:
+            if "only-if-cached" in request.headers.get("Cache-Control", ""):
+                raise NotCached(f"key {key!r} is not cached here")
+            result = await service.fetch(key)
+            source = result.source
+    if isinstance(result, Entry):
+        value, ctype, version = result.value, result.content_type, result.version
+    else:
+        if result is None or result.value is None:
             raise NotFound(f"the origin has no value for key {key!r}")
-        value, ctype, source = fetched.value.value, fetched.value.content_type, fetched.source
-        version = fetched.version
+        value, ctype, version = result.value.value, result.value.content_type, result.version
     headers = {"X-Cache": source}
     if version is not None:
         etag = _etag(version)

@@ -25,6 +25,7 @@ _COUNTERS = {
     "hits": "Reads served from the local cache",
     "misses": "Reads filled from the origin through the watch protocol",
     "bypassed_reads": "Reads sent to the origin uncached while ZooKeeper was unavailable",
+    "strong_reads": "Reads with consistency=strong (a ZooKeeper sync each)",
     "writes": "Write-through PUTs acknowledged",
     "deletes": "Delete-through DELETEs acknowledged",
     "invalidations_received": "Invalidation events applied from ZooKeeper",

@@ -72,6 +72,7 @@ class Stats:
     hits: int = 0
     misses: int = 0
     bypassed_reads: int = 0
+    strong_reads: int = 0
     writes: int = 0
     deletes: int = 0
     invalidations_received: int = 0
@@ -153,6 +154,28 @@ class CacheService:
             return True
         since = self._disconnected_since
         return coord.state is ZkState.SUSPENDED and since is not None and self._clock() - since <= self._grace
+
+    async def read_strong(self, key: str) -> tuple[Entry | Fetched, str]:
+        """A read never older than the last write acknowledged before it began.
+
+        ``sync`` + ``exists`` on the key's version znode (one round trip via
+        the leader): the cached entry is served only if its version is still
+        current, otherwise the key is filled afresh, not through a flight that
+        may have started before this read.  Without a usable session the
+        origin itself is read (still strong: writes are acknowledged only after
+        the origin has them), or 503 with ``suspended_reads = fail``.
+        """
+        if not self.coord.usable:
+            return await self._read_disconnected(key), "bypass"
+        current = await self.coord.synced_version(key)
+        entry = self.cache.get(key)
+        if entry is not None and entry.version == current:
+            self.stats.hits += 1
+            self.stats.strong_reads += 1
+            return entry, "hit"
+        self.stats.misses += 1
+        self.stats.strong_reads += 1
+        return await self._fill(key), "miss"
 
     async def fetch(self, key: str) -> Fetched:
         """Read ``key`` when :meth:`cached` had nothing to serve."""
@@ -350,6 +373,7 @@ class CacheService:
             "hits": s.hits,
             "misses": s.misses,
             "bypassed_reads": s.bypassed_reads,
+            "strong_reads": s.strong_reads,
             "evictions": c.counters.evictions,
             "invalidations_received": s.invalidations_received,
             "invalidations_published": s.invalidations_published,

@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from blockbuster import BlockBuster, blockbuster_ctx
 from kazoo.client import KazooClient
 
+from sidecar.cache import Entry
 from sidecar.config import load_config
 from sidecar.dev import LocalZooKeeper
 from sidecar.http_api import make_app
@@ -121,6 +122,7 @@ async def test_request_path_never_blocks_the_loop(
     miss = await client.get("/v1/keys/nb")  # watch + origin read
     assert (miss.headers["X-Cache"], await miss.read()) == ("miss", b"v1")
     assert (await client.get("/v1/keys/absent")).status == 404
+    assert (await client.get("/v1/keys/nb?consistency=strong")).status == 200  # sync + exists
     assert (await client.post("/v1/invalidate", json={"keys": ["nb"], "prefixes": ["n"], "all": True})).status == 202
     assert (await client.delete("/v1/keys/nb")).status == 204
     assert (await client.get("/v1/stats")).status == 200
@@ -149,3 +151,28 @@ async def test_auth_token_is_required_when_set(zk_server: LocalZooKeeper, namesp
             assert (await c.get("/v1/stats", headers={"Authorization": "Bearer s3cret"})).status == 200
     finally:
         await svc.stop()
+
+
+async def test_strong_read_never_serves_an_entry_behind_zookeeper(
+    service: CacheService, client: TestClient[Any, Any]
+) -> None:
+    assert (await client.put("/v1/keys/s", data=b"current")).status == 200
+    await eventually(lambda: "s" in service.cache, what="the writer's refill")
+    entry = service.cache.get("s")
+    assert entry is not None
+    # Stand-in for a watch event still in flight: an older value at an older version.
+    ticket = service.cache.begin_fill("s")
+    assert service.cache.install(ticket, Entry.make("s", b"stale", "text/plain", entry.version - 1))
+    service.cache.end_fill(ticket)
+
+    eventual = await client.get("/v1/keys/s")
+    assert (eventual.headers["X-Cache"], await eventual.read()) == ("hit", b"stale")
+    strong = await client.get("/v1/keys/s?consistency=strong")
+    assert (strong.headers["X-Cache"], await strong.read()) == ("miss", b"current")
+    assert strong.headers["ETag"] == f'"{entry.version}"'
+    again = await client.get("/v1/keys/s?consistency=strong")  # now current: a hit, after one sync
+    assert (again.headers["X-Cache"], await again.read()) == ("hit", b"current")
+    assert (await client.get("/v1/keys/absent?consistency=strong")).status == 404
+    bad = await client.get("/v1/keys/s?consistency=linearizable")
+    assert bad.status == 400 and bad.headers["Content-Type"] == "application/problem+json"
+    assert service.stats.strong_reads == 3

@@ -145,6 +145,21 @@ class Coordinator:
         stat = await self.zk.exists(self.layout.version_path(key), watch=self._version_watch)
         return int(stat.mzxid) if stat else 0
 
+    async def synced_version(self, key: str) -> int:
+        """The key's version as of now, cluster-wide: ``sync`` then ``exists``.
+
+        Both requests go out back to back on this session; ZooKeeper answers a
+        session's requests in order, so the ``exists`` is served only after the
+        server caught up with the leader: about one round trip via the leader.
+        """
+        self._require_ready()
+        path = self.layout.version_path(key)
+        synced = self.zk.client.sync_async(path)
+        exists = self.zk.client.exists_async(path)
+        stat = await self.zk.call(exists, "exists")
+        await self.zk.call(synced, "sync")
+        return int(stat.mzxid) if stat else 0
+
     async def read_version(self, key: str) -> int:
         """The key's current version as this session sees it, without a watch."""
         self._require_ready()
