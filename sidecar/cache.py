@@ -125,6 +125,18 @@ class CoherentCache:
         """The entry for ``key`` (marking it recently used), or ``None``."""
         return self._data.get(key)
 
+    def peek(self, key: str) -> Entry | None:
+        """The entry for ``key`` without marking it recently used."""
+        try:
+            # cachetools has no peek: the base class lookup skips LRU bookkeeping.
+            return cachetools.Cache.__getitem__(self._data, key)
+        except KeyError:
+            return None
+
+    def keys(self) -> list[str]:
+        """A snapshot of the cached keys."""
+        return list(self._data.keys())
+
     def __len__(self) -> int:
         return len(self._data)
 

@@ -53,6 +53,10 @@ from .singleflight import Group
 
 __all__ = ["CacheService", "Fetched", "Stats"]
 
+# exists() calls in flight at once while revalidating: enough to fill the
+# pipe to ZooKeeper, few enough not to flood its request queue.
+_REVALIDATE_BATCH = 1000
+
 log = logging.getLogger(__name__)
 
 
@@ -73,6 +77,10 @@ class Stats:
     misses: int = 0
     bypassed_reads: int = 0
     strong_reads: int = 0
+    revalidations: int = 0
+    last_revalidation_entries: int = 0
+    last_revalidation_dropped: int = 0
+    last_revalidation_seconds: float = 0.0
     writes: int = 0
     deletes: int = 0
     invalidations_received: int = 0
@@ -343,6 +351,37 @@ class CacheService:
         log.info("flushing the cache: %s", reason)
         self._drop_all()
 
+    async def revalidate(self) -> None:
+        """Re-arm the watch of every cached key and drop those whose version moved.
+
+        Runs while the sidecar is not ready (no hit is served, no fill
+        installs).  Each check takes a fill ticket before arming the watch, as
+        a fill does, so an event that arrives meanwhile still drops the entry.
+        The ``exists`` calls are pipelined in batches on the one connection.
+        """
+        started = self._clock()
+        keys = self.cache.keys()
+        tickets = {key: self.cache.begin_fill(key) for key in keys}
+        dropped = 0
+        try:
+            for i in range(0, len(keys), _REVALIDATE_BATCH):
+                batch = keys[i : i + _REVALIDATE_BATCH]
+                versions = await asyncio.gather(*(self.coord.watch_version(key, during_setup=True) for key in batch))
+                for key, version in zip(batch, versions, strict=True):
+                    entry = self.cache.peek(key)
+                    if entry is not None and (not tickets[key].valid or entry.version != version):
+                        self._drop_key(key)
+                        dropped += 1
+        finally:
+            for ticket in tickets.values():
+                self.cache.end_fill(ticket)
+        elapsed = self._clock() - started
+        s = self.stats
+        s.revalidations += 1
+        s.last_revalidation_entries, s.last_revalidation_dropped = len(keys), dropped
+        s.last_revalidation_seconds = elapsed
+        log.info("revalidated %d cached entries in %.3fs; %d had changed", len(keys), elapsed, dropped)
+
     def state_changed(self, state: ZkState) -> None:
         """Any state change may have cost us watches: no fill begun before it may install."""
         self.cache.void_fills()
@@ -380,6 +419,12 @@ class CacheService:
             "entries_invalidated": c.counters.invalidated_entries,
             "refused_fills": c.counters.refused_fills,
             "flushes": s.flushes,
+            "revalidation": {
+                "count": s.revalidations,
+                "entries": s.last_revalidation_entries,
+                "dropped": s.last_revalidation_dropped,
+                "seconds": round(s.last_revalidation_seconds, 4),
+            },
             "writes": s.writes,
             "deletes": s.deletes,
             "fills_in_flight": c.fills_in_flight,

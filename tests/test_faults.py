@@ -9,7 +9,7 @@ import time
 import aiohttp
 import pytest
 
-from sidecar.dev import LocalZooKeeper, free_port
+from sidecar.dev import LocalZooKeeper, TcpProxy, free_port
 from sidecar.origins.sqlite import sqlite_path
 from tests.conftest import SidecarFactory, eventually, member_ids
 from tests.test_coherence import get, get_hit, put
@@ -53,15 +53,14 @@ async def test_zookeeper_down_no_grace_reads_bypass_to_origin_and_writes_fail(
     assert status == 503 and "ZooKeeper" in str(problem["detail"])
 
     # ZooKeeper comes back (same data, within the session timeout): the
-    # session survives, but kazoo dropped every watch, so A flushed and
-    # re-armed; coherence works again.
+    # session survives, kazoo lost every watch, so A re-armed and revalidated
+    # its entries instead of flushing them; coherence works again.
     zk_private.start()
     a.wait_ready(20)
     b.wait_ready(20)
-    assert a.stats()["zookeeper"]["sessions"] == 1, "the session should have survived"
-    assert a.stats()["entries"] == 0
-    assert (await get(http, a.url, "k"))[1:3] == ("miss", b"v2")
-    assert (await get(http, a.url, "k"))[1] == "hit"
+    stats = a.stats()
+    assert stats["zookeeper"]["sessions"] == 1, "the session should have survived"
+    assert stats["revalidation"]["count"] == 1 and stats["revalidation"]["entries"] == 1
     await put(http, b.url, "k", b"v4")
     await eventually(lambda: a.stats()["entries"] == 0, what="A's re-armed watch firing")
     assert (await get(http, a.url, "k"))[2] == b"v4"
@@ -217,3 +216,39 @@ async def test_hung_zookeeper_under_steady_traffic_stops_hits_within_the_lease(
         zk_private.resume()
         await traffic
     await eventually(lambda: a.is_ready(), timeout=15, what="A ready again after ZooKeeper resumes")
+
+
+async def test_partitioned_sidecar_revalidates_on_reconnect_instead_of_flushing(
+    zk_server: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """A reaches ZooKeeper through a proxy the test cuts; B stays connected and
+    writes one of A's keys meanwhile. Back in the same session, A drops exactly
+    the changed key and keeps the others (no herd of misses)."""
+    proxy = TcpProxy(zk_server.host, zk_server.port)
+    proxy.start()
+    try:
+        a = sidecars("a", zk=proxy.address, zk_session_timeout="6s", suspended_grace="0s")
+        b = sidecars("b")
+        keys = [f"r/{i}" for i in range(20)]
+        for key in keys:
+            await put(http, b.url, key, b"v1")
+            await get(http, a.url, key)
+        assert a.stats()["entries"] == 20
+
+        proxy.cut()
+        await eventually(lambda: not a.is_ready(), what="A noticing the partition")
+        await put(http, b.url, "r/7", b"v2")  # A cannot hear about this
+        proxy.heal()
+        a.wait_ready(20)
+
+        stats = a.stats()
+        assert stats["zookeeper"]["sessions"] == 1, "same session expected"
+        assert stats["revalidation"] == {**stats["revalidation"], "count": 1, "entries": 20, "dropped": 1}
+        assert stats["entries"] == 19
+        assert (await get(http, a.url, "r/7"))[1:3] == ("miss", b"v2")
+        assert (await get(http, a.url, "r/8"))[1:3] == ("hit", b"v1")
+        await put(http, b.url, "r/8", b"v3")  # re-armed watches work
+        await eventually(lambda: a.stats()["entries"] == 19, what="A's re-armed watch on r/8")
+        assert (await get(http, a.url, "r/8"))[2] == b"v3"
+    finally:
+        proxy.stop()

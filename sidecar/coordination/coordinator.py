@@ -55,6 +55,10 @@ class Events(Protocol):
 
     def state_changed(self, state: ZkState) -> None: ...
 
+    async def revalidate(self) -> None:
+        """Same session, new connection: re-arm every cached key's watch and drop changed ones."""
+        ...
+
 
 class Coordinator:
     """Watches, locks, versions and membership for one sidecar."""
@@ -135,13 +139,15 @@ class Coordinator:
                     log.debug("heartbeat failed: %s", exc)
 
     # -- key operations (request path; all async, none blocks the loop) ------
-    async def watch_version(self, key: str) -> int:
+    async def watch_version(self, key: str, *, during_setup: bool = False) -> int:
         """Arm the one-shot data watch on ``key``'s version znode; return its version.
 
         Returns 0 when the key has never been written (an ``exists`` watch
-        still fires when the znode is created).
+        still fires when the znode is created).  ``during_setup`` is for
+        revalidation, which runs before the session is declared ready.
         """
-        self._require_ready()
+        if not during_setup:
+            self._require_ready()
         stat = await self.zk.exists(self.layout.version_path(key), watch=self._version_watch)
         return int(stat.mzxid) if stat else 0
 
@@ -292,22 +298,27 @@ class Coordinator:
             self._events.flush("zookeeper session expired")
         self._events.state_changed(state)
         if state is ZkState.CONNECTED:
-            if self._was_connected:
-                # kazoo dropped every watch on SUSPENDED and does not restore
-                # them: no cached entry is still watched.
-                self._events.flush("reconnected: watches were lost with the connection")
             self._setup_task = asyncio.ensure_future(self._setup_session())
 
     async def _setup_session(self) -> None:
         try:
             await ensure_layout(self.zk, self.layout)
             new_session = self.zk.session_id != self._session_id
-            # The cache was flushed on this CONNECTED (or is empty at start):
-            # whatever the epoch and the prefix log say now is the baseline.
-            self._epoch_mzxid = None
-            self._prefix_seq = None
+            if new_session:
+                # Nothing cached survives a session (LOST flushed already):
+                # what the epoch and the prefix log say now is the baseline.
+                if self._was_connected:
+                    self._events.flush("new ZooKeeper session")
+                self._epoch_mzxid = None
+                self._prefix_seq = None
+            # Same session: the baselines stay, so an invalidate-all or prefix
+            # entries published while we were away are applied here.
             await self._arm_epoch()
             await self._arm_prefixes()
+            if not new_session:
+                # kazoo dropped every watch with the connection and does not
+                # restore them: re-arm and check each cached key before serving.
+                await self._events.revalidate()
             await self._register_member()
             self._session_id = self.zk.session_id
             if new_session:

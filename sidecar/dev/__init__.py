@@ -5,6 +5,7 @@ listens on loopback only and is owned (started and stopped) by its caller.
 """
 
 from .process import SidecarProcess, free_port
+from .proxy import TcpProxy
 from .zookeeper import LocalZooKeeper, find_zkserver
 
-__all__ = ["LocalZooKeeper", "SidecarProcess", "find_zkserver", "free_port"]
+__all__ = ["LocalZooKeeper", "SidecarProcess", "TcpProxy", "find_zkserver", "free_port"]

@@ -1,0 +1,110 @@
+"""A TCP proxy on loopback that a test owns: pass traffic, or cut it.
+
+Put it between one sidecar and ZooKeeper to partition that sidecar alone
+while others stay connected.  It runs its own event loop in a thread, so the
+test may block (poll a process, sleep) without stalling the traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+
+__all__ = ["TcpProxy"]
+
+
+class TcpProxy:
+    """Forwards ``127.0.0.1:<port>`` to ``target``; :meth:`cut` drops and refuses connections."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self.accepting = True
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.StreamWriter] = set()
+        self._loop: asyncio.AbstractEventLoop
+        self._thread: threading.Thread
+
+    @property
+    def address(self) -> str:
+        """``host:port`` to give the client instead of the target."""
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Listen on a free loopback port, serving from a thread of its own."""
+        self._loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(self._listen())
+            started.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="tcp-proxy", daemon=True)
+        self._thread.start()
+        if not started.wait(10):
+            raise RuntimeError("proxy did not start")
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        """Close everything and stop the thread."""
+        self.cut()
+
+        async def close() -> None:
+            if self._server is not None:
+                self._server.close()
+                await self._server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def cut(self) -> None:
+        """Reset every open connection and refuse new ones (a partition)."""
+        done = threading.Event()
+
+        def do_cut() -> None:
+            self.accepting = False
+            for writer in list(self._pipes):
+                writer.transport.abort()
+            self._pipes.clear()
+            done.set()
+
+        self._loop.call_soon_threadsafe(do_cut)
+        done.wait(10)
+
+    def heal(self) -> None:
+        """Accept connections again."""
+        self._loop.call_soon_threadsafe(setattr, self, "accepting", True)
+
+    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if not self.accepting:
+            client_w.transport.abort()
+            return
+        try:
+            up_r, up_w = await asyncio.open_connection(*self.target)
+        except OSError:
+            client_w.transport.abort()
+            return
+        self.connections += 1
+        self._pipes.update((client_w, up_w))
+        await asyncio.gather(self._pipe(client_r, up_w), self._pipe(up_r, client_w))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._pipes.discard(writer)
+            with contextlib.suppress(Exception):
+                writer.transport.abort()
