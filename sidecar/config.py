@@ -119,6 +119,8 @@ def _parse_listen(text: str) -> Listen:
 
 
 def _parse_origin(text: str) -> str:
+    if text == "none":
+        return text
     scheme = urlsplit(text).scheme
     if scheme == "sqlite":
         if not text.startswith("sqlite:///") or len(text) <= len("sqlite:///"):
@@ -127,7 +129,7 @@ def _parse_origin(text: str) -> str:
         if not urlsplit(text).netloc:
             raise ValueError("an http origin needs a host, e.g. http://127.0.0.1:8080/kv")
     else:
-        raise ValueError(f"unsupported origin scheme {scheme!r} (sqlite, http, https)")
+        raise ValueError(f"unsupported origin {text!r} (sqlite:///path, http(s)://base, or none)")
     return text
 
 
@@ -209,7 +211,11 @@ class Config:
         _parse_listen(DEFAULT_LISTEN), _parse_listen, "HTTP listen address host:port, or unix:/path"
     )
     auth_token: str | None = _setting(None, _text, "bearer token required on the API (mandatory off loopback)")
-    origin: str = _setting("sqlite:///./zkcache.db", _parse_origin, "backing store: sqlite:///path or http(s)://base")
+    origin: str = _setting(
+        "sqlite:///./zkcache.db",
+        _parse_origin,
+        "backing store: sqlite:///path, http(s)://base, or none (cache-aside fills)",
+    )
     origin_timeout: float = _setting(5.0, _positive_duration, "timeout of one origin call")
     max_entries: int = _setting(100_000, _positive_int, "cache bound: number of entries")
     max_bytes: int = _setting(256 * 1024**2, _positive_size, "cache bound: bytes (keys, values, per-entry overhead)")

@@ -13,6 +13,7 @@ one place (``cli.main``).
     ├── NotFound                    404  not-found
     ├── PreconditionFailed          412  precondition-failed
     ├── PayloadTooLarge             413  payload-too-large
+    ├── PreconditionRequired        428  precondition-required (PUT ?fill=true without If-Match)
     ├── NotCached                   504  not-cached (GET with Cache-Control: only-if-cached)
     ├── ConfigError                 (exit status 2, never an HTTP response)
     ├── CoordinationError           503  coordination-unavailable
@@ -43,6 +44,7 @@ __all__ = [
     "OriginUnavailable",
     "PayloadTooLarge",
     "PreconditionFailed",
+    "PreconditionRequired",
     "SidecarError",
     "Unauthorized",
 ]
@@ -89,6 +91,10 @@ class PreconditionFailed(SidecarError):
     def __init__(self, detail: str = "", current_version: int | None = None) -> None:
         super().__init__(detail)
         self.current_version = current_version
+
+
+class PreconditionRequired(SidecarError):
+    status, problem, title = 428, "precondition-required", "If-Match required"
 
 
 class PayloadTooLarge(SidecarError):

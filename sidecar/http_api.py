@@ -30,10 +30,11 @@ from .errors import (
     NotFound,
     PayloadTooLarge,
     PreconditionFailed,
+    PreconditionRequired,
     SidecarError,
     Unauthorized,
 )
-from .origins import DEFAULT_CONTENT_TYPE, OriginValue
+from .origins import DEFAULT_CONTENT_TYPE, NoOrigin, OriginValue
 from .service import CacheService, Fetched
 
 __all__ = ["KEY_PREFIX", "SERVICE", "make_app"]
@@ -67,6 +68,9 @@ async def _problem_middleware(request: web.Request, handler: Handler) -> web.Str
         if isinstance(exc, PreconditionFailed) and exc.current_version is not None:
             extra["current_version"] = exc.current_version
             headers["ETag"] = f'"{exc.current_version}"'
+        if isinstance(exc, LeaseGranted):
+            extra["lease"] = exc.lease
+            headers["ETag"] = f'"{exc.lease}"'
         resp = _problem(exc.status, exc.type_uri, exc.title, exc.detail, request.path, **extra)
         resp.headers.update(headers)
         if exc.status >= 500 and not isinstance(exc, NotConnected):
@@ -125,6 +129,20 @@ def _consistency(request: web.Request, default: str) -> str:
     return level
 
 
+def _fill_mode(request: web.Request, service: CacheService) -> bool:
+    if isinstance(service.origin, NoOrigin):
+        return True
+    return bool(request.query_string) and request.query.get("fill") == "true"
+
+
+class LeaseGranted(NotFound):
+    """A cache-aside miss: 404, with the lease to fill under as the ETag."""
+
+    def __init__(self, lease: int) -> None:
+        super().__init__(f'not cached; load it and PUT ?fill=true with If-Match: "{lease}"')
+        self.lease = lease
+
+
 def _etag(version: int) -> str:
     return f'"{version}"'
 
@@ -138,6 +156,13 @@ async def get_key(request: web.Request) -> web.StreamResponse:
     result: Entry | Fetched | None
     if _consistency(request, service.config.consistency) == "strong":
         result, source = await service.read_strong(key)
+    elif _fill_mode(request, service):
+        # Cache-aside: a miss hands out a lease instead of reading an origin.
+        result = service.cached(key)
+        source = "hit"
+        if result is None:
+            lease = await service.lease(key)
+            raise LeaseGranted(lease)
     else:
         result = service.cached(key)
         source = "hit"
@@ -173,12 +198,21 @@ async def put_key(request: web.Request) -> web.StreamResponse:
     if len(body) > limit:
         raise PayloadTooLarge(f"value exceeds the limit of {limit} bytes")
     if_match = request.headers.get("If-Match")
+    ctype = request.headers.get("Content-Type", DEFAULT_CONTENT_TYPE)
+    if request.query_string and request.query.get("fill") == "true":
+        if if_match is None:
+            raise PreconditionRequired('PUT ?fill=true needs If-Match: "<lease>" from the 404 of a GET')
+        installed = await service.fill(key, OriginValue(body, ctype), _parse_etag(if_match, "If-Match"))
+        return web.Response(
+            body=orjson.dumps({"key": key, "version": installed, "filled": True}),
+            content_type="application/json",
+            headers={"ETag": _etag(installed)},
+        )
     if_none_match = request.headers.get("If-None-Match")
     if if_none_match is not None and if_none_match.strip() != "*":
         raise BadRequest("PUT supports only 'If-None-Match: *' (create only)")
     if if_match is not None and if_none_match is not None:
         raise BadRequest("send If-Match or If-None-Match, not both")
-    ctype = request.headers.get("Content-Type", DEFAULT_CONTENT_TYPE)
     version = await service.put(
         key,
         OriginValue(body, ctype),

@@ -26,6 +26,7 @@ _COUNTERS = {
     "misses": "Reads filled from the origin through the watch protocol",
     "bypassed_reads": "Reads sent to the origin uncached while ZooKeeper was unavailable",
     "strong_reads": "Reads with consistency=strong (a ZooKeeper sync each)",
+    "fills": "Cache-aside values installed with PUT ?fill=true under a valid lease",
     "writes": "Write-through PUTs acknowledged",
     "deletes": "Delete-through DELETEs acknowledged",
     "invalidations_received": "Invalidation events applied from ZooKeeper",

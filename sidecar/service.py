@@ -77,6 +77,7 @@ class Stats:
     misses: int = 0
     bypassed_reads: int = 0
     strong_reads: int = 0
+    fills: int = 0
     revalidations: int = 0
     last_revalidation_entries: int = 0
     last_revalidation_dropped: int = 0
@@ -184,6 +185,42 @@ class CacheService:
         self.stats.misses += 1
         self.stats.strong_reads += 1
         return await self._fill(key), "miss"
+
+    async def lease(self, key: str) -> int:
+        """Cache-aside miss: arm the key's watch and return its version as the lease.
+
+        The application then loads the value from its own store and hands it
+        to :meth:`fill` with this lease.
+        """
+        if not self.coord.usable:
+            raise NotConnected(f"leases need ZooKeeper: {self.coord.describe_state()}")
+        self.stats.misses += 1
+        return await self.coord.watch_version(key)
+
+    async def fill(self, key: str, value: OriginValue, lease: int) -> int:
+        """Install a value the application loaded, if the key's version is still ``lease``.
+
+        Nothing is written to the origin or to ZooKeeper.  Refused (412) when
+        the key was written or invalidated since the lease was handed out: the
+        application may have read its store before that write.  This is the
+        stale-set race of cache-aside caches, closed.
+        """
+        validate_key(key)
+        if len(value.value) > self.config.max_value_bytes:
+            raise PayloadTooLarge(f"value is {len(value.value)} bytes; the limit is {self.config.max_value_bytes}")
+        if not self.coord.usable:
+            raise NotConnected(f"fills need ZooKeeper: {self.coord.describe_state()}")
+        ticket = self.cache.begin_fill(key)  # before the watch, as every fill
+        try:
+            current = await self.coord.watch_version(key)
+            if current != lease:
+                raise PreconditionFailed(f'lease "{lease}" is stale: the key is at version "{current}"', current)
+            if not self.cache.install(ticket, Entry.make(key, value.value, value.content_type, current)):
+                raise PreconditionFailed(f'the key was invalidated while installing lease "{lease}"', None)
+            self.stats.fills += 1
+            return current
+        finally:
+            self.cache.end_fill(ticket)
 
     async def fetch(self, key: str) -> Fetched:
         """Read ``key`` when :meth:`cached` had nothing to serve."""
@@ -413,6 +450,7 @@ class CacheService:
             "misses": s.misses,
             "bypassed_reads": s.bypassed_reads,
             "strong_reads": s.strong_reads,
+            "fills": s.fills,
             "evictions": c.counters.evictions,
             "invalidations_received": s.invalidations_received,
             "invalidations_published": s.invalidations_published,

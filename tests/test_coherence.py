@@ -337,3 +337,53 @@ async def test_writer_does_not_cache_its_value_over_a_later_outside_write(
     assert (await write)[0] == 200
     _, _, value, _ = await get_hit(http, a.url, "ow")
     assert value == b"from-outside", "the writer cached its own value over a later origin write"
+
+
+async def test_cache_aside_fill_under_a_stale_lease_is_refused(
+    sidecars: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """The stale-set race: reader A misses and reads the old row; writer B updates
+    the row and invalidates; A's late fill of the old row must be refused."""
+    a, b = sidecars("a", origin="none"), sidecars("b", origin="none")
+    async with http.get(f"{a.url}/v1/keys/row/1") as resp:  # A misses: a lease
+        assert resp.status == 404
+        lease = resp.headers["ETag"]
+        assert (await resp.json(content_type=None))["lease"] == int(lease.strip('"'))
+    old_row = b"balance=100"  # A reads its database...
+    async with http.post(f"{b.url}/v1/invalidate", json={"keys": ["row/1"]}) as resp:
+        assert resp.status == 202  # ...B updated the row, then invalidated
+    async with http.put(f"{a.url}/v1/keys/row/1?fill=true", data=old_row, headers={"If-Match": lease}) as resp:
+        assert resp.status == 412, "a fill under a stale lease was installed"
+        current = resp.headers["ETag"]
+        assert current != lease
+    assert a.stats()["entries"] == 0
+
+    # The retry: a fresh lease, a fresh read, an accepted fill.
+    async with http.get(f"{a.url}/v1/keys/row/1") as resp:
+        assert resp.status == 404 and resp.headers["ETag"] == current
+    async with http.put(f"{a.url}/v1/keys/row/1?fill=true", data=b"balance=50", headers={"If-Match": current}) as resp:
+        assert resp.status == 200 and (await resp.json())["filled"] is True
+    assert (await get(http, a.url, "row/1"))[1:3] == ("hit", b"balance=50")
+
+    # The fill is local: B still misses, and is told by the fleet when the row changes.
+    assert (await get(http, b.url, "row/1"))[0] == 404
+    async with http.post(f"{b.url}/v1/invalidate", json={"keys": ["row/1"]}) as resp:
+        assert resp.status == 202
+    await eventually(lambda: a.stats()["entries"] == 0, what="A dropping its filled entry")
+
+    async with http.put(f"{a.url}/v1/keys/row/1?fill=true", data=b"x") as resp:
+        assert resp.status == 428
+    async with http.put(f"{a.url}/v1/keys/row/1", data=b"x") as resp:
+        assert resp.status == 400 and "PUT ?fill=true" in (await resp.json(content_type=None))["detail"]
+
+
+async def test_fill_mode_on_an_origin_backed_sidecar(sidecars: SidecarFactory, http: aiohttp.ClientSession) -> None:
+    a = sidecars("a")
+    await put(http, a.url, "f", b"in-origin")
+    a_entries = a.stats()["entries"]
+    async with http.get(f"{a.url}/v1/keys/other?fill=true") as resp:
+        assert resp.status == 404 and resp.headers["ETag"] == '"0"'  # never written: lease 0
+    async with http.put(f"{a.url}/v1/keys/other?fill=true", data=b"app", headers={"If-Match": '"0"'}) as resp:
+        assert resp.status == 200
+    assert (await get(http, a.url, "other"))[1:3] == ("hit", b"app")
+    assert a.stats()["entries"] >= a_entries + 1

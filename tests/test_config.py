@@ -36,7 +36,7 @@ def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
         ({"max_bytes": "-1"}, "setting 'max_bytes'"),
         ({"max_entries": "0"}, "setting 'max_entries': must be a positive integer"),
         ({"zk": "nohost"}, "setting 'zk'"),
-        ({"origin": "ftp://x"}, "setting 'origin': unsupported origin scheme"),
+        ({"origin": "ftp://x"}, "setting 'origin': unsupported origin 'ftp://x'"),
         ({"listen": "0.0.0.0:7070"}, "setting 'listen': 0.0.0.0:7070 is not a loopback address"),
         ({"namespace": "a/b"}, "setting 'namespace'"),
         ({"ttl": "soon"}, "setting 'ttl': not a duration"),

@@ -6,13 +6,16 @@ from urllib.parse import urlsplit
 
 from .base import DEFAULT_CONTENT_TYPE, Origin, OriginValue
 from .http import HttpOrigin
+from .none import NoOrigin
 from .sqlite import SqliteOrigin
 
-__all__ = ["DEFAULT_CONTENT_TYPE", "Origin", "OriginValue", "open_origin"]
+__all__ = ["DEFAULT_CONTENT_TYPE", "NoOrigin", "Origin", "OriginValue", "open_origin"]
 
 
 async def open_origin(url: str, timeout: float, max_value_bytes: int) -> Origin:
     """Open the origin named by ``url`` (already validated by ``config``)."""
+    if url == "none":
+        return NoOrigin()
     scheme = urlsplit(url).scheme
     if scheme == "sqlite":
         sqlite = SqliteOrigin(url, timeout)
