@@ -23,8 +23,10 @@ import click
 
 from sidecar.config import parse_zk_hosts
 from sidecar.coordination import (
+    InvalidationReceipt,
     Layout,
     ZkSession,
+    await_acknowledgement,
     list_members,
     publish_invalidation,
     validate_key,
@@ -135,22 +137,43 @@ def cli(
     help="Invalidate every key starting with this (repeatable).",
 )
 @click.option("--all", "everything", is_flag=True, help="Invalidate every key of the namespace.")
+@click.option("--wait", is_flag=True, help="Return only when every live sidecar confirmed it applied this.")
+@click.option(
+    "--wait-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1, max=300),
+    help="Seconds --wait waits before naming the sidecars that did not confirm.",
+)
 @click.pass_obj
-def invalidate(obj: dict[str, Any], keys: tuple[str, ...], prefixes: tuple[str, ...], everything: bool) -> None:
+def invalidate(
+    obj: dict[str, Any],
+    keys: tuple[str, ...],
+    prefixes: tuple[str, ...],
+    everything: bool,
+    wait: bool,
+    wait_timeout: float,
+) -> None:
     """Drop KEYS (and prefixes, or everything) from every sidecar's cache.
 
-    The origin is not touched. Prints what was published as JSON.
+    The origin is not touched. Prints what was published as JSON. With --wait,
+    exits 1 naming the sidecars that did not confirm in time.
     """
     if not keys and not prefixes and not everything:
         raise click.UsageError("nothing to invalidate: give KEYS, --prefix or --all")
 
-    async def action(zk: ZkSession, layout: Layout) -> dict[str, Any]:
+    async def action(zk: ZkSession, layout: Layout) -> InvalidationReceipt:
         receipt = await publish_invalidation(
             zk, layout, keys=list(keys), prefixes=list(prefixes), everything=everything, by="cachectl"
         )
-        return receipt.as_json()
+        if wait:
+            receipt.ack = await await_acknowledgement(zk, layout, receipt.zxid, wait_timeout)
+        return receipt
 
-    click.echo(json.dumps(_run_zk(obj, action)))
+    receipt = _run_zk(obj, action)
+    click.echo(json.dumps(receipt.as_json()))
+    if receipt.ack is not None and not receipt.ack.complete:
+        _fail(SidecarError(f"not confirmed within {wait_timeout:g}s by: {', '.join(receipt.ack.missing)}"))
 
 
 @cli.command()

@@ -15,6 +15,7 @@ one place (``cli.main``).
     ├── PayloadTooLarge             413  payload-too-large
     ├── PreconditionRequired        428  precondition-required (PUT ?fill=true without If-Match)
     ├── NotCached                   504  not-cached (GET with Cache-Control: only-if-cached)
+    ├── NotAcknowledged             504  not-acknowledged (invalidate --wait timed out)
     ├── ConfigError                 (exit status 2, never an HTTP response)
     ├── CoordinationError           503  coordination-unavailable
     │   ├── NotConnected            503  zookeeper-unavailable
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidKey",
     "InvalidationNotPublished",
     "LockTimeout",
+    "NotAcknowledged",
     "NotCached",
     "NotConnected",
     "NotFound",
@@ -105,6 +107,19 @@ class NotCached(SidecarError):
     """``Cache-Control: only-if-cached`` and the key is not cached (RFC 9111, 5.2.1.7)."""
 
     status, problem, title = 504, "not-cached", "Not in this sidecar's cache"
+
+
+class NotAcknowledged(SidecarError):
+    """``wait`` ran out before every live sidecar confirmed an invalidation.
+
+    The invalidation was published; ``missing`` names who did not confirm.
+    """
+
+    status, problem, title = 504, "not-acknowledged", "Not every sidecar confirmed the invalidation"
+
+    def __init__(self, detail: str, missing: list[str], confirmed: list[str]) -> None:
+        super().__init__(detail)
+        self.missing, self.confirmed = missing, confirmed
 
 
 class ConfigError(SidecarError):

@@ -25,6 +25,7 @@ from .coordination import validate_key
 from .errors import (
     BadRequest,
     InvalidKey,
+    NotAcknowledged,
     NotCached,
     NotConnected,
     NotFound,
@@ -68,6 +69,8 @@ async def _problem_middleware(request: web.Request, handler: Handler) -> web.Str
         if isinstance(exc, PreconditionFailed) and exc.current_version is not None:
             extra["current_version"] = exc.current_version
             headers["ETag"] = f'"{exc.current_version}"'
+        if isinstance(exc, NotAcknowledged):
+            extra["not_confirmed"], extra["acknowledged_by"] = exc.missing, exc.confirmed
         if isinstance(exc, LeaseGranted):
             extra["lease"] = exc.lease
             headers["ETag"] = f'"{exc.lease}"'
@@ -267,8 +270,24 @@ async def invalidate(request: web.Request) -> web.StreamResponse:
         raise BadRequest("'all' must be true or false")
     if not keys and not prefixes and not everything:
         raise BadRequest("nothing to invalidate: give keys, prefixes or all=true")
-    receipt = await service.invalidate(keys, prefixes, everything)
-    return web.Response(status=202, body=orjson.dumps(receipt.as_json()), content_type="application/json")
+    wait = _wait_seconds(request)
+    receipt = await service.invalidate(keys, prefixes, everything, wait=wait)
+    # 202: published, applied as watches fire. 200 with wait: every live sidecar confirmed.
+    status = 202 if wait is None else 200
+    return web.Response(status=status, body=orjson.dumps(receipt.as_json()), content_type="application/json")
+
+
+def _wait_seconds(request: web.Request) -> float | None:
+    if request.query.get("wait") not in ("true", "1"):
+        return None
+    raw = request.query.get("timeout", "10")
+    try:
+        timeout = float(raw)
+    except ValueError:
+        raise BadRequest(f"timeout must be seconds, got {raw!r}") from None
+    if not 0 < timeout <= 300:
+        raise BadRequest("timeout must be more than 0 and at most 300 seconds")
+    return timeout
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:

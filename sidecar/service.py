@@ -44,6 +44,7 @@ from .coordination import Coordinator, InvalidationReceipt, ZkState, validate_ke
 from .errors import (
     CoordinationError,
     InvalidationNotPublished,
+    NotAcknowledged,
     NotConnected,
     PayloadTooLarge,
     PreconditionFailed,
@@ -341,8 +342,15 @@ class CacheService:
         task.add_done_callback(self._background.discard)
 
     # -- invalidation -------------------------------------------------------
-    async def invalidate(self, keys: list[str], prefixes: list[str], everything: bool) -> InvalidationReceipt:
-        """Publish a fleet-wide invalidation (no origin change); apply it here at once."""
+    async def invalidate(
+        self, keys: list[str], prefixes: list[str], everything: bool, *, wait: float | None = None
+    ) -> InvalidationReceipt:
+        """Publish a fleet-wide invalidation (no origin change); apply it here at once.
+
+        With ``wait`` (seconds), return only once every live sidecar confirmed
+        it applied the invalidation; raise :class:`NotAcknowledged` naming the
+        others when ``wait`` runs out.
+        """
         for key in keys:
             validate_key(key)
         for prefix in prefixes:
@@ -354,6 +362,15 @@ class CacheService:
         for key in keys:
             self._drop_key(key)
         self._drop_prefixes(prefixes)
+        if wait is not None:
+            receipt.ack = await self.coord.await_acknowledgement(receipt.zxid, wait)
+            if not receipt.ack.complete:
+                raise NotAcknowledged(
+                    f"published at zxid {receipt.zxid}, but not confirmed within {wait:g}s by: "
+                    + ", ".join(receipt.ack.missing),
+                    receipt.ack.missing,
+                    receipt.ack.confirmed,
+                )
         return receipt
 
     def _drop_key(self, key: str) -> None:

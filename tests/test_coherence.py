@@ -387,3 +387,38 @@ async def test_fill_mode_on_an_origin_backed_sidecar(sidecars: SidecarFactory, h
         assert resp.status == 200
     assert (await get(http, a.url, "other"))[1:3] == ("hit", b"app")
     assert a.stats()["entries"] >= a_entries + 1
+
+
+async def test_invalidate_wait_returns_when_every_sidecar_applied_it(
+    sidecars: SidecarFactory, http: aiohttp.ClientSession, zk_server: Any, namespace: str
+) -> None:
+    a, b, c = sidecars("a"), sidecars("b"), sidecars("c")
+    await put(http, a.url, "w/1", b"v")
+    await get(http, b.url, "w/1")
+    await get(http, c.url, "w/1")
+    assert b.stats()["entries"] == 1 and c.stats()["entries"] == 1
+
+    async with http.post(f"{a.url}/v1/invalidate?wait=true&timeout=10", json={"keys": ["w/1"]}) as resp:
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+    assert sorted(body["acknowledged_by"]) == ["a", "b", "c"] and body["not_confirmed"] == []
+    # The point of --wait: no eventually here. Confirmed means applied.
+    assert b.stats()["entries"] == 0 and c.stats()["entries"] == 0
+
+    await get(http, b.url, "w/1")
+    run = await asyncio.to_thread(cachectl, zk_server.hosts, namespace, "invalidate", "--prefix", "w/", "--wait")
+    assert run.returncode == 0, run.stderr
+    assert b.stats()["entries"] == 0
+
+    c.pause()  # alive in ZooKeeper's eyes for its session timeout, but not answering
+    try:
+        async with http.post(f"{a.url}/v1/invalidate?wait=true&timeout=1", json={"all": True}) as resp:
+            assert resp.status == 504
+            problem = await resp.json(content_type=None)
+        assert problem["not_confirmed"] == ["c"] and sorted(problem["acknowledged_by"]) == ["a", "b"]
+        run = await asyncio.to_thread(
+            cachectl, zk_server.hosts, namespace, "invalidate", "w/1", "--wait", "--wait-timeout", "1"
+        )
+        assert run.returncode == 1 and "not confirmed within 1s by: c" in run.stderr, run.stderr
+    finally:
+        c.resume()

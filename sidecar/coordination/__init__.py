@@ -2,17 +2,26 @@
 
 from .coordinator import Coordinator, Events
 from .layout import MAX_KEY_BYTES, Layout, escape, unescape, validate_key
-from .operations import InvalidationReceipt, list_members, publish_invalidation, read_version
+from .operations import (
+    Acknowledgement,
+    InvalidationReceipt,
+    await_acknowledgement,
+    list_members,
+    publish_invalidation,
+    read_version,
+)
 from .session import ZkSession, ZkState
 
 __all__ = [
     "MAX_KEY_BYTES",
+    "Acknowledgement",
     "Coordinator",
     "Events",
     "InvalidationReceipt",
     "Layout",
     "ZkSession",
     "ZkState",
+    "await_acknowledgement",
     "escape",
     "list_members",
     "publish_invalidation",

@@ -36,7 +36,14 @@ from .. import bridge
 from ..errors import CoordinationError, NotConnected
 from .layout import Layout
 from .lock import KeyLocks
-from .operations import InvalidationReceipt, bump_version, ensure_layout, publish_invalidation
+from .operations import (
+    Acknowledgement,
+    InvalidationReceipt,
+    await_acknowledgement,
+    bump_version,
+    ensure_layout,
+    publish_invalidation,
+)
 from .session import ZkSession, ZkState
 
 __all__ = ["Coordinator", "Events"]
@@ -96,6 +103,7 @@ class Coordinator:
         self._setup_task: asyncio.Task[None] | None = None
         self._epoch_mzxid: int | None = None
         self._prefix_seq: int | None = None
+        self.applied_zxid = 0  # published in our member znode (invalidate --wait)
         self._rearm_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ----------------------------------------------------------
@@ -216,6 +224,11 @@ class Coordinator:
             return "ZooKeeper session connected; arming namespace watches"
         return f"ZooKeeper session is {self.state.value}"
 
+    async def await_acknowledgement(self, zxid: int, timeout: float) -> Acknowledgement:
+        """Wait until every live member applied everything up to ``zxid`` (bounded)."""
+        self._require_ready()
+        return await await_acknowledgement(self.zk, self.layout, zxid, timeout)
+
     def _require_ready(self) -> None:
         if not self.usable:
             raise NotConnected(self.describe_state())
@@ -231,6 +244,37 @@ class Coordinator:
         key = self.layout.key_of_version_path(path)
         if key is not None:
             self._events.key_changed(key)
+
+    def _ackreq_watch(self, event: WatchedEvent) -> None:
+        if event.type != EventType.NONE:
+            bridge.post(self.zk.loop, lambda: self._spawn(self._acknowledge()))
+
+    async def _acknowledge(self) -> None:
+        """Publish in our member znode the zxid up to which we applied every invalidation.
+
+        The ``exists`` answer (mzxid Z) was sent by ZooKeeper after every
+        notification for changes up to Z on this connection; once those events
+        are on the loop (``drain_events``) and any prefix-log re-read they
+        started has finished, everything up to Z is applied.
+        """
+        stat = await self.zk.exists(self.layout.ackreq, watch=self._ackreq_watch)
+        applied = int(stat.mzxid) if stat else 0
+        await self.zk.drain_events()
+        pending = [t for t in self._rearm_tasks if t is not asyncio.current_task()]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        if not self.ready:
+            return  # not serving from a trusted cache: do not confirm
+        self.applied_zxid = max(self.applied_zxid, applied)
+        try:
+            await self.zk.set(self.layout.member_path(self.member_id), self._member_data())
+        except NoNodeError:
+            pass  # registration (with the current value) is under way
+
+    def _member_data(self) -> bytes:
+        return orjson.dumps(
+            dict(self._member_info, session=f"0x{self.zk.session_id or 0:x}", applied_zxid=self.applied_zxid)
+        )
 
     def _epoch_watch(self, event: WatchedEvent) -> None:
         if event.type != EventType.NONE:
@@ -315,10 +359,14 @@ class Coordinator:
             # entries published while we were away are applied here.
             await self._arm_epoch()
             await self._arm_prefixes()
+            ackreq = await self.zk.exists(self.layout.ackreq, watch=self._ackreq_watch)
             if not new_session:
                 # kazoo dropped every watch with the connection and does not
                 # restore them: re-arm and check each cached key before serving.
                 await self._events.revalidate()
+            # Empty or just revalidated, with every watch armed: everything up
+            # to the ackreq version read above is applied.
+            self.applied_zxid = max(self.applied_zxid, int(ackreq.mzxid) if ackreq else 0)
             await self._register_member()
             self._session_id = self.zk.session_id
             if new_session:
@@ -339,8 +387,7 @@ class Coordinator:
 
     async def _register_member(self) -> None:
         path = self.layout.member_path(self.member_id)
-        info = dict(self._member_info, session=f"0x{self.zk.session_id or 0:x}")
-        data = orjson.dumps(info)
+        data = self._member_data()
         for _ in range(3):
             try:
                 await self.zk.create(path, data, ephemeral=True)
@@ -348,6 +395,7 @@ class Coordinator:
             except NodeExistsError:
                 stat = await self.zk.exists(path)
                 if stat is not None and stat.ephemeralOwner == self.zk.session_id:
+                    await self.zk.set(path, data)  # ours: refresh applied_zxid
                     return
                 # A previous life of this member id (a restarted pod) whose
                 # session has not expired yet: take the name over.

@@ -6,6 +6,8 @@ Under the namespace root (``<zk_root>/<namespace>``, default ``/zkcache/default`
     locks/<bucket>/<escaped key>/     kazoo Lock recipe's contenders for the key
     members/<member id>               ephemeral, JSON describing one live sidecar
     epoch                             bumped by invalidate-all; every sidecar watches it
+    ackreq                            bumped to ask every sidecar to acknowledge what it
+                                      applied (invalidate --wait); every sidecar watches it
     prefixes/<escaped prefix>~<seq>   sequential log of prefix invalidations;
                                       every sidecar child-watches prefixes/
 
@@ -67,6 +69,7 @@ class Layout:
         self.locks = f"{root}/locks"
         self.members = f"{root}/members"
         self.epoch = f"{root}/epoch"
+        self.ackreq = f"{root}/ackreq"
         self.prefixes = f"{root}/prefixes"
 
     def version_path(self, key: str) -> str:

@@ -6,6 +6,7 @@ Nothing here keeps watches or state: these functions take a connected
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,9 @@ from .session import ZkSession
 
 __all__ = [
     "PREFIX_LOG_RETAIN",
+    "Acknowledgement",
     "InvalidationReceipt",
+    "await_acknowledgement",
     "bump_version",
     "ensure_layout",
     "list_members",
@@ -38,10 +41,11 @@ async def ensure_layout(zk: ZkSession, layout: Layout) -> None:
     """Create the namespace's fixed parents if they are missing (idempotent)."""
     for path in (layout.versions, layout.locks, layout.members, layout.prefixes):
         await zk.ensure_path(path)
-    try:
-        await zk.create(layout.epoch, b"0")
-    except NodeExistsError:
-        pass
+    for path in (layout.epoch, layout.ackreq):
+        try:
+            await zk.create(path, b"0")
+        except NodeExistsError:
+            pass
 
 
 async def read_version(zk: ZkSession, layout: Layout, key: str) -> int:
@@ -71,6 +75,19 @@ async def bump_version(zk: ZkSession, layout: Layout, key: str, op: str, by: str
 
 
 @dataclass(slots=True)
+class Acknowledgement:
+    """Which live members confirmed having applied an invalidation."""
+
+    confirmed: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """True when no live member is missing."""
+        return not self.missing
+
+
+@dataclass(slots=True)
 class InvalidationReceipt:
     """What :func:`publish_invalidation` wrote, for the API response and the CLI."""
 
@@ -78,15 +95,22 @@ class InvalidationReceipt:
     prefixes: dict[str, int] = field(default_factory=dict)
     all: bool = False
     epoch: int | None = None
+    zxid: int = 0  # the newest zxid this invalidation wrote
+    ack: Acknowledgement | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The JSON body of ``202 Accepted``."""
-        return {
+        body: dict[str, Any] = {
             "keys": self.keys,
             "prefixes": self.prefixes,
             "all": self.all,
             "epoch": self.epoch,
+            "zxid": self.zxid,
         }
+        if self.ack is not None:
+            body["acknowledged_by"] = self.ack.confirmed
+            body["not_confirmed"] = self.ack.missing
+        return body
 
 
 async def publish_invalidation(
@@ -105,14 +129,17 @@ async def publish_invalidation(
     the watch they already hold, so the guarantee is the same for all three.
     """
     receipt = InvalidationReceipt(all=everything)
+    zxids: list[int] = []
     for key in dict.fromkeys(keys):
         receipt.keys[key] = await bump_version(zk, layout, key, "invalidate", by)
+        zxids.append(receipt.keys[key])
     for prefix in dict.fromkeys(prefixes):
-        path, _ = await zk.create(
+        path, stat = await zk.create(
             layout.prefix_entry_base(prefix), orjson.dumps({"by": by}), sequence=True, makepath=True
         )
         parsed = layout.parse_prefix_entry(path.rpartition("/")[2])
         seq = parsed[0] if parsed else -1
+        zxids.append(int(stat.mzxid))
         receipt.prefixes[prefix] = seq
         if seq % _TRIM_EVERY == 0:
             await _trim_prefix_log(zk, layout)
@@ -123,6 +150,8 @@ async def publish_invalidation(
         except NoNodeError:
             _, stat = await zk.create(layout.epoch, data, makepath=True)
         receipt.epoch = int(stat.mzxid)
+        zxids.append(receipt.epoch)
+    receipt.zxid = max(zxids, default=0)
     return receipt
 
 
@@ -159,3 +188,28 @@ async def list_members(zk: ZkSession, layout: Layout) -> list[dict[str, Any]]:
         info["session"] = f"0x{stat.ephemeralOwner:x}"
         members.append(info)
     return members
+
+
+async def await_acknowledgement(
+    zk: ZkSession, layout: Layout, zxid: int, timeout: float, *, poll: float = 0.01
+) -> Acknowledgement:
+    """Wait until every live member has applied everything up to ``zxid``.
+
+    Bumps ``ackreq`` (every member watches it and answers by publishing
+    ``applied_zxid`` in its member znode), then polls the members until each
+    confirms, or has left (its session expired, so it serves nothing), or
+    ``timeout`` passes.  Bounded in time; returns who did and did not confirm.
+    """
+    await zk.set(layout.ackreq, b"{}")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        members = await list_members(zk, layout)
+        ack = Acknowledgement()
+        for member in members:
+            applied = member.get("applied_zxid")
+            done = isinstance(applied, int) and applied >= zxid
+            (ack.confirmed if done else ack.missing).append(str(member["member_id"]))
+        if ack.complete or loop.time() >= deadline:
+            return ack
+        await asyncio.sleep(poll)

@@ -23,7 +23,7 @@ from kazoo.exceptions import (
     OperationTimeoutError,
     SessionExpiredError,
 )
-from kazoo.protocol.states import ZnodeStat
+from kazoo.protocol.states import Callback, ZnodeStat
 from kazoo.retry import KazooRetry
 
 from .. import bridge
@@ -209,6 +209,25 @@ class ZkSession:
     async def delete(self, path: str, version: int = -1) -> None:
         """``delete``; ``version`` >= 0 makes it conditional."""
         await self.call(self.client.delete_async(path, version), "delete")
+
+    async def drain_events(self) -> None:
+        """Return once every watch event kazoo had received is delivered to the loop.
+
+        kazoo runs watch callbacks in order on one thread; a marker queued
+        behind them reaches the loop (through the same ``call_soon_threadsafe``
+        FIFO) after all of them.
+        """
+        fut: asyncio.Future[None] = self.loop.create_future()
+
+        def release() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        def marker() -> None:
+            bridge.post(self.loop, release)
+
+        self.client.handler.dispatch_callback(Callback("barrier", marker, ()))
+        await asyncio.wait_for(fut, self.op_timeout)
 
     async def ensure_path(self, path: str) -> None:
         """Create ``path`` and its parents if missing."""
