@@ -6,6 +6,6 @@ listens on loopback only and is owned (started and stopped) by its caller.
 
 from .process import SidecarProcess, free_port
 from .proxy import TcpProxy
-from .zookeeper import LocalZooKeeper, find_zkserver
+from .zookeeper import LocalEnsemble, LocalZooKeeper, find_zkserver
 
-__all__ = ["LocalZooKeeper", "SidecarProcess", "TcpProxy", "find_zkserver", "free_port"]
+__all__ = ["LocalEnsemble", "LocalZooKeeper", "SidecarProcess", "TcpProxy", "find_zkserver", "free_port"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .process import die_with_parent, free_port
 
-__all__ = ["LocalZooKeeper", "find_zkserver"]
+__all__ = ["LocalEnsemble", "LocalZooKeeper", "find_zkserver"]
 
 _CANDIDATES = ("/usr/share/zookeeper/bin/zkServer.sh", "/opt/zookeeper/bin/zkServer.sh")
 
@@ -55,6 +55,8 @@ class LocalZooKeeper:
         tick_ms: int = 500,
         min_session_ms: int = 1000,
         max_session_ms: int = 60000,
+        extra_config: str = "",
+        myid: int | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.host = host
@@ -64,6 +66,8 @@ class LocalZooKeeper:
         self.max_session_ms = max_session_ms
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.data_dir / "zookeeper.log"
+        self.extra_config = extra_config
+        self.myid = myid
 
     @property
     def hosts(self) -> str:
@@ -83,8 +87,10 @@ class LocalZooKeeper:
             "maxClientCnxns=0\n"
             "admin.enableServer=false\n"
             "4lw.commands.whitelist=*\n"
-            "autopurge.purgeInterval=0\n"
+            "autopurge.purgeInterval=0\n" + self.extra_config
         )
+        if self.myid is not None:
+            (self.data_dir / "data" / "myid").write_text(f"{self.myid}\n")
         return cfg
 
     def start(self, timeout: float = 60.0) -> None:
@@ -124,6 +130,16 @@ class LocalZooKeeper:
             time.sleep(0.1)
         self.kill()
         raise RuntimeError(f"ZooKeeper did not answer ruok within {timeout:g}s:\n{self.log_tail()}")
+
+    def mode(self) -> str | None:
+        """``standalone``, ``leader`` or ``follower`` from ``srvr``; None if not serving."""
+        try:
+            for line in four_letter(self.host, self.port, "srvr", 0.5).splitlines():
+                if line.startswith("Mode:"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return None
 
     def is_serving(self) -> bool:
         """True if the server answers ``ruok`` with ``imok``."""
@@ -170,3 +186,52 @@ class LocalZooKeeper:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+class LocalEnsemble:
+    """A quorum of ZooKeeper servers on 127.0.0.1 (default 3), each its own process."""
+
+    def __init__(self, base_dir: str | Path, size: int = 3, *, tick_ms: int = 500, max_session_ms: int = 60000) -> None:
+        ports = [(free_port(), free_port(), free_port()) for _ in range(size)]
+        peers = "".join(f"server.{i + 1}=127.0.0.1:{peer}:{election}\n" for i, (_, peer, election) in enumerate(ports))
+        extra = "initLimit=10\nsyncLimit=5\n" + peers
+        self.servers = [
+            LocalZooKeeper(
+                Path(base_dir) / f"zk{i + 1}",
+                port=client,
+                tick_ms=tick_ms,
+                max_session_ms=max_session_ms,
+                extra_config=extra,
+                myid=i + 1,
+            )
+            for i, (client, _, _) in enumerate(ports)
+        ]
+
+    @property
+    def hosts(self) -> str:
+        """Connect string of every server."""
+        return ",".join(s.hosts for s in self.servers)
+
+    def start(self, timeout: float = 90.0) -> None:
+        """Start every server; return once one leads and the others follow."""
+        for server in self.servers:
+            server.start(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            modes = sorted(str(s.mode()) for s in self.servers)
+            if modes.count("leader") == 1 and modes.count("follower") == len(self.servers) - 1:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"no quorum within {timeout:g}s: {[s.mode() for s in self.servers]}")
+
+    def leader(self) -> LocalZooKeeper:
+        """The server that currently leads."""
+        for server in self.servers:
+            if server.proc is not None and server.mode() == "leader":
+                return server
+        raise RuntimeError("no leader")
+
+    def stop(self) -> None:
+        """Stop every server."""
+        for server in self.servers:
+            server.stop()

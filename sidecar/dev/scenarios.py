@@ -1,0 +1,318 @@
+"""Coherence under faults: a workload, a fault schedule, and the history checker.
+
+    python -m sidecar.dev.scenarios [--scenario NAME ...] [--seconds 8] [--soak]
+
+Each scenario starts a 3-node ZooKeeper ensemble and three sidecar processes on
+a shared SQLite origin.  Every sidecar reaches every ZooKeeper server through a
+TCP proxy this process owns, so one sidecar can be partitioned alone.
+Concurrent clients then run reads (eventual and strong), write-through PUTs,
+compare-and-set writes, DELETEs and invalidations on a few keys while the fault
+is injected.  Everything runs on 127.0.0.1, and every loop is bounded in count
+and in time.  The recorded history goes to :func:`sidecar.dev.history.check`;
+the script prints one table row per scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sqlite3
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from ..origins.sqlite import SqliteOrigin
+from .history import Op, Report, check
+from .process import SidecarProcess
+from .proxy import TcpProxy
+from .zookeeper import LocalEnsemble
+
+__all__ = ["SCENARIOS", "ScenarioResult", "main", "run_scenario"]
+
+SESSION = 4.0  # sidecar session timeout in the scenarios (seconds)
+# Eventual reads may be stale for up to the lease (2/3 T) + grace (T/3) = T
+# after a sidecar last heard from ZooKeeper; half a second more for delivery.
+WINDOW = SESSION + 0.5
+_NOT_APPLIED = {"zookeeper-unavailable", "lock-timeout", "coordination-unavailable"}
+
+
+@dataclass
+class Cluster:
+    """What a fault schedule may act on."""
+
+    ensemble: LocalEnsemble
+    sidecars: list[SidecarProcess]
+    proxies: list[list[TcpProxy]]  # per sidecar, one per ZooKeeper server
+    dead: set[int]
+    keys: list[str]
+
+
+async def _no_fault(cluster: Cluster, seconds: float) -> None:
+    return None
+
+
+async def _kill_leader(cluster: Cluster, seconds: float) -> None:
+    await asyncio.sleep(seconds * 0.3)
+    await asyncio.to_thread(lambda: cluster.ensemble.leader().kill())
+
+
+def _partition(duration: float) -> Callable[[Cluster, float], Awaitable[None]]:
+    async def fault(cluster: Cluster, seconds: float) -> None:
+        await asyncio.sleep(seconds * 0.2)
+        # Cut sidecar 1 off while it holds entries, or the partition would
+        # test nothing: writes elsewhere invalidate entries within milliseconds.
+        async with aiohttp.ClientSession() as http:
+            url = cluster.sidecars[0].url
+            await asyncio.gather(*(_guarded(http, "GET", f"{url}/v1/keys/{key}") for key in cluster.keys))
+        for proxy in cluster.proxies[0]:
+            proxy.cut()
+        await asyncio.sleep(duration)
+        for proxy in cluster.proxies[0]:
+            proxy.heal()
+
+    return fault
+
+
+async def _kill_sidecar(cluster: Cluster, seconds: float) -> None:
+    await asyncio.sleep(seconds * 0.3)
+    victim = cluster.sidecars[2]
+    cluster.dead.add(2)
+    if victim.proc is not None:
+        victim.proc.kill()  # SIGKILL: its locks go only when its session expires
+
+
+SCENARIOS: dict[str, tuple[str, Callable[[Cluster, float], Awaitable[None]]]] = {
+    "baseline": ("no fault", _no_fault),
+    "leader-kill": ("kill the ZooKeeper leader under load", _kill_leader),
+    "partition-short": (
+        f"partition sidecar 1 from ZooKeeper for {SESSION / 2:g}s (< session)",
+        _partition(SESSION / 2),
+    ),
+    "partition-long": (f"partition sidecar 1 from ZooKeeper for {SESSION * 2:g}s (> session)", _partition(SESSION * 2)),
+    "sidecar-kill": ("SIGKILL sidecar 3 in the middle of writes", _kill_sidecar),
+}
+
+
+@dataclass
+class ScenarioResult:
+    """One scenario's verdict."""
+
+    name: str
+    description: str
+    report: Report
+    converged: bool
+    seconds: float
+
+
+def _outcome(status: int, problem_type: str) -> str:
+    if 200 <= status < 300 or status == 404:
+        return "ok"
+    if 400 <= status < 500 or (status == 503 and problem_type in _NOT_APPLIED):
+        return "fail"
+    return "unknown"  # 5xx after the origin may have changed, timeouts
+
+
+async def _request(http: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> tuple[int, bytes, Any]:
+    async with http.request(method, url, **kw) as resp:
+        return resp.status, await resp.read(), resp.headers
+
+
+async def _client(
+    n: int, http: aiohttp.ClientSession, cluster: Cluster, keys: list[str], deadline: float, ops: list[Op]
+) -> None:
+    rng = random.Random(n)
+    for i in range(2000):  # bounded in count as well as in time
+        if time.monotonic() > deadline:
+            return
+        live = [s for j, s in enumerate(cluster.sidecars) if j not in cluster.dead]
+        base = rng.choice(live).url
+        key = rng.choice(keys)
+        url = f"{base}/v1/keys/{key}"
+        roll = rng.random()
+        value = f"c{n}-{i}".encode()
+        kw: dict[str, Any] = {}
+        kind, method, expect = "read", "GET", None
+        if roll < 0.35:
+            pass
+        elif roll < 0.55:
+            kind, url = "strong_read", url + "?consistency=strong"
+        elif roll < 0.77:
+            kind, method, kw = "put", "PUT", {"data": value}
+        elif roll < 0.87:
+            kind, method = "cas", "PUT"
+            status, _, headers = await _guarded(http, "GET", url + "?consistency=strong")
+            etag = headers.get("ETag") if headers is not None else None
+            expect = int(etag.strip('"')) if etag and status in (200, 404) else 0
+            kw = {"data": value, "headers": {"If-Match": f'"{expect}"'}}
+        elif roll < 0.92:
+            kind, method = "delete", "DELETE"
+        else:
+            kind, method, url = "invalidate", "POST", f"{base}/v1/invalidate"
+            kw = {"json": {"keys": [key]}}
+        start = time.monotonic()
+        status, body, headers = await _guarded(http, method, url, **kw)
+        end = time.monotonic()
+        problem = ""
+        if headers is not None and headers.get("Content-Type") == "application/problem+json":
+            problem = str(_json(body).get("type", "")).rsplit("/", 1)[-1]
+        etag = headers.get("ETag") if headers is not None else None
+        op = Op(kind, key, start, end, _outcome(status, problem), client=n, expect=expect)
+        op.version = int(etag.strip('"')) if etag and status < 300 else None
+        if kind in ("put", "cas"):
+            op.value = value
+        elif kind in ("read", "strong_read"):
+            op.value = body if status == 200 else None
+            if status not in (200, 404):
+                op.outcome = "unknown"
+        ops.append(op)
+
+
+async def _guarded(http: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> tuple[int, bytes, Any]:
+    try:
+        return await _request(http, method, url, **kw)
+    except (aiohttp.ClientError, TimeoutError):
+        return 599, b"", None  # the outcome is unknown
+
+
+def _json(body: bytes) -> dict[str, Any]:
+    import orjson
+
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+async def _workload(cluster: Cluster, keys: list[str], seconds: float, clients: int, fault: Any) -> list[Op]:
+    ops: list[Op] = []
+    timeout = aiohttp.ClientTimeout(total=15)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        deadline = time.monotonic() + seconds
+        await asyncio.gather(
+            fault(cluster, seconds), *(_client(n, http, cluster, keys, deadline, ops) for n in range(clients))
+        )
+    return ops
+
+
+async def _converged(cluster: Cluster, final: dict[str, bytes | None], within: float) -> bool:
+    """Every live sidecar serves each key's final origin value within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        while time.monotonic() < deadline:
+            good = True
+            for j, sc in enumerate(cluster.sidecars):
+                if j in cluster.dead:
+                    continue
+                for key, value in final.items():
+                    status, body, _ = await _guarded(http, "GET", f"{sc.url}/v1/keys/{key}")
+                    if (body if status == 200 else None) != value or status not in (200, 404):
+                        good = False
+            if good:
+                return True
+            await asyncio.sleep(0.2)
+    return False
+
+
+def run_scenario(name: str, base_dir: Path, seconds: float = 8.0, clients: int = 6, keys: int = 8) -> ScenarioResult:
+    """Run one scenario end to end and check its history."""
+    description, fault = SCENARIOS[name]
+    started = time.monotonic()
+    db = base_dir / "origin.db"
+    asyncio.run(SqliteOrigin(f"sqlite:///{db}", 5).open())
+    ensemble = LocalEnsemble(base_dir / "zk", tick_ms=500)
+    ensemble.start()
+    key_names = [f"k{i}" for i in range(keys)]
+    cluster = Cluster(ensemble, [], [], set(), key_names)
+    try:
+        for i in range(3):
+            proxies = [TcpProxy(s.host, s.port) for s in ensemble.servers]
+            for proxy in proxies:
+                proxy.start()
+            cluster.proxies.append(proxies)
+            sc = SidecarProcess(
+                base_dir / "logs",
+                f"sidecar-{i + 1}",
+                {
+                    "zk": ",".join(p.address for p in proxies),
+                    "origin": f"sqlite:///{db}",
+                    "namespace": "checker",
+                    "zk_session_timeout": f"{SESSION:g}s",
+                    "lock_timeout": f"{SESSION * 3:g}s",
+                    "log_level": "info",
+                },
+            )
+            cluster.sidecars.append(sc)
+            sc.start(timeout=60)
+        ops = asyncio.run(_workload(cluster, key_names, seconds, clients, fault))
+        with sqlite3.connect(db) as conn:
+            stored = dict(conn.execute("SELECT key, value FROM kv").fetchall())
+        final: dict[str, bytes | None] = {k: stored.get(k) for k in key_names}
+        converged = asyncio.run(_converged(cluster, final, WINDOW + 10))
+        report = check(ops, final, WINDOW)
+    finally:
+        for sc in cluster.sidecars:
+            sc.stop()
+        for proxies in cluster.proxies:
+            for proxy in proxies:
+                proxy.stop()
+        ensemble.stop()
+    return ScenarioResult(name, description, report, converged, time.monotonic() - started)
+
+
+def table(results: list[ScenarioResult]) -> str:
+    """The Markdown table the README keeps."""
+    lines = [
+        "| scenario | operations | reads | acked writes | errors | strong stale | max eventual staleness | "
+        "lost writes | double CAS | phantom reads | converged | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        rep = r.report
+        verdict = "pass" if rep.ok and r.converged else "FAIL"
+        lines.append(
+            f"| {r.name}: {r.description} | {rep.operations} | {rep.reads} | {rep.writes_acknowledged} | "
+            f"{rep.errors} | {len(rep.strong_stale)} | {rep.max_eventual_staleness * 1000:.0f} ms | "
+            f"{len(rep.lost_writes)} | {len(rep.double_cas)} | {len(rep.phantom_reads)} | "
+            f"{'yes' if r.converged else 'no'} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run scenarios; exit 1 if any fails."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sidecar.dev.scenarios",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="default: all")
+    parser.add_argument("--seconds", type=float, default=8.0, help="load per scenario")
+    parser.add_argument("--soak", action="store_true", help="10x longer load per scenario")
+    args = parser.parse_args(argv)
+    seconds = args.seconds * (10 if args.soak else 1)
+    results = []
+    for name in args.scenario or list(SCENARIOS):
+        with tempfile.TemporaryDirectory(prefix=f"zkcache-{name}-") as tmp:
+            result = run_scenario(name, Path(tmp), seconds=seconds)
+        results.append(result)
+        print(
+            f"{name}: {'pass' if result.report.ok and result.converged else 'FAIL'} in {result.seconds:.0f}s",
+            flush=True,
+        )
+        for line in result.report.violations[:10]:
+            print(f"  {line}", flush=True)
+    print()
+    print(f"Eventual window W = {WINDOW:g}s (session timeout {SESSION:g}s + 0.5s); {seconds:g}s of load each.")
+    print(table(results))
+    return 0 if all(r.report.ok and r.converged for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
