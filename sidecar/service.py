@@ -40,7 +40,7 @@ from typing import Any
 from . import __version__
 from .cache import CoherentCache, Entry
 from .config import Config
-from .coordination import Coordinator, InvalidationReceipt, ZkState, validate_key
+from .coordination import INTENT, Coordinator, InvalidationReceipt, ZkState, validate_key
 from .errors import (
     CoordinationError,
     InvalidationNotPublished,
@@ -196,7 +196,7 @@ class CacheService:
         if not self.coord.usable:
             raise NotConnected(f"leases need ZooKeeper: {self.coord.describe_state()}")
         self.stats.misses += 1
-        return await self.coord.watch_version(key)
+        return (await self.coord.watch_version(key)).version
 
     async def fill(self, key: str, value: OriginValue, lease: int) -> int:
         """Install a value the application loaded, if the key's version is still ``lease``.
@@ -213,8 +213,8 @@ class CacheService:
             raise NotConnected(f"fills need ZooKeeper: {self.coord.describe_state()}")
         ticket = self.cache.begin_fill(key)  # before the watch, as every fill
         try:
-            current = await self.coord.watch_version(key)
-            if current != lease:
+            current, writing = await self.coord.watch_version(key)
+            if current != lease or writing:
                 raise PreconditionFailed(f'lease "{lease}" is stale: the key is at version "{current}"', current)
             if not self.cache.install(ticket, Entry.make(key, value.value, value.content_type, current)):
                 raise PreconditionFailed(f'the key was invalidated while installing lease "{lease}"', None)
@@ -233,9 +233,11 @@ class CacheService:
     async def _fill(self, key: str) -> Fetched:
         ticket = self.cache.begin_fill(key)
         try:
-            version = await self.coord.watch_version(key)
+            version, writing = await self.coord.watch_version(key)
             stored = await self.origin.get(key)
-            if stored is not None:
+            # While a write is in progress (or its writer died before finishing)
+            # the origin may change without another bump: serve, do not cache.
+            if stored is not None and not writing:
                 self.cache.install(ticket, Entry.make(key, stored.value, stored.content_type, version))
             return Fetched(stored, version, "miss")
         finally:
@@ -283,6 +285,9 @@ class CacheService:
             if if_none_match and await self.origin.get(key) is not None:
                 raise PreconditionFailed("If-None-Match: * but the key has a value")
             self.coord.check_lock(generation)  # last look before the origin changes
+            # Intent first: if this writer dies after the origin write, no
+            # sidecar may keep (or take) a cached copy of the old value.
+            await self.coord.bump_version(key, INTENT)
             self._drop_key(key)
             if value is None:
                 await self.origin.delete(key)
@@ -421,9 +426,9 @@ class CacheService:
             for i in range(0, len(keys), _REVALIDATE_BATCH):
                 batch = keys[i : i + _REVALIDATE_BATCH]
                 versions = await asyncio.gather(*(self.coord.watch_version(key, during_setup=True) for key in batch))
-                for key, version in zip(batch, versions, strict=True):
+                for key, (version, writing) in zip(batch, versions, strict=True):
                     entry = self.cache.peek(key)
-                    if entry is not None and (not tickets[key].valid or entry.version != version):
+                    if entry is not None and (not tickets[key].valid or writing or entry.version != version):
                         self._drop_key(key)
                         dropped += 1
         finally:

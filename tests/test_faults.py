@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 
@@ -252,3 +253,37 @@ async def test_partitioned_sidecar_revalidates_on_reconnect_instead_of_flushing(
         assert (await get(http, a.url, "r/8"))[2] == b"v3"
     finally:
         proxy.stop()
+
+
+async def test_writer_killed_between_origin_write_and_version_bump(
+    sidecars: SidecarFactory, upstream: str, http: aiohttp.ClientSession
+) -> None:
+    """A's origin write lands, then A dies before telling the fleet. B held the
+    old value: it must not keep serving it (the write's intent was published
+    before the origin was touched)."""
+    origin = upstream + "/kv"
+    a, b = sidecars("a", origin=origin), sidecars("b", origin=origin)
+    await put(http, b.url, "doomed", b"old")
+    await get_hit(http, b.url, "doomed")
+    async with http.post(f"{upstream}/_control/hold-put/doomed"):
+        pass
+    write = asyncio.create_task(put(http, a.url, "doomed", b"new"))
+
+    async def put_held() -> bool:
+        async with http.get(f"{upstream}/_control/held/put:doomed") as resp:
+            return bool((await resp.json())["held"])
+
+    await eventually(put_held, what="A's origin write being held after it was stored")
+    assert a.proc is not None
+    a.proc.kill()  # SIGKILL: no version bump will follow
+    with contextlib.suppress(aiohttp.ClientError):
+        await write
+    async with http.post(f"{upstream}/_control/release/put:doomed"):
+        pass
+
+    async def b_serves_new() -> bool:
+        return (await get(http, b.url, "doomed"))[2] == b"new"
+
+    await eventually(b_serves_new, timeout=5, what="B serving the origin's value after the writer died")
+    status, source, value, _ = await get(http, b.url, "doomed")
+    assert (status, value) == (200, b"new") and source != "hit", "B cached a value while a write was unfinished"

@@ -1,8 +1,9 @@
 """Everything that talks to ZooKeeper. Nothing outside this package imports kazoo."""
 
-from .coordinator import Coordinator, Events
+from .coordinator import Coordinator, Events, KeyVersion
 from .layout import MAX_KEY_BYTES, Layout, escape, unescape, validate_key
 from .operations import (
+    INTENT,
     Acknowledgement,
     InvalidationReceipt,
     await_acknowledgement,
@@ -13,11 +14,13 @@ from .operations import (
 from .session import ZkSession, ZkState
 
 __all__ = [
+    "INTENT",
     "MAX_KEY_BYTES",
     "Acknowledgement",
     "Coordinator",
     "Events",
     "InvalidationReceipt",
+    "KeyVersion",
     "Layout",
     "ZkSession",
     "ZkState",

@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 from kazoo.exceptions import NodeExistsError, NoNodeError
@@ -46,9 +46,16 @@ from .operations import (
 )
 from .session import ZkSession, ZkState
 
-__all__ = ["Coordinator", "Events"]
+__all__ = ["Coordinator", "Events", "KeyVersion"]
 
 log = logging.getLogger(__name__)
+
+
+class KeyVersion(NamedTuple):
+    """A key's version, and whether a write of it is in progress (or died midway)."""
+
+    version: int
+    writing: bool
 
 
 class Events(Protocol):
@@ -147,17 +154,19 @@ class Coordinator:
                     log.debug("heartbeat failed: %s", exc)
 
     # -- key operations (request path; all async, none blocks the loop) ------
-    async def watch_version(self, key: str, *, during_setup: bool = False) -> int:
-        """Arm the one-shot data watch on ``key``'s version znode; return its version.
+    async def watch_version(self, key: str, *, during_setup: bool = False) -> KeyVersion:
+        """Arm the one-shot data watch on ``key``'s version znode; return its state.
 
-        Returns 0 when the key has never been written (an ``exists`` watch
+        Version 0 when the key has never been written (an ``exists`` watch
         still fires when the znode is created).  ``during_setup`` is for
         revalidation, which runs before the session is declared ready.
         """
         if not during_setup:
             self._require_ready()
         stat = await self.zk.exists(self.layout.version_path(key), watch=self._version_watch)
-        return int(stat.mzxid) if stat else 0
+        if stat is None:
+            return KeyVersion(0, False)
+        return KeyVersion(int(stat.mzxid), stat.dataLength == 0)
 
     async def synced_version(self, key: str) -> int:
         """The key's version as of now, cluster-wide: ``sync`` then ``exists``.

@@ -18,6 +18,7 @@ from .layout import Layout
 from .session import ZkSession
 
 __all__ = [
+    "INTENT",
     "PREFIX_LOG_RETAIN",
     "Acknowledgement",
     "InvalidationReceipt",
@@ -54,15 +55,21 @@ async def read_version(zk: ZkSession, layout: Layout, key: str) -> int:
     return int(stat.mzxid) if stat else 0
 
 
+INTENT = "writing"
+
+
 async def bump_version(zk: ZkSession, layout: Layout, key: str, op: str, by: str) -> int:
     """Give ``key`` a new version, firing every sidecar's watch on it; return it.
 
-    The znode's data records who did what, for operators reading ZooKeeper;
-    nothing relies on it.  Not idempotent across connection loss (a retried
+    ``op == INTENT`` writes *empty* data: "a write is in progress; do not
+    cache this key".  Every other op writes a small JSON note (who did what,
+    for operators), which also clears an intent left by a writer that died.
+    Readers see the difference in ``stat.dataLength`` from the same ``exists``
+    that arms their watch.  Not idempotent across connection loss (a retried
     set bumps twice), which is harmless: a version only has to move forward.
     """
     path = layout.version_path(key)
-    data = orjson.dumps({"op": op, "by": by})
+    data = b"" if op == INTENT else orjson.dumps({"op": op, "by": by})
     try:
         return int((await zk.set(path, data)).mzxid)
     except NoNodeError:
