@@ -20,6 +20,7 @@ one place (``cli.main``).
     ├── CoordinationError           503  coordination-unavailable
     │   ├── NotConnected            503  zookeeper-unavailable
     │   ├── LockTimeout             503  lock-timeout   (also asyncio.TimeoutError)
+    │   ├── WriteOutcomeUncertain   503  write-outcome-uncertain
     │   └── InvalidationNotPublished 503 invalidation-not-published
     └── OriginError                 502  origin-error
         ├── OriginUnavailable       502  origin-unavailable
@@ -49,6 +50,7 @@ __all__ = [
     "PreconditionRequired",
     "SidecarError",
     "Unauthorized",
+    "WriteOutcomeUncertain",
 ]
 
 PROBLEM_BASE = "https://zk-cache-sidecar.dev/problems/"
@@ -138,6 +140,17 @@ class NotConnected(CoordinationError):
 
 class LockTimeout(CoordinationError, asyncio.TimeoutError):
     problem, title = "lock-timeout", "Timed out waiting for the key's write lock"
+
+
+class WriteOutcomeUncertain(CoordinationError):
+    """The origin was written, but the session (and so the lock) was lost meanwhile.
+
+    Another writer may have taken the lock and written after, or before, this
+    write reached the origin; the version was still bumped, so caches are
+    coherent with whatever the origin holds. Read the key to see which won.
+    """
+
+    problem, title = "write-outcome-uncertain", "Written, but the lock was lost: the outcome is uncertain"
 
 
 class InvalidationNotPublished(CoordinationError):

@@ -48,6 +48,7 @@ from .errors import (
     NotConnected,
     PayloadTooLarge,
     PreconditionFailed,
+    WriteOutcomeUncertain,
 )
 from .origins import Origin, OriginValue
 from .singleflight import Group
@@ -278,6 +279,7 @@ class CacheService:
         if local is None:
             local = self._local_locks[key] = asyncio.Lock()
         async with local, self.coord.locked(key, self.config.lock_timeout) as generation:
+            session = self.coord.zk.session_id
             if if_match is not None:
                 current = await self.coord.read_version(key)
                 if current != if_match:
@@ -294,6 +296,17 @@ class CacheService:
             else:
                 await self.origin.put(key, value)
             version = await self._bump_until_published(key, "delete" if value is None else "put")
+            if self.coord.zk.session_id != session:
+                # Our session expired while we held the lock (a partition
+                # longer than the session): another writer may have entered.
+                # The bump above still invalidated every cache; but claiming
+                # this write as version `version` could pair that ETag with
+                # another writer's value.
+                self._drop_key(key)
+                raise WriteOutcomeUncertain(
+                    "the origin was written, but this sidecar's ZooKeeper session expired while it held the "
+                    "key's lock; another write may have replaced it: read the key to see which won"
+                )
             # Our own watch event may still be on its way (kazoo delivers it on
             # another thread): drop now, so this sidecar never answers with the
             # old value after acknowledging, and void fills that read it.
