@@ -9,7 +9,9 @@ import time
 
 import aiohttp
 import pytest
+from kazoo.client import KazooClient
 
+from sidecar.coordination import Layout
 from sidecar.dev import LocalZooKeeper, TcpProxy, free_port
 from sidecar.origins.sqlite import sqlite_path
 from tests.conftest import SidecarFactory, eventually, member_ids
@@ -287,3 +289,56 @@ async def test_writer_killed_between_origin_write_and_version_bump(
     await eventually(b_serves_new, timeout=5, what="B serving the origin's value after the writer died")
     status, source, value, _ = await get(http, b.url, "doomed")
     assert (status, value) == (200, b"new") and source != "hit", "B cached a value while a write was unfinished"
+
+
+async def test_lock_held_elsewhere_times_out_and_changes_nothing(
+    sidecars: SidecarFactory, http: aiohttp.ClientSession, zk_server: LocalZooKeeper, namespace: str
+) -> None:
+    a = sidecars("a", lock_timeout="1s")
+    await put(http, a.url, "locked", b"before")
+    holder = KazooClient(hosts=zk_server.hosts)
+    await asyncio.to_thread(holder.start, 10)
+    try:
+        lock = holder.Lock(Layout(f"/zkcache/{namespace}").lock_path("locked"), "someone-else")
+        assert await asyncio.to_thread(lock.acquire, True, 5)
+        status, problem = await problem_of(http, "PUT", a.url + "/v1/keys/locked", data=b"after")
+        assert status == 503 and str(problem["type"]).endswith("lock-timeout")
+        assert (await get(http, a.url, "locked"))[2] == b"before", "a timed-out write changed something"
+        await asyncio.to_thread(lock.release)
+        assert (await put(http, a.url, "locked", b"after"))[0] == 200
+    finally:
+        await asyncio.to_thread(holder.stop)
+        await asyncio.to_thread(holder.close)
+
+
+async def test_version_bump_failing_after_the_origin_write(
+    zk_private: LocalZooKeeper, sidecars: SidecarFactory, upstream: str, http: aiohttp.ClientSession
+) -> None:
+    """ZooKeeper goes away between A's origin write and its version bump: A answers
+    503 invalidation-not-published, keeps retrying, and the fleet converges once
+    ZooKeeper is back. B never serves the old value meanwhile (the intent)."""
+    origin = upstream + "/kv"
+    a = sidecars("a", zk=zk_private.hosts, origin=origin, lock_timeout="2s")
+    b = sidecars("b", zk=zk_private.hosts, origin=origin, suspended_grace="0s")
+    await put(http, a.url, "bump", b"old")
+    await get_hit(http, b.url, "bump")
+    async with http.post(f"{upstream}/_control/hold-put/bump"):
+        pass
+    write = asyncio.create_task(problem_of(http, "PUT", a.url + "/v1/keys/bump", data=b"new"))
+
+    async def put_held() -> bool:
+        async with http.get(f"{upstream}/_control/held/put:bump") as resp:
+            return bool((await resp.json())["held"])
+
+    await eventually(put_held, what="A's origin write being held")
+    await asyncio.to_thread(zk_private.stop)
+    async with http.post(f"{upstream}/_control/release/put:bump"):
+        pass
+    status, problem = await write
+    assert status == 503 and str(problem["type"]).endswith("invalidation-not-published"), problem
+    assert (await get(http, b.url, "bump"))[2] == b"new"  # the intent had dropped B's copy
+
+    await asyncio.to_thread(zk_private.start)
+    await eventually(lambda: a.is_ready() and b.is_ready(), timeout=20, what="both sidecars back")
+    status, _, value, _ = await get_hit(http, b.url, "bump")  # cacheable again: the late bump cleared the intent
+    assert (status, value) == (200, b"new")

@@ -83,8 +83,14 @@ class KeyLocks:
 
     async def _release(self, lock: Any) -> None:
         loop = asyncio.get_running_loop()
+        releasing = loop.run_in_executor(self._releasers, lock.release)
         try:
-            await asyncio.shield(loop.run_in_executor(self._releasers, lock.release))
+            # Bounded: with ZooKeeper away, kazoo's delete waits in its queue.
+            # The answer to the client must not wait for it; the release goes
+            # on in its thread, and the node goes with the session anyway.
+            await asyncio.wait_for(asyncio.shield(releasing), self._zk.op_timeout)
+        except TimeoutError:
+            log.warning("releasing lock %s is taking long; continuing in the background", lock.path)
         except Exception:
             # Do not fail the already-applied write. The node is ephemeral: it
             # goes when the session ends; until then, retry in the background.
