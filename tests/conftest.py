@@ -24,8 +24,6 @@ import pytest
 
 from sidecar.dev import LocalZooKeeper, SidecarProcess, free_port
 
-HERE = Path(__file__).parent
-
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
@@ -114,12 +112,12 @@ def sidecars(
 
 @pytest.fixture
 def upstream(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A real HTTP origin process (tests/upstream.py); yields its base URL."""
+    """A real HTTP origin process (sidecar/dev/upstream.py); yields its base URL."""
     port = free_port()
     log_path = tmp_path / "upstream.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, str(HERE / "upstream.py"), str(port)], stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "sidecar.dev.upstream", str(port)], stdout=log, stderr=subprocess.STDOUT
         )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20

@@ -15,12 +15,20 @@ __all__ = ["TcpProxy"]
 
 
 class TcpProxy:
-    """Forwards ``127.0.0.1:<port>`` to ``target``; :meth:`cut` drops and refuses connections."""
+    """Forwards ``127.0.0.1:<port>`` to ``target``.
+
+    Faults: :meth:`cut` (reset and refuse: a crash or a firewall REJECT),
+    :meth:`blackhole` (connections stay open, bytes vanish: a firewall DROP or
+    a hung peer, which only timeouts reveal), :meth:`delay` (added latency per
+    chunk, order kept).  :meth:`heal` restores plain forwarding.
+    """
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.port = 0
         self.accepting = True
+        self.dropping = False
+        self.latency = 0.0
         self.connections = 0
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.StreamWriter] = set()
@@ -80,9 +88,21 @@ class TcpProxy:
         self._loop.call_soon_threadsafe(do_cut)
         done.wait(10)
 
+    def blackhole(self) -> None:
+        """Keep every connection open but deliver nothing, either way."""
+        self._loop.call_soon_threadsafe(setattr, self, "dropping", True)
+
+    def delay(self, seconds: float) -> None:
+        """Add ``seconds`` of latency to every chunk forwarded."""
+        self._loop.call_soon_threadsafe(setattr, self, "latency", seconds)
+
     def heal(self) -> None:
-        """Accept connections again."""
-        self._loop.call_soon_threadsafe(setattr, self, "accepting", True)
+        """Accept and forward again, without added latency."""
+
+        def do_heal() -> None:
+            self.accepting, self.dropping, self.latency = True, False, 0.0
+
+        self._loop.call_soon_threadsafe(do_heal)
 
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         if not self.accepting:
@@ -100,6 +120,10 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                if self.dropping:
+                    continue  # black hole: swallowed, the sender is not told
+                if self.latency:
+                    await asyncio.sleep(self.latency)
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):

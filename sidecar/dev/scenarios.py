@@ -18,8 +18,12 @@ import argparse
 import asyncio
 import random
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +33,7 @@ import aiohttp
 
 from ..origins.sqlite import SqliteOrigin
 from .history import Op, Report, check
-from .process import SidecarProcess
+from .process import SidecarProcess, die_with_parent, free_port
 from .proxy import TcpProxy
 from .zookeeper import LocalEnsemble
 
@@ -51,6 +55,7 @@ class Cluster:
     proxies: list[list[TcpProxy]]  # per sidecar, one per ZooKeeper server
     dead: set[int]
     keys: list[str]
+    upstream: str | None = None  # base URL of the HTTP origin, in origin scenarios
 
 
 async def _no_fault(cluster: Cluster, seconds: float) -> None:
@@ -65,18 +70,54 @@ async def _kill_leader(cluster: Cluster, seconds: float) -> None:
 def _partition(duration: float) -> Callable[[Cluster, float], Awaitable[None]]:
     async def fault(cluster: Cluster, seconds: float) -> None:
         await asyncio.sleep(seconds * 0.2)
-        # Cut sidecar 1 off while it holds entries, or the partition would
-        # test nothing: writes elsewhere invalidate entries within milliseconds.
-        async with aiohttp.ClientSession() as http:
-            url = cluster.sidecars[0].url
-            await asyncio.gather(*(_guarded(http, "GET", f"{url}/v1/keys/{key}") for key in cluster.keys))
-        for proxy in cluster.proxies[0]:
-            proxy.cut()
+        await _warm_and(cluster, TcpProxy.cut)
         await asyncio.sleep(duration)
         for proxy in cluster.proxies[0]:
             proxy.heal()
 
     return fault
+
+
+async def _warm_and(cluster: Cluster, act: Callable[[TcpProxy], None]) -> None:
+    # Act on sidecar 1's links while it holds entries, or the fault would test
+    # nothing: writes elsewhere invalidate entries within milliseconds.
+    async with aiohttp.ClientSession() as http:
+        url = cluster.sidecars[0].url
+        await asyncio.gather(*(_guarded(http, "GET", f"{url}/v1/keys/{key}") for key in cluster.keys))
+    for proxy in cluster.proxies[0]:
+        act(proxy)
+
+
+def _blackhole(duration: float) -> Callable[[Cluster, float], Awaitable[None]]:
+    async def fault(cluster: Cluster, seconds: float) -> None:
+        await asyncio.sleep(seconds * 0.2)
+        await _warm_and(cluster, TcpProxy.blackhole)
+        await asyncio.sleep(duration)
+        for proxy in cluster.proxies[0]:
+            proxy.heal()
+
+    return fault
+
+
+def _slow_link(latency: float) -> Callable[[Cluster, float], Awaitable[None]]:
+    async def fault(cluster: Cluster, seconds: float) -> None:
+        await asyncio.sleep(seconds * 0.2)
+        await _warm_and(cluster, lambda p: p.delay(latency))
+        await asyncio.sleep(seconds * 0.6)
+        for proxy in cluster.proxies[0]:
+            proxy.heal()
+
+    return fault
+
+
+async def _origin_faults(cluster: Cluster, seconds: float) -> None:
+    # 5xx, then timeouts (origin_timeout is 0.5 s), then health again.
+    async with aiohttp.ClientSession() as http:
+        for mode, share in (("500", 0.2), ("hang", 0.25), ("ok", 0.0)):
+            await asyncio.sleep(seconds * 0.15)
+            async with http.post(f"{cluster.upstream}/_control/mode/{mode}") as resp:
+                assert resp.status == 204
+            await asyncio.sleep(seconds * share)
 
 
 async def _kill_sidecar(cluster: Cluster, seconds: float) -> None:
@@ -95,8 +136,15 @@ SCENARIOS: dict[str, tuple[str, Callable[[Cluster, float], Awaitable[None]]]] = 
         _partition(SESSION / 2),
     ),
     "partition-long": (f"partition sidecar 1 from ZooKeeper for {SESSION * 2:g}s (> session)", _partition(SESSION * 2)),
+    "blackhole": (
+        f"black-hole sidecar 1's ZooKeeper traffic for {SESSION * 1.5:g}s (silent)",
+        _blackhole(SESSION * 1.5),
+    ),
+    "slow-link": ("add 300 ms to every packet between sidecar 1 and ZooKeeper", _slow_link(0.3)),
     "sidecar-kill": ("SIGKILL sidecar 3 in the middle of writes", _kill_sidecar),
+    "origin-faults": ("HTTP origin answers 500, then hangs past the timeout, then recovers", _origin_faults),
 }
+_HTTP_ORIGIN = {"origin-faults"}
 
 
 @dataclass
@@ -226,10 +274,24 @@ def run_scenario(name: str, base_dir: Path, seconds: float = 8.0, clients: int =
     started = time.monotonic()
     db = base_dir / "origin.db"
     asyncio.run(SqliteOrigin(f"sqlite:///{db}", 5).open())
+    upstream: subprocess.Popen[bytes] | None = None
+    origin = f"sqlite:///{db}"
+    if name in _HTTP_ORIGIN:
+        port = free_port()
+        upstream = subprocess.Popen(
+            [sys.executable, "-m", "sidecar.dev.upstream", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+        )
+        origin = f"http://127.0.0.1:{port}/kv"
+        _wait_for_http(f"http://127.0.0.1:{port}/_control/held/x")
     ensemble = LocalEnsemble(base_dir / "zk", tick_ms=500)
     ensemble.start()
     key_names = [f"k{i}" for i in range(keys)]
     cluster = Cluster(ensemble, [], [], set(), key_names)
+    if upstream is not None:
+        cluster.upstream = origin.removesuffix("/kv")
     try:
         for i in range(3):
             proxies = [TcpProxy(s.host, s.port) for s in ensemble.servers]
@@ -241,7 +303,8 @@ def run_scenario(name: str, base_dir: Path, seconds: float = 8.0, clients: int =
                 f"sidecar-{i + 1}",
                 {
                     "zk": ",".join(p.address for p in proxies),
-                    "origin": f"sqlite:///{db}",
+                    "origin": origin,
+                    "origin_timeout": "0.5s",
                     "namespace": "checker",
                     "zk_session_timeout": f"{SESSION:g}s",
                     "lock_timeout": f"{SESSION * 3:g}s",
@@ -251,9 +314,7 @@ def run_scenario(name: str, base_dir: Path, seconds: float = 8.0, clients: int =
             cluster.sidecars.append(sc)
             sc.start(timeout=60)
         ops = asyncio.run(_workload(cluster, key_names, seconds, clients, fault))
-        with sqlite3.connect(db) as conn:
-            stored = dict(conn.execute("SELECT key, value FROM kv").fetchall())
-        final: dict[str, bytes | None] = {k: stored.get(k) for k in key_names}
+        final = _final_values(db, cluster.upstream, key_names)
         converged = asyncio.run(_converged(cluster, final, WINDOW + 10))
         report = check(ops, final, WINDOW)
     finally:
@@ -263,7 +324,39 @@ def run_scenario(name: str, base_dir: Path, seconds: float = 8.0, clients: int =
             for proxy in proxies:
                 proxy.stop()
         ensemble.stop()
+        if upstream is not None:
+            upstream.kill()
+            upstream.wait(10)
     return ScenarioResult(name, description, report, converged, time.monotonic() - started)
+
+
+def _wait_for_http(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not answer within {timeout:g}s") from None
+            time.sleep(0.05)
+
+
+def _final_values(db: Path, upstream: str | None, keys: list[str]) -> dict[str, bytes | None]:
+    if upstream is None:
+        with sqlite3.connect(db) as conn:
+            stored = dict(conn.execute("SELECT key, value FROM kv").fetchall())
+        return {k: stored.get(k) for k in keys}
+    final: dict[str, bytes | None] = {}
+    for key in keys:
+        try:
+            with urllib.request.urlopen(f"{upstream}/kv/{key}", timeout=5) as resp:
+                final[key] = resp.read()
+        except urllib.error.HTTPError as err:
+            if err.code != 404:
+                raise
+            final[key] = None
+    return final
 
 
 def table(results: list[ScenarioResult]) -> str:

@@ -1,4 +1,4 @@
-"""A real HTTP origin for tests, run as its own process: ``python upstream.py PORT``.
+"""A real HTTP origin for tests and the checker: ``python -m sidecar.dev.upstream PORT``.
 
 Stores values in memory under ``/kv/{key}``.  Control endpoints let a test
 hold GETs of a key (the value is read when the GET arrives, returned on
