@@ -16,6 +16,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,27 @@ def member_ids(zk: str, namespace: str) -> set[str]:
     run = cachectl(zk, namespace, "members", "--json")
     assert run.returncode == 0, run.stderr
     return {m["member_id"] for m in json.loads(run.stdout)}
+
+
+@asynccontextmanager
+async def held_origin_put(http: aiohttp.ClientSession, upstream: str, key: str) -> AsyncIterator[Callable[[], Any]]:
+    """Make the upstream hold the next PUT of ``key`` *after* storing it.
+
+    Yields ``until_held()``, which waits until a PUT is being held; the PUT is
+    released when the block ends.
+    """
+    async with http.post(f"{upstream}/_control/hold-put/{key}"):
+        pass
+
+    async def held() -> bool:
+        async with http.get(f"{upstream}/_control/held/put:{key}") as resp:
+            return bool((await resp.json())["held"])
+
+    async def until_held() -> None:
+        await eventually(held, what=f"an origin PUT of {key} being held after it was stored")
+
+    try:
+        yield until_held
+    finally:
+        async with http.post(f"{upstream}/_control/release/put:{key}"):
+            pass

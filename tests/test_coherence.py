@@ -15,7 +15,7 @@ import pytest
 from yarl import URL
 
 from sidecar.origins.sqlite import sqlite_path
-from tests.conftest import SidecarFactory, cachectl, cachectl_bytes, eventually, member_ids
+from tests.conftest import SidecarFactory, cachectl, cachectl_bytes, eventually, held_origin_put, member_ids
 
 pytestmark = pytest.mark.slow
 
@@ -319,21 +319,13 @@ async def test_writer_does_not_cache_its_value_over_a_later_outside_write(
     value is not the origin's: A must end up serving the origin's value."""
     origin = upstream + "/kv"
     a = sidecars("a", origin=origin)
-    async with http.post(f"{upstream}/_control/hold-put/ow"):
-        pass
-    write = asyncio.create_task(put(http, a.url, "ow", b"from-A"))
-
-    async def put_held() -> bool:
-        async with http.get(f"{upstream}/_control/held/put:ow") as resp:
-            return bool((await resp.json())["held"])
-
-    await eventually(put_held, what="A's origin write being held after it was stored")
-    async with http.put(f"{origin}/ow", data=b"from-outside") as resp:
-        assert resp.status == 204
-    run = await asyncio.to_thread(cachectl, zk_server.hosts, namespace, "invalidate", "ow")
-    assert run.returncode == 0, run.stderr
-    async with http.post(f"{upstream}/_control/release/put:ow"):
-        pass
+    async with held_origin_put(http, upstream, "ow") as until_held:
+        write = asyncio.create_task(put(http, a.url, "ow", b"from-A"))
+        await until_held()
+        async with http.put(f"{origin}/ow", data=b"from-outside") as resp:
+            assert resp.status == 204
+        run = await asyncio.to_thread(cachectl, zk_server.hosts, namespace, "invalidate", "ow")
+        assert run.returncode == 0, run.stderr
     assert (await write)[0] == 200
     _, _, value, _ = await get_hit(http, a.url, "ow")
     assert value == b"from-outside", "the writer cached its own value over a later origin write"

@@ -14,7 +14,7 @@ from kazoo.client import KazooClient
 from sidecar.coordination import Layout
 from sidecar.dev import LocalZooKeeper, TcpProxy, free_port
 from sidecar.origins.sqlite import sqlite_path
-from tests.conftest import SidecarFactory, eventually, member_ids
+from tests.conftest import SidecarFactory, eventually, held_origin_put, member_ids
 from tests.test_coherence import get, get_hit, put
 
 pytestmark = pytest.mark.slow
@@ -267,21 +267,13 @@ async def test_writer_killed_between_origin_write_and_version_bump(
     a, b = sidecars("a", origin=origin), sidecars("b", origin=origin)
     await put(http, b.url, "doomed", b"old")
     await get_hit(http, b.url, "doomed")
-    async with http.post(f"{upstream}/_control/hold-put/doomed"):
-        pass
-    write = asyncio.create_task(put(http, a.url, "doomed", b"new"))
-
-    async def put_held() -> bool:
-        async with http.get(f"{upstream}/_control/held/put:doomed") as resp:
-            return bool((await resp.json())["held"])
-
-    await eventually(put_held, what="A's origin write being held after it was stored")
-    assert a.proc is not None
-    a.proc.kill()  # SIGKILL: no version bump will follow
-    with contextlib.suppress(aiohttp.ClientError):
-        await write
-    async with http.post(f"{upstream}/_control/release/put:doomed"):
-        pass
+    async with held_origin_put(http, upstream, "doomed") as until_held:
+        write = asyncio.create_task(put(http, a.url, "doomed", b"new"))
+        await until_held()
+        assert a.proc is not None
+        a.proc.kill()  # SIGKILL: no version bump will follow
+        with contextlib.suppress(aiohttp.ClientError):
+            await write
 
     async def b_serves_new() -> bool:
         return (await get(http, b.url, "doomed"))[2] == b"new"
@@ -322,18 +314,10 @@ async def test_version_bump_failing_after_the_origin_write(
     b = sidecars("b", zk=zk_private.hosts, origin=origin, suspended_grace="0s")
     await put(http, a.url, "bump", b"old")
     await get_hit(http, b.url, "bump")
-    async with http.post(f"{upstream}/_control/hold-put/bump"):
-        pass
-    write = asyncio.create_task(problem_of(http, "PUT", a.url + "/v1/keys/bump", data=b"new"))
-
-    async def put_held() -> bool:
-        async with http.get(f"{upstream}/_control/held/put:bump") as resp:
-            return bool((await resp.json())["held"])
-
-    await eventually(put_held, what="A's origin write being held")
-    await asyncio.to_thread(zk_private.stop)
-    async with http.post(f"{upstream}/_control/release/put:bump"):
-        pass
+    async with held_origin_put(http, upstream, "bump") as until_held:
+        write = asyncio.create_task(problem_of(http, "PUT", a.url + "/v1/keys/bump", data=b"new"))
+        await until_held()
+        await asyncio.to_thread(zk_private.stop)
     status, problem = await write
     assert status == 503 and str(problem["type"]).endswith("invalidation-not-published"), problem
     assert (await get(http, b.url, "bump"))[2] == b"new"  # the intent had dropped B's copy

@@ -67,43 +67,19 @@ async def _kill_leader(cluster: Cluster, seconds: float) -> None:
     await asyncio.to_thread(lambda: cluster.ensemble.leader().kill())
 
 
-def _partition(duration: float) -> Callable[[Cluster, float], Awaitable[None]]:
+def _link_fault(act: Callable[[TcpProxy], None], duration: float) -> Callable[[Cluster, float], Awaitable[None]]:
+    """Apply ``act`` to sidecar 1's links to ZooKeeper for ``duration`` seconds, then heal."""
+
     async def fault(cluster: Cluster, seconds: float) -> None:
         await asyncio.sleep(seconds * 0.2)
-        await _warm_and(cluster, TcpProxy.cut)
-        await asyncio.sleep(duration)
+        # Act while sidecar 1 holds entries, or the fault would test nothing:
+        # writes elsewhere invalidate entries within milliseconds.
+        async with aiohttp.ClientSession() as http:
+            url = cluster.sidecars[0].url
+            await asyncio.gather(*(_guarded(http, "GET", f"{url}/v1/keys/{key}") for key in cluster.keys))
         for proxy in cluster.proxies[0]:
-            proxy.heal()
-
-    return fault
-
-
-async def _warm_and(cluster: Cluster, act: Callable[[TcpProxy], None]) -> None:
-    # Act on sidecar 1's links while it holds entries, or the fault would test
-    # nothing: writes elsewhere invalidate entries within milliseconds.
-    async with aiohttp.ClientSession() as http:
-        url = cluster.sidecars[0].url
-        await asyncio.gather(*(_guarded(http, "GET", f"{url}/v1/keys/{key}") for key in cluster.keys))
-    for proxy in cluster.proxies[0]:
-        act(proxy)
-
-
-def _blackhole(duration: float) -> Callable[[Cluster, float], Awaitable[None]]:
-    async def fault(cluster: Cluster, seconds: float) -> None:
-        await asyncio.sleep(seconds * 0.2)
-        await _warm_and(cluster, TcpProxy.blackhole)
+            act(proxy)
         await asyncio.sleep(duration)
-        for proxy in cluster.proxies[0]:
-            proxy.heal()
-
-    return fault
-
-
-def _slow_link(latency: float) -> Callable[[Cluster, float], Awaitable[None]]:
-    async def fault(cluster: Cluster, seconds: float) -> None:
-        await asyncio.sleep(seconds * 0.2)
-        await _warm_and(cluster, lambda p: p.delay(latency))
-        await asyncio.sleep(seconds * 0.6)
         for proxy in cluster.proxies[0]:
             proxy.heal()
 
@@ -133,14 +109,20 @@ SCENARIOS: dict[str, tuple[str, Callable[[Cluster, float], Awaitable[None]]]] = 
     "leader-kill": ("kill the ZooKeeper leader under load", _kill_leader),
     "partition-short": (
         f"partition sidecar 1 from ZooKeeper for {SESSION / 2:g}s (< session)",
-        _partition(SESSION / 2),
+        _link_fault(TcpProxy.cut, SESSION / 2),
     ),
-    "partition-long": (f"partition sidecar 1 from ZooKeeper for {SESSION * 2:g}s (> session)", _partition(SESSION * 2)),
+    "partition-long": (
+        f"partition sidecar 1 from ZooKeeper for {SESSION * 2:g}s (> session)",
+        _link_fault(TcpProxy.cut, SESSION * 2),
+    ),
     "blackhole": (
         f"black-hole sidecar 1's ZooKeeper traffic for {SESSION * 1.5:g}s (silent)",
-        _blackhole(SESSION * 1.5),
+        _link_fault(TcpProxy.blackhole, SESSION * 1.5),
     ),
-    "slow-link": ("add 300 ms to every packet between sidecar 1 and ZooKeeper", _slow_link(0.3)),
+    "slow-link": (
+        "add 300 ms to every packet between sidecar 1 and ZooKeeper",
+        _link_fault(lambda p: p.delay(0.3), 5.0),
+    ),
     "sidecar-kill": ("SIGKILL sidecar 3 in the middle of writes", _kill_sidecar),
     "origin-faults": ("HTTP origin answers 500, then hangs past the timeout, then recovers", _origin_faults),
 }
