@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.dev.scenarios import SCENARIOS, WINDOW, run_scenario
+from sidecar.dev.scenarios import SCENARIOS, SESSION, WINDOW, run_scenario
 
 pytestmark = pytest.mark.slow
 
@@ -24,3 +24,13 @@ def test_scenario(name: str, tmp_path: Path) -> None:
     assert report.ok, "\n".join(report.violations[:20])
     assert result.converged, "sidecars did not converge on the origin's values"
     assert report.max_eventual_staleness <= WINDOW
+    if result.killed_at is not None:
+        # Locks the killed sidecar held went with its session: every key was
+        # written again, by others, after the session could have expired.
+        late = {
+            op.key
+            for op in result.ops
+            if op.kind in ("put", "cas", "delete") and op.outcome == "ok" and op.start > result.killed_at + SESSION
+        }
+        written = {op.key for op in result.ops if op.kind in ("put", "cas", "delete")}
+        assert late == written, f"no write after the kill's session expiry on {sorted(written - late)}"

@@ -56,6 +56,7 @@ class Cluster:
     dead: set[int]
     keys: list[str]
     upstream: str | None = None  # base URL of the HTTP origin, in origin scenarios
+    killed_at: float | None = None  # time.monotonic() of the sidecar SIGKILL
 
 
 async def _no_fault(cluster: Cluster, seconds: float) -> None:
@@ -100,6 +101,7 @@ async def _kill_sidecar(cluster: Cluster, seconds: float) -> None:
     await asyncio.sleep(seconds * 0.3)
     victim = cluster.sidecars[2]
     cluster.dead.add(2)
+    cluster.killed_at = time.monotonic()
     if victim.proc is not None:
         victim.proc.kill()  # SIGKILL: its locks go only when its session expires
 
@@ -138,6 +140,8 @@ class ScenarioResult:
     report: Report
     converged: bool
     seconds: float
+    ops: list[Op]
+    killed_at: float | None
 
 
 def _outcome(status: int, problem_type: str) -> str:
@@ -309,7 +313,7 @@ def run_scenario(name: str, base_dir: Path, seconds: float = 8.0, clients: int =
         if upstream is not None:
             upstream.kill()
             upstream.wait(10)
-    return ScenarioResult(name, description, report, converged, time.monotonic() - started)
+    return ScenarioResult(name, description, report, converged, time.monotonic() - started, ops, cluster.killed_at)
 
 
 def _wait_for_http(url: str, timeout: float = 20.0) -> None:
