@@ -163,6 +163,10 @@ class ZkSession:
         Connection errors become :class:`CoordinationError`; ZooKeeper's own
         errors (``NoNodeError``, ``BadVersionError``...) pass through unchanged.
         """
+        # The request went out just now. Its answer proves we hold every event
+        # for changes committed before the server processed it, so "heard at
+        # the send time" is a safe (early) stamp, unaffected by loop lag.
+        sent = time.monotonic()
         try:
             result = await asyncio.wait_for(bridge.wait(async_result, self.loop), self.op_timeout)
         except TimeoutError:
@@ -170,9 +174,9 @@ class ZkSession:
         except CONNECTION_ERRORS as exc:
             raise CoordinationError(f"ZooKeeper {what} failed: {type(exc).__name__}") from exc
         except KazooException:
-            self.last_heard = time.monotonic()  # the server answered (NoNode, BadVersion...)
+            self.last_heard = max(self.last_heard, sent)  # the server answered (NoNode, BadVersion...)
             raise
-        self.last_heard = time.monotonic()
+        self.last_heard = max(self.last_heard, sent)
         return result
 
     async def exists(self, path: str, watch: Callable[[Any], None] | None = None) -> ZnodeStat | None:
