@@ -43,6 +43,7 @@ from .operations import (
     bump_version,
     ensure_layout,
     publish_invalidation,
+    read_version,
 )
 from .session import ZkSession, ZkState
 
@@ -186,8 +187,7 @@ class Coordinator:
     async def read_version(self, key: str) -> int:
         """The key's current version as this session sees it, without a watch."""
         self._require_ready()
-        stat = await self.zk.exists(self.layout.version_path(key))
-        return int(stat.mzxid) if stat else 0
+        return await read_version(self.zk, self.layout, key)
 
     async def bump_version(self, key: str, op: str) -> int:
         """Publish a new version of ``key`` (fires every sidecar's watch)."""

@@ -236,7 +236,3 @@ class ZkSession:
     async def ensure_path(self, path: str) -> None:
         """Create ``path`` and its parents if missing."""
         await self.call(self.client.ensure_path_async(path), "ensure_path")
-
-    async def sync(self, path: str) -> None:
-        """``sync``: the next read on this session sees every write committed before it."""
-        await self.call(self.client.sync_async(path), "sync")
