@@ -179,13 +179,12 @@ class CacheService:
         if not self.coord.usable:
             return await self._read_disconnected(key), "bypass"
         current = await self.coord.synced_version(key)
+        self.stats.strong_reads += 1
         entry = self.cache.get(key)
         if entry is not None and entry.version == current:
             self.stats.hits += 1
-            self.stats.strong_reads += 1
             return entry, "hit"
         self.stats.misses += 1
-        self.stats.strong_reads += 1
         return await self._fill(key), "miss"
 
     async def lease(self, key: str) -> int:
@@ -194,8 +193,7 @@ class CacheService:
         The application then loads the value from its own store and hands it
         to :meth:`fill` with this lease.
         """
-        if not self.coord.usable:
-            raise NotConnected(f"leases need ZooKeeper: {self.coord.describe_state()}")
+        self.coord.require_usable("leases need ZooKeeper")
         self.stats.misses += 1
         return (await self.coord.watch_version(key)).version
 
@@ -208,10 +206,8 @@ class CacheService:
         stale-set race of cache-aside caches, closed.
         """
         validate_key(key)
-        if len(value.value) > self.config.max_value_bytes:
-            raise PayloadTooLarge(f"value is {len(value.value)} bytes; the limit is {self.config.max_value_bytes}")
-        if not self.coord.usable:
-            raise NotConnected(f"fills need ZooKeeper: {self.coord.describe_state()}")
+        self._check_size(value)
+        self.coord.require_usable("fills need ZooKeeper")
         ticket = self.cache.begin_fill(key)  # before the watch, as every fill
         try:
             current, writing = await self.coord.watch_version(key)
@@ -255,9 +251,12 @@ class CacheService:
         self, key: str, value: OriginValue, *, if_match: int | None = None, if_none_match: bool = False
     ) -> int:
         """Write-through; returns the new version. See the module docstring."""
+        self._check_size(value)
+        return await self._shielded(self._write(key, value, if_match, if_none_match))
+
+    def _check_size(self, value: OriginValue) -> None:
         if len(value.value) > self.config.max_value_bytes:
             raise PayloadTooLarge(f"value is {len(value.value)} bytes; the limit is {self.config.max_value_bytes}")
-        return await self._shielded(self._write(key, value, if_match, if_none_match))
 
     async def delete(self, key: str, *, if_match: int | None = None) -> int:
         """Delete-through; the version bump is the tombstone. Returns it."""
@@ -273,8 +272,7 @@ class CacheService:
 
     async def _write(self, key: str, value: OriginValue | None, if_match: int | None, if_none_match: bool) -> int:
         validate_key(key)
-        if not self.coord.usable:
-            raise NotConnected(f"writes need ZooKeeper: {self.coord.describe_state()}")
+        self.coord.require_usable("writes need ZooKeeper")
         local = self._local_locks.get(key)
         if local is None:
             local = self._local_locks[key] = asyncio.Lock()

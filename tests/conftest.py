@@ -13,7 +13,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -23,7 +22,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar.dev import LocalZooKeeper, SidecarProcess, free_port
+from sidecar.dev import LocalZooKeeper, SidecarProcess
+from sidecar.dev.upstream import UpstreamProcess
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -114,31 +114,10 @@ def sidecars(
 @pytest.fixture
 def upstream(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     """A real HTTP origin process (sidecar/dev/upstream.py); yields its base URL."""
-    port = free_port()
-    log_path = tmp_path / "upstream.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar.dev.upstream", str(port)], stdout=log, stderr=subprocess.STDOUT
-        )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            urllib.request.urlopen(base + "/_control/held/x", timeout=1).read()
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError(f"upstream did not start:\n{log_path.read_text()}") from None
-            time.sleep(0.05)
-    yield base
-    _dump_logs_if_failed(request, "upstream", lambda: log_path.read_text(errors="replace"))
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:  # a request still held open by a failed test
-        proc.kill()
-        proc.wait(5)
+    server = UpstreamProcess(tmp_path / "upstream.log")
+    yield server.base
+    _dump_logs_if_failed(request, "upstream", server.log)
+    server.stop()
 
 
 @pytest.fixture

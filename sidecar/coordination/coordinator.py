@@ -163,7 +163,7 @@ class Coordinator:
         revalidation, which runs before the session is declared ready.
         """
         if not during_setup:
-            self._require_ready()
+            self.require_usable()
         stat = await self.zk.exists(self.layout.version_path(key), watch=self._version_watch)
         if stat is None:
             return KeyVersion(0, False)
@@ -176,7 +176,7 @@ class Coordinator:
         session's requests in order, so the ``exists`` is served only after the
         server caught up with the leader: about one round trip via the leader.
         """
-        self._require_ready()
+        self.require_usable()
         path = self.layout.version_path(key)
         synced = self.zk.client.sync_async(path)
         exists = self.zk.client.exists_async(path)
@@ -186,7 +186,7 @@ class Coordinator:
 
     async def read_version(self, key: str) -> int:
         """The key's current version as this session sees it, without a watch."""
-        self._require_ready()
+        self.require_usable()
         return await read_version(self.zk, self.layout, key)
 
     async def bump_version(self, key: str, op: str) -> int:
@@ -201,7 +201,7 @@ class Coordinator:
         session state change since then (which kazoo's lock docs say may mean
         the lock is gone) makes :meth:`check_lock` fail.
         """
-        self._require_ready()
+        self.require_usable()
         generation = self.state_generation
         async with self.locks.hold(self.layout.lock_path(key), timeout, timeout + self.zk.op_timeout):
             self.check_lock(generation)
@@ -218,7 +218,7 @@ class Coordinator:
 
     async def publish(self, keys: list[str], prefixes: list[str], everything: bool) -> InvalidationReceipt:
         """Publish a fleet-wide invalidation (see ``operations.publish_invalidation``)."""
-        self._require_ready()
+        self.require_usable()
         return await publish_invalidation(
             self.zk, self.layout, keys=keys, prefixes=prefixes, everything=everything, by=self.member_id
         )
@@ -235,12 +235,14 @@ class Coordinator:
 
     async def await_acknowledgement(self, zxid: int, timeout: float) -> Acknowledgement:
         """Wait until every live member applied everything up to ``zxid`` (bounded)."""
-        self._require_ready()
+        self.require_usable()
         return await await_acknowledgement(self.zk, self.layout, zxid, timeout)
 
-    def _require_ready(self) -> None:
+    def require_usable(self, purpose: str = "") -> None:
+        """Raise :class:`NotConnected` (saying why, and for what) unless :attr:`usable`."""
         if not self.usable:
-            raise NotConnected(self.describe_state())
+            state = self.describe_state()
+            raise NotConnected(f"{purpose}: {state}" if purpose else state)
 
     # -- watches (kazoo threads -> loop) ------------------------------------
     def _version_watch(self, event: WatchedEvent) -> None:

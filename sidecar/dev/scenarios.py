@@ -18,8 +18,6 @@ import argparse
 import asyncio
 import random
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -33,8 +31,9 @@ import aiohttp
 
 from ..origins.sqlite import SqliteOrigin
 from .history import Op, Report, check
-from .process import SidecarProcess, die_with_parent, free_port
+from .process import SidecarProcess
 from .proxy import TcpProxy
+from .upstream import UpstreamProcess
 from .zookeeper import LocalEnsemble
 
 __all__ = ["SCENARIOS", "ScenarioResult", "main", "run_scenario"]
@@ -260,24 +259,14 @@ def run_scenario(name: str, base_dir: Path, seconds: float = 8.0, clients: int =
     started = time.monotonic()
     db = base_dir / "origin.db"
     asyncio.run(SqliteOrigin(f"sqlite:///{db}", 5).open())
-    upstream: subprocess.Popen[bytes] | None = None
-    origin = f"sqlite:///{db}"
-    if name in _HTTP_ORIGIN:
-        port = free_port()
-        upstream = subprocess.Popen(
-            [sys.executable, "-m", "sidecar.dev.upstream", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
-        )
-        origin = f"http://127.0.0.1:{port}/kv"
-        _wait_for_http(f"http://127.0.0.1:{port}/_control/held/x")
+    upstream = UpstreamProcess() if name in _HTTP_ORIGIN else None
+    origin = f"{upstream.base}/kv" if upstream else f"sqlite:///{db}"
     ensemble = LocalEnsemble(base_dir / "zk", tick_ms=500)
     ensemble.start()
     key_names = [f"k{i}" for i in range(keys)]
     cluster = Cluster(ensemble, [], [], set(), key_names)
     if upstream is not None:
-        cluster.upstream = origin.removesuffix("/kv")
+        cluster.upstream = upstream.base
     try:
         for i in range(3):
             proxies = [TcpProxy(s.host, s.port) for s in ensemble.servers]
@@ -311,21 +300,8 @@ def run_scenario(name: str, base_dir: Path, seconds: float = 8.0, clients: int =
                 proxy.stop()
         ensemble.stop()
         if upstream is not None:
-            upstream.kill()
-            upstream.wait(10)
+            upstream.stop()
     return ScenarioResult(name, description, report, converged, time.monotonic() - started, ops, cluster.killed_at)
-
-
-def _wait_for_http(url: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not answer within {timeout:g}s") from None
-            time.sleep(0.05)
 
 
 def _final_values(db: Path, upstream: str | None, keys: list[str]) -> dict[str, bytes | None]:

@@ -8,9 +8,15 @@ release), or make every request fail with 500 or hang.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
+import time
+import urllib.request
+from pathlib import Path
 
 from aiohttp import web
+
+from .process import die_with_parent, free_port
 
 STORE: dict[str, tuple[bytes, str]] = {}
 HOLD: set[str] = set()
@@ -87,6 +93,49 @@ async def held(request: web.Request) -> web.Response:
 async def mode(request: web.Request) -> web.Response:
     MODE["mode"] = request.match_info["mode"]
     return web.Response(status=204)
+
+
+class UpstreamProcess:
+    """This server as a child process on a free loopback port, started and stopped by its owner."""
+
+    def __init__(self, log_path: Path | None = None, timeout: float = 20.0) -> None:
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        out = open(log_path, "wb") if log_path else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sidecar.dev.upstream", str(port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
+            )
+        finally:
+            if log_path:
+                out.close()  # type: ignore[union-attr]
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(self.base + "/_control/held/x", timeout=1).read()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"upstream did not start:\n{self.log()}") from None
+                time.sleep(0.05)
+
+    def log(self) -> str:
+        """What the process wrote, if it had a log file."""
+        return self.log_path.read_text(errors="replace") if self.log_path else "(no log)"
+
+    def stop(self) -> None:
+        """SIGTERM; SIGKILL if a held request keeps it from exiting."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
 
 
 def main() -> None:
