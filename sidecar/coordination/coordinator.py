@@ -303,9 +303,11 @@ class Coordinator:
         stat = await self.zk.exists(self.layout.epoch, watch=self._epoch_watch)
         mzxid = int(stat.mzxid) if stat else 0
         if self._epoch_mzxid is not None and mzxid != self._epoch_mzxid:
-            # Changed while the watch was down (between the event that fired it
-            # and this re-arm): fills begun in that gap must not survive.
-            self._events.flush("invalidate-all (epoch changed while re-arming)")
+            # After an epoch event this always holds, and the second flush is
+            # deliberate: fills begun between the event and this re-arm had no
+            # epoch watch to void them. It also catches a change missed while
+            # the connection was down (same-session reconnect).
+            self._events.flush("invalidate-all (epoch changed; watch re-armed)")
         self._epoch_mzxid = mzxid
 
     async def _arm_prefixes(self) -> None:
