@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import click
 
-from sidecar.config import parse_zk_hosts
+from sidecar.config import parse_zk_auth, parse_zk_hosts
 from sidecar.coordination import (
     InvalidationReceipt,
     Layout,
@@ -61,6 +61,13 @@ def _check_zk(ctx: click.Context, param: click.Parameter, value: str) -> str:
         raise click.BadParameter(str(exc)) from None
 
 
+def _check_zk_auth(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    try:
+        return None if value is None else parse_zk_auth(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _check_keys(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     for key in value:
         try:
@@ -71,7 +78,7 @@ def _check_keys(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
 
 
 async def _with_zk(obj: dict[str, Any], action: Callable[[ZkSession, Layout], Awaitable[T]]) -> T:
-    zk = ZkSession(obj["zk"], session_timeout=max(obj["timeout"], 4.0), op_timeout=obj["timeout"])
+    zk = ZkSession(obj["zk"], session_timeout=max(obj["timeout"], 4.0), op_timeout=obj["timeout"], auth=obj["zk_auth"])
     await zk.connect(obj["timeout"])
     try:
         return await action(zk, Layout(f"{obj['zk_root']}/{obj['namespace']}"))
@@ -98,6 +105,12 @@ def _run_zk(obj: dict[str, Any], action: Callable[[ZkSession, Layout], Awaitable
 @click.option("--namespace", default="default", show_default=True, help="Cache namespace (env ZKCACHE_NAMESPACE).")
 @click.option("--zk-root", default="/zkcache", show_default=True, help="Root znode (env ZKCACHE_ZK_ROOT).")
 @click.option(
+    "--zk-auth",
+    default=None,
+    callback=_check_zk_auth,
+    help="ZooKeeper credentials scheme:credential, as the sidecars use (env ZKCACHE_ZK_AUTH).",
+)
+@click.option(
     "--timeout",
     default=10.0,
     show_default=True,
@@ -114,13 +127,21 @@ def _run_zk(obj: dict[str, Any], action: Callable[[ZkSession, Layout], Awaitable
 @click.version_option(package_name="zk-cache-sidecar", prog_name="cachectl")
 @click.pass_context
 def cli(
-    ctx: click.Context, zk: str, namespace: str, zk_root: str, timeout: float, sidecar: str, auth_token: str | None
+    ctx: click.Context,
+    zk: str,
+    namespace: str,
+    zk_root: str,
+    zk_auth: str | None,
+    timeout: float,
+    sidecar: str,
+    auth_token: str | None,
 ) -> None:
     """Operate a zk-cache-sidecar fleet."""
     ctx.obj = {
         "zk": zk,
         "namespace": namespace,
         "zk_root": zk_root.rstrip("/"),
+        "zk_auth": zk_auth,
         "timeout": timeout,
         "sidecar": sidecar.rstrip("/"),
         "auth_token": auth_token,

@@ -9,7 +9,7 @@ import sys
 from typing import NoReturn
 
 from . import __version__
-from .config import ENV_PREFIX, flag_names, load_config, settings_help
+from .config import ENV_PREFIX, flag_names, load_config, settings_help, unknown_env_names
 from .errors import ConfigError, SidecarError
 
 __all__ = ["main"]
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("kazoo.client").setLevel(logging.WARNING)
+    for name in unknown_env_names():
+        logging.getLogger("sidecar").warning("ignoring %s: no such setting (see cache-sidecar --help)", name)
     try:
         import uvloop  # optional accelerator
     except ImportError:

@@ -2,9 +2,12 @@
 
 Start: origin -> service (ZooKeeper connects in the background) -> HTTP site.
 The HTTP site comes up before ZooKeeper is ready so that /healthz answers and
-/readyz can say why it is not ready.  Stop (SIGTERM/SIGINT): stop accepting
-requests and finish those in flight, finish writes in progress, close the
-ZooKeeper session (the member znode disappears at once), close the origin.
+/readyz can say why it is not ready.  With ``ops_listen`` a second site serves
+only probes and metrics (kubelet probes reach the pod IP, while the API stays
+on loopback).  Stop (SIGTERM/SIGINT), bounded by ``shutdown_timeout``: stop
+accepting requests and finish those in flight, finish writes in progress,
+close the ZooKeeper session (the member znode disappears at once), close the
+origin.
 """
 
 from __future__ import annotations
@@ -16,45 +19,47 @@ import signal
 
 from aiohttp import web
 
-from .config import Config
-from .http_api import make_app
+from .config import Config, Listen
+from .http_api import make_app, make_ops_app
 from .origins import open_origin
 from .service import CacheService
 
-__all__ = ["SHUTDOWN_TIMEOUT", "serve"]
+__all__ = ["serve"]
 
 log = logging.getLogger(__name__)
 
-# Kubernetes' terminationGracePeriodSeconds must exceed this (the chart does).
-SHUTDOWN_TIMEOUT = 10.0
+# Share of shutdown_timeout given to in-flight HTTP requests; the rest is for
+# background writes and closing the ZooKeeper session.
+_HTTP_DRAIN_SHARE = 0.6
 
 
 async def serve(config: Config, started: asyncio.Event | None = None) -> None:
     """Run the sidecar until SIGTERM or SIGINT (or until cancelled)."""
     origin = await open_origin(config.origin, config.origin_timeout, config.max_value_bytes)
     service = CacheService(config, origin)
-    app = make_app(service)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
-    await runner.setup()
-    listen = config.listen
-    site: web.BaseSite
-    if listen.unix_path is not None:
-        _remove_stale_socket(listen.unix_path)
-        site = web.UnixSite(runner, listen.unix_path)
-    else:
-        site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
+    drain = config.shutdown_timeout * _HTTP_DRAIN_SHARE
+    runners = [web.AppRunner(make_app(service), access_log=None, handle_signals=False, shutdown_timeout=drain)]
+    if config.ops_listen is not None:
+        runners.append(web.AppRunner(make_ops_app(service), access_log=None, handle_signals=False, shutdown_timeout=1))
+    sites: list[web.BaseSite] = []
+    for runner, listen in zip(runners, [config.listen, config.ops_listen], strict=False):
+        assert listen is not None
+        await runner.setup()
+        sites.append(_site(runner, listen))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await site.start()
+        for site in sites:
+            await site.start()
         service.start()
         log.info(
-            "member %s serving %s on %s, origin %s, zookeeper %s%s",
+            "member %s serving %s on %s%s, origin %s, zookeeper %s%s",
             config.member_id,
             config.namespace,
-            listen,
+            config.listen,
+            f" (probes and metrics on {config.ops_listen})" if config.ops_listen else "",
             origin.name,
             config.zk,
             config.namespace_root,
@@ -62,12 +67,21 @@ async def serve(config: Config, started: asyncio.Event | None = None) -> None:
         if started is not None:
             started.set()
         await stop.wait()
-        log.info("shutting down")
+        log.info("shutting down (bound %.1fs)", config.shutdown_timeout)
     finally:
+        deadline = loop.time() + config.shutdown_timeout
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await runner.cleanup()
-        await service.stop()
+        for runner in runners:
+            await runner.cleanup()
+        await service.stop(timeout=max(0.5, deadline - loop.time()))
+
+
+def _site(runner: web.AppRunner, listen: Listen) -> web.BaseSite:
+    if listen.unix_path is not None:
+        _remove_stale_socket(listen.unix_path)
+        return web.UnixSite(runner, listen.unix_path)
+    return web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -31,25 +31,28 @@ __all__ = [
     "load_config",
     "parse_duration",
     "parse_size",
+    "parse_zk_auth",
     "parse_zk_hosts",
     "settings_help",
+    "unknown_env_names",
 ]
 
 ENV_PREFIX = "ZKCACHE_"
 DEFAULT_LISTEN = "127.0.0.1:7070"
 
+# Ki/Mi/Gi as in Kubernetes quantities, so chart values carry over unchanged.
 _SIZE_UNITS = {
     "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "kib": 1024,
-    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+    "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mi": 1024**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gi": 1024**3, "gib": 1024**3,
 }  # fmt: skip
 _DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
 
 
 def parse_size(text: str) -> int:
-    """Parse ``"64MiB"``, ``"1000"`` or ``"2 GB"`` into a byte count."""
+    """Parse ``"64MiB"``, ``"64Mi"``, ``"1000"`` or ``"2 GB"`` into a byte count."""
     m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"not a size: {text!r} (use e.g. 1048576, 512KiB, 64MiB)")
@@ -116,6 +119,18 @@ def _parse_listen(text: str) -> Listen:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"{text!r} is not host:port or unix:/path")
     return Listen(host=host, port=int(port))
+
+
+def _parse_optional_listen(text: str) -> Listen | None:
+    return None if not str(text).strip() or text == "off" else _parse_listen(text)
+
+
+def parse_zk_auth(text: str) -> str:
+    """Check ZooKeeper credentials ``scheme:credential`` (e.g. ``digest:user:password``)."""
+    scheme, sep, credential = str(text).partition(":")
+    if not sep or not scheme or not credential:
+        raise ValueError("use scheme:credential, e.g. digest:user:password")
+    return str(text)
 
 
 def _parse_origin(text: str) -> str:
@@ -195,8 +210,9 @@ def _default_member_id() -> str:
     return pod or f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _setting(default: Any, parse: Callable[[str], Any], help: str) -> Any:
-    return field(default=default, metadata={"parse": parse, "help": help})
+def _setting(default: Any, parse: Callable[[str], Any], help: str, *, secret: bool = False) -> Any:
+    # Secrets stay out of repr(), so a logged Config never leaks them.
+    return field(default=default, repr=not secret, metadata={"parse": parse, "help": help})
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,10 +223,24 @@ class Config:
     namespace: str = _setting("default", _parse_namespace, "cache name; sidecars of one namespace share coherence")
     zk_root: str = _setting("/zkcache", _parse_zk_root, "root znode; the namespace lives at <zk_root>/<namespace>")
     zk_session_timeout: float = _setting(10.0, _positive_duration, "ZooKeeper session timeout requested")
+    zk_auth: str | None = _setting(
+        None,
+        parse_zk_auth,
+        "ZooKeeper credentials scheme:credential (e.g. digest:user:password); znodes created are then "
+        "open only to that identity",
+        secret=True,
+    )
     listen: Listen = _setting(  # noqa: RUF009 - Listen is frozen: sharing the default is safe
         _parse_listen(DEFAULT_LISTEN), _parse_listen, "HTTP listen address host:port, or unix:/path"
     )
-    auth_token: str | None = _setting(None, _text, "bearer token required on the API (mandatory off loopback)")
+    ops_listen: Listen | None = _setting(  # noqa: RUF009 - Listen is frozen
+        None,
+        _parse_optional_listen,
+        "extra host:port serving only /healthz, /readyz and /metrics, no data and no auth (kubelet probes); empty: off",
+    )
+    auth_token: str | None = _setting(
+        None, _text, "bearer token required on the API (mandatory off loopback)", secret=True
+    )
     origin: str = _setting(
         "sqlite:///./zkcache.db",
         _parse_origin,
@@ -240,6 +270,12 @@ class Config:
         "reads that cannot be served from cache while disconnected: origin (uncached) or fail (503)",
     )
     member_id: str = _setting(None, _text, "this sidecar's id in members/ (default: $POD_NAME, else hostname-pid)")
+    shutdown_timeout: float = _setting(
+        10.0,
+        _positive_duration,
+        "bound on a graceful stop (SIGTERM): drain requests and writes, leave the fleet; keep it below "
+        "Kubernetes' terminationGracePeriodSeconds",
+    )
     log_level: str = _setting("info", _choice("debug", "info", "warning", "error"), "log level")
 
     def __post_init__(self) -> None:
@@ -252,6 +288,8 @@ class Config:
                 f"setting 'listen': {self.listen} is not a loopback address; "
                 "set auth_token (ZKCACHE_AUTH_TOKEN) to listen beyond localhost"
             )
+        if self.ops_listen is not None and self.ops_listen == self.listen:
+            raise ConfigError(f"setting 'ops_listen': {self.ops_listen} is also the API address; pick another port")
         if self.max_value_bytes > self.max_bytes:
             raise ConfigError(f"setting 'max_value_bytes': {self.max_value_bytes} exceeds max_bytes {self.max_bytes}")
         if self.suspended_grace is not None and self.suspended_grace > self.zk_session_timeout / 3:
@@ -295,6 +333,8 @@ def settings_help() -> list[tuple[str, str, str, str]]:
             default = "$POD_NAME or hostname-pid"
         elif name == "suspended_grace":
             default = "auto"
+        elif default is None:
+            default = ""
         rows.append((name, ENV_PREFIX + name.upper(), str(default), f.metadata["help"]))
     return rows
 
@@ -349,6 +389,22 @@ def load_config(
         if value is not None:
             raw[name] = value
     return Config(**{name: _parse_value(name, value) for name, value in raw.items()})
+
+
+# ZKCACHE_* names read by other programs of this project, not by the daemon.
+_OTHER_ENV = frozenset({"CONFIG", "SIDECAR", "ZKSERVER"})
+
+
+def unknown_env_names(env: Mapping[str, str] | None = None) -> list[str]:
+    """``ZKCACHE_*`` variables that name no setting: most likely typos, worth a warning."""
+    env = os.environ if env is None else env
+    return sorted(
+        name
+        for name in env
+        if name.startswith(ENV_PREFIX)
+        and name[len(ENV_PREFIX) :].lower() not in _FIELDS
+        and name[len(ENV_PREFIX) :] not in _OTHER_ENV
+    )
 
 
 def flag_names() -> Sequence[str]:

@@ -51,6 +51,7 @@ __all__ = [
     "SidecarError",
     "Unauthorized",
     "WriteOutcomeUncertain",
+    "ZkAccessDenied",
 ]
 
 PROBLEM_BASE = "https://zk-cache-sidecar.dev/problems/"
@@ -132,6 +133,10 @@ class ConfigError(SidecarError):
 
 class CoordinationError(SidecarError):
     status, problem, title = 503, "coordination-unavailable", "ZooKeeper operation failed"
+
+
+class ZkAccessDenied(CoordinationError):
+    problem, title = "zookeeper-access-denied", "ZooKeeper refused access (check zk_auth and the znodes' ACLs)"
 
 
 class NotConnected(CoordinationError):

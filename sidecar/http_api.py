@@ -38,7 +38,7 @@ from .errors import (
 from .origins import DEFAULT_CONTENT_TYPE, NoOrigin, OriginValue
 from .service import CacheService, Fetched
 
-__all__ = ["KEY_PREFIX", "SERVICE", "make_app"]
+__all__ = ["KEY_PREFIX", "SERVICE", "make_app", "make_ops_app"]
 
 log = logging.getLogger(__name__)
 
@@ -323,13 +323,26 @@ def make_app(service: CacheService) -> web.Application:
     max_body = max(service.config.max_value_bytes, 2 * 1024**2) + 64 * 1024
     app = web.Application(middlewares=middlewares, client_max_size=max_body)
     app[SERVICE] = service
-    app[_REGISTRY] = metrics.make_registry(service)
     app.router.add_get(KEY_PREFIX + "{key:.+}", get_key, allow_head=False)
     app.router.add_put(KEY_PREFIX + "{key:.+}", put_key)
     app.router.add_delete(KEY_PREFIX + "{key:.+}", delete_key)
     app.router.add_post("/v1/invalidate", invalidate)
     app.router.add_get("/v1/stats", stats)
+    _add_ops_routes(app)
+    return app
+
+
+def make_ops_app(service: CacheService) -> web.Application:
+    """Probes and metrics only, no data and no auth: safe on the pod IP for the kubelet."""
+    app = web.Application(middlewares=[_problem_middleware], client_max_size=1024)
+    app[SERVICE] = service
+    _add_ops_routes(app)
+    return app
+
+
+def _add_ops_routes(app: web.Application) -> None:
+    # A registry per app is cheap: its collector reads the one service.
+    app[_REGISTRY] = metrics.make_registry(app[SERVICE])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
-    return app

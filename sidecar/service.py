@@ -120,6 +120,7 @@ class CacheService:
                 "origin": origin.name,
             },
             events=self,
+            auth=config.zk_auth,
         )
 
     # -- lifecycle ----------------------------------------------------------
@@ -127,13 +128,16 @@ class CacheService:
         """Start connecting to ZooKeeper (readiness follows asynchronously)."""
         self.coord.start()
 
-    async def stop(self) -> None:
-        """Finish writes in progress, leave the fleet, close the origin."""
+    async def stop(self, timeout: float | None = None) -> None:
+        """Finish writes in progress, leave the fleet, close the origin: within ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout if timeout is not None else self.config.lock_timeout + 5.0)
+        # Closing the session needs a moment of the budget; writes get the rest.
         if self._writes:
-            await asyncio.wait(self._writes, timeout=self.config.lock_timeout)
+            await asyncio.wait(self._writes, timeout=max(0.0, deadline - loop.time() - 1.0))
         for task in self._background:
             task.cancel()
-        await self.coord.stop()
+        await self.coord.stop(timeout=max(0.1, deadline - loop.time()))
         await self.origin.close()
 
     @property

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.config import load_config, parse_duration, parse_size, settings_help
+from sidecar.config import load_config, parse_duration, parse_size, settings_help, unknown_env_names
 from sidecar.errors import ConfigError
 
 
@@ -92,3 +92,33 @@ def test_daemon_exits_2_with_one_line(argv: list[str], env: dict[str, str], need
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_kubernetes_quantities_and_new_deployment_settings() -> None:
+    assert parse_size("64Mi") == parse_size("64MiB") == 64 * 1024**2
+    cfg = load_config({"ops_listen": "0.0.0.0:7071", "zk_auth": "digest:app:pw", "shutdown_timeout": "3s"}, env={})
+    assert cfg.ops_listen is not None and str(cfg.ops_listen) == "0.0.0.0:7071"
+    assert cfg.shutdown_timeout == 3.0
+    # Secrets stay out of repr (and so out of any log line that prints a Config).
+    assert "digest:app:pw" not in repr(load_config({"zk_auth": "digest:app:pw", "auth_token": "t0ken"}, env={}))
+    assert "t0ken" not in repr(load_config({"auth_token": "t0ken"}, env={}))
+    assert load_config({"ops_listen": ""}, env={}).ops_listen is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"ops_listen": "127.0.0.1:7070"}, "setting 'ops_listen': 127.0.0.1:7070 is also the API address"),
+        ({"zk_auth": "digest"}, "setting 'zk_auth': use scheme:credential"),
+        ({"shutdown_timeout": "0s"}, "setting 'shutdown_timeout': must be greater than zero"),
+    ],
+)
+def test_invalid_deployment_settings(flags: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(flags, env={})
+    assert message in err.value.detail
+
+
+def test_unknown_zkcache_variables_are_reported() -> None:
+    env = {"ZKCACHE_MAX_ENTRIEZ": "5", "ZKCACHE_MAX_ENTRIES": "5", "ZKCACHE_CONFIG": "x", "ZKCACHE_SIDECAR": "y"}
+    assert unknown_env_names(env) == ["ZKCACHE_MAX_ENTRIEZ"]

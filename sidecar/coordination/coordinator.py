@@ -88,6 +88,7 @@ class Coordinator:
         member_info: dict[str, Any],
         events: Events,
         lock_threads: int = 32,
+        auth: str | None = None,
     ) -> None:
         self.layout = Layout(root)
         self.member_id = member_id
@@ -99,7 +100,7 @@ class Coordinator:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._member_info = member_info
         self._events = events
-        self.zk = ZkSession(hosts, session_timeout, on_state=self._on_state)
+        self.zk = ZkSession(hosts, session_timeout, auth=auth, on_state=self._on_state)
         self.locks = KeyLocks(self.zk, member_id, lock_threads)
         self.ready = False
         # Bumped on every session state change: a write that saw it move
@@ -120,14 +121,14 @@ class Coordinator:
         self.zk.start()
         self._heartbeat_task = asyncio.ensure_future(self._heartbeat())
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float | None = None) -> None:
         """Leave the fleet: close the session (the member znode goes with it)."""
         self.ready = False
         for task in [self._setup_task, self._heartbeat_task, *self._rearm_tasks]:
             if task is not None:
                 task.cancel()
         self.locks.shutdown()
-        await self.zk.close()
+        await self.zk.close(timeout)
 
     @property
     def state(self) -> ZkState:

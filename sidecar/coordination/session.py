@@ -11,23 +11,27 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import (
+    AuthFailedError,
     ConnectionClosedError,
     ConnectionLoss,
     KazooException,
+    NoAuthError,
     OperationTimeoutError,
     SessionExpiredError,
 )
 from kazoo.protocol.states import Callback, ZnodeStat
 from kazoo.retry import KazooRetry
+from kazoo.security import CREATOR_ALL_ACL
 
 from .. import bridge
-from ..errors import CoordinationError, NotConnected
+from ..errors import CoordinationError, NotConnected, ZkAccessDenied
 
 __all__ = ["ZkSession", "ZkState", "ZnodeStat"]
 
@@ -59,6 +63,20 @@ _KAZOO_STATES = {
 }
 
 
+def _auth_options(auth: str | None) -> dict[str, Any]:
+    # With credentials, every znode we create is open only to that identity
+    # (ZooKeeper's "auth" ACL scheme = the authenticated creator).
+    if not auth:
+        return {}
+    scheme, _, credential = auth.partition(":")
+    return {"auth_data": [(scheme, credential)], "default_acl": CREATOR_ALL_ACL}
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class ZkSession:
     """One kazoo client used from asyncio.
 
@@ -71,6 +89,7 @@ class ZkSession:
         session_timeout: float,
         *,
         op_timeout: float | None = None,
+        auth: str | None = None,
         on_state: Callable[[ZkState], None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
@@ -93,6 +112,7 @@ class ZkSession:
             connection_retry=KazooRetry(max_tries=-1, delay=0.1, max_delay=1.0),
             command_retry=KazooRetry(max_tries=-1, delay=0.1, max_delay=1.0, deadline=2 * session_timeout),
             logger=logging.getLogger("kazoo.client"),
+            **_auth_options(auth),
         )
         self.client.add_listener(self._kazoo_listener)
 
@@ -124,10 +144,26 @@ class ZkSession:
             if fut in self._connected_waiters:
                 self._connected_waiters.remove(fut)
 
-    async def close(self) -> None:
-        """Close the session (ephemeral znodes go at once) and stop kazoo's threads."""
-        # stop() and close() join kazoo threads: run them off the loop.
-        await asyncio.to_thread(self._stop_and_close)
+    async def close(self, timeout: float | None = None) -> None:
+        """Close the session (ephemeral znodes go at once) and stop kazoo's threads.
+
+        With a ``timeout``, give up waiting after that many seconds: against
+        a dead server kazoo's stop() can take long, and a daemon thread does
+        not hold up the exit (``asyncio.to_thread`` would, in ``asyncio.run``).
+        """
+        done: asyncio.Future[None] = self.loop.create_future()
+
+        def run() -> None:
+            try:
+                self._stop_and_close()
+            finally:
+                bridge.post(self.loop, _set_done, done)
+
+        threading.Thread(target=run, name="zk-close", daemon=True).start()
+        try:
+            await asyncio.wait_for(asyncio.shield(done), timeout)
+        except TimeoutError:
+            log.warning("closing the ZooKeeper session took over %.1fs; leaving it to expire", timeout)
 
     def _stop_and_close(self) -> None:
         try:
@@ -173,6 +209,11 @@ class ZkSession:
             raise CoordinationError(f"ZooKeeper {what} timed out after {self.op_timeout:g}s") from None
         except CONNECTION_ERRORS as exc:
             raise CoordinationError(f"ZooKeeper {what} failed: {type(exc).__name__}") from exc
+        except (NoAuthError, AuthFailedError) as exc:
+            self.last_heard = max(self.last_heard, sent)
+            raise ZkAccessDenied(
+                f"ZooKeeper refused {what}: {type(exc).__name__} (are zk_auth and the znodes' ACLs the same identity?)"
+            ) from exc
         except KazooException:
             self.last_heard = max(self.last_heard, sent)  # the server answered (NoNode, BadVersion...)
             raise
