@@ -101,6 +101,13 @@ class Listen:
         except ValueError:
             return False
 
+    def overlaps(self, other: Listen) -> bool:
+        """Both cannot be bound at once (same socket path, or one port on a shared or wildcard host)."""
+        if self.unix_path is not None or other.unix_path is not None:
+            return self.unix_path == other.unix_path
+        wildcard = {"0.0.0.0", "::", ""}
+        return self.port == other.port and (self.host == other.host or {self.host, other.host} & wildcard != set())
+
     def __str__(self) -> str:
         if self.unix_path is not None:
             return f"unix:{self.unix_path}"
@@ -288,8 +295,8 @@ class Config:
                 f"setting 'listen': {self.listen} is not a loopback address; "
                 "set auth_token (ZKCACHE_AUTH_TOKEN) to listen beyond localhost"
             )
-        if self.ops_listen is not None and self.ops_listen == self.listen:
-            raise ConfigError(f"setting 'ops_listen': {self.ops_listen} is also the API address; pick another port")
+        if self.ops_listen is not None and self.ops_listen.overlaps(self.listen):
+            raise ConfigError(f"setting 'ops_listen': {self.ops_listen} overlaps the API address {self.listen}")
         if self.max_value_bytes > self.max_bytes:
             raise ConfigError(f"setting 'max_value_bytes': {self.max_value_bytes} exceeds max_bytes {self.max_bytes}")
         if self.suspended_grace is not None and self.suspended_grace > self.zk_session_timeout / 3:

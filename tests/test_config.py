@@ -108,7 +108,8 @@ def test_kubernetes_quantities_and_new_deployment_settings() -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        ({"ops_listen": "127.0.0.1:7070"}, "setting 'ops_listen': 127.0.0.1:7070 is also the API address"),
+        ({"ops_listen": "127.0.0.1:7070"}, "setting 'ops_listen': 127.0.0.1:7070 overlaps the API address"),
+        ({"ops_listen": "0.0.0.0:7070"}, "setting 'ops_listen': 0.0.0.0:7070 overlaps the API address"),
         ({"zk_auth": "digest"}, "setting 'zk_auth': use scheme:credential"),
         ({"shutdown_timeout": "0s"}, "setting 'shutdown_timeout': must be greater than zero"),
     ],
