@@ -36,7 +36,7 @@ from .errors import (
     Unauthorized,
 )
 from .origins import DEFAULT_CONTENT_TYPE, NoOrigin, OriginValue
-from .service import CacheService, Fetched
+from .service import CacheService, Fetched, Written
 
 __all__ = ["KEY_PREFIX", "SERVICE", "make_app", "make_ops_app"]
 
@@ -216,17 +216,23 @@ async def put_key(request: web.Request) -> web.StreamResponse:
         raise BadRequest("PUT supports only 'If-None-Match: *' (create only)")
     if if_match is not None and if_none_match is not None:
         raise BadRequest("send If-Match or If-None-Match, not both")
-    version = await service.put(
+    written = await service.put(
         key,
         OriginValue(body, ctype),
         if_match=None if if_match is None else _parse_etag(if_match, "If-Match"),
         if_none_match=if_none_match is not None,
     )
     return web.Response(
-        body=orjson.dumps({"key": key, "version": version}),
+        body=orjson.dumps({"key": key, "version": written.version}),
         content_type="application/json",
-        headers={"ETag": _etag(version)},
+        headers={"ETag": _etag(written.version), "Server-Timing": _server_timing(written)},
     )
+
+
+def _server_timing(written: Written) -> str:
+    # Where a write's time went (lock, check, intent, origin, bump, release),
+    # for clients and the write benchmark: the standard Server-Timing header.
+    return ", ".join(f"{phase};dur={ms:.3f}" for phase, ms in written.phases.items())
 
 
 async def delete_key(request: web.Request) -> web.StreamResponse:
@@ -234,8 +240,8 @@ async def delete_key(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     key = _key_of(request)
     if_match = request.headers.get("If-Match")
-    version = await service.delete(key, if_match=None if if_match is None else _parse_etag(if_match, "If-Match"))
-    return web.Response(status=204, headers={"ETag": _etag(version)})
+    written = await service.delete(key, if_match=None if if_match is None else _parse_etag(if_match, "If-Match"))
+    return web.Response(status=204, headers={"ETag": _etag(written.version), "Server-Timing": _server_timing(written)})
 
 
 def _string_list(body: dict[str, Any], name: str) -> list[str]:

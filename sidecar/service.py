@@ -91,6 +91,27 @@ class Stats:
     flushes: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Written:
+    """A write's outcome: the new version, and where its time went (ms per phase)."""
+
+    version: int
+    phases: dict[str, float]
+
+
+class _Laps:
+    """Milliseconds per named phase, each from the end of the previous one."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._mark = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = (now - self._mark) * 1000
+        self._mark = now
+
+
 class CacheService:
     """Coherent read-through / write-through cache for one sidecar."""
 
@@ -253,7 +274,7 @@ class CacheService:
     # -- writes -------------------------------------------------------------
     async def put(
         self, key: str, value: OriginValue, *, if_match: int | None = None, if_none_match: bool = False
-    ) -> int:
+    ) -> Written:
         """Write-through; returns the new version. See the module docstring."""
         self._check_size(value)
         return await self._shielded(self._write(key, value, if_match, if_none_match))
@@ -262,11 +283,11 @@ class CacheService:
         if len(value.value) > self.config.max_value_bytes:
             raise PayloadTooLarge(f"value is {len(value.value)} bytes; the limit is {self.config.max_value_bytes}")
 
-    async def delete(self, key: str, *, if_match: int | None = None) -> int:
+    async def delete(self, key: str, *, if_match: int | None = None) -> Written:
         """Delete-through; the version bump is the tombstone. Returns it."""
         return await self._shielded(self._write(key, None, if_match, False))
 
-    async def _shielded(self, coro: Awaitable[int]) -> int:
+    async def _shielded(self, coro: Awaitable[Written]) -> Written:
         # Once the origin may have changed, the version bump must follow even
         # if the client goes away: run the write as its own task.
         task = asyncio.ensure_future(coro)
@@ -274,13 +295,15 @@ class CacheService:
         task.add_done_callback(self._writes.discard)
         return await asyncio.shield(task)
 
-    async def _write(self, key: str, value: OriginValue | None, if_match: int | None, if_none_match: bool) -> int:
+    async def _write(self, key: str, value: OriginValue | None, if_match: int | None, if_none_match: bool) -> Written:
         validate_key(key)
         self.coord.require_usable("writes need ZooKeeper")
         local = self._local_locks.get(key)
         if local is None:
             local = self._local_locks[key] = asyncio.Lock()
+        lap = _Laps()
         async with local, self.coord.locked(key, self.config.lock_timeout) as generation:
+            lap("lock")
             session = self.coord.zk.session_id
             if if_match is not None:
                 current = await self.coord.read_version(key)
@@ -288,16 +311,20 @@ class CacheService:
                     raise PreconditionFailed(f'If-Match "{if_match}" but the current version is "{current}"', current)
             if if_none_match and await self.origin.get(key) is not None:
                 raise PreconditionFailed("If-None-Match: * but the key has a value")
+            lap("check")
             self.coord.check_lock(generation)  # last look before the origin changes
             # Intent first: if this writer dies after the origin write, no
             # sidecar may keep (or take) a cached copy of the old value.
             await self.coord.bump_version(key, INTENT)
             self._drop_key(key)
+            lap("intent")
             if value is None:
                 await self.origin.delete(key)
             else:
                 await self.origin.put(key, value)
+            lap("origin")
             version = await self._bump_until_published(key, "delete" if value is None else "put")
+            lap("bump")
             if self.coord.zk.session_id != session:
                 # Our session expired while we held the lock (a partition
                 # longer than the session): another writer may have entered.
@@ -313,12 +340,13 @@ class CacheService:
             # another thread): drop now, so this sidecar never answers with the
             # old value after acknowledging, and void fills that read it.
             self._drop_key(key)
+        lap("release")
         if value is None:
             self.stats.deletes += 1
         else:
             self.stats.writes += 1
             self._spawn(self._refill(key))
-        return version
+        return Written(version, lap.phases)
 
     async def _bump_until_published(self, key: str, op: str) -> int:
         # The origin already has the new value: the fleet must be told. Retry

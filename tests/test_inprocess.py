@@ -176,3 +176,12 @@ async def test_strong_read_never_serves_an_entry_behind_zookeeper(
     bad = await client.get("/v1/keys/s?consistency=linearizable")
     assert bad.status == 400 and bad.headers["Content-Type"] == "application/problem+json"
     assert service.stats.strong_reads == 3
+
+
+async def test_writes_report_where_their_time_went(client: TestClient[Any, Any]) -> None:
+    resp = await client.put("/v1/keys/timed", data=b"v1")
+    assert resp.status == 200
+    phases = dict(item.split(";dur=") for item in resp.headers["Server-Timing"].split(", "))
+    assert list(phases) == ["lock", "check", "intent", "origin", "bump", "release"]
+    assert all(float(ms) >= 0 for ms in phases.values())
+    assert "Server-Timing" in (await client.delete("/v1/keys/timed")).headers
