@@ -11,11 +11,13 @@ Read (miss) protocol, per key::
     value = origin.get(key)               # 3. only now read the origin
     cache.install(ticket, value@version)  # 4. refused if 1..4 saw an invalidation
 
-Write protocol (PUT/DELETE), per key::
+Write protocol (PUT/DELETE), per key (``coordination.lock`` has the why)::
 
-    local asyncio lock -> ZooKeeper lock -> [check If-Match / If-None-Match]
-    -> origin write -> bump version (fires every watch) -> drop our own entry
-    -> release -> refill in the background through the read protocol
+    local asyncio lock -> [If-Match: read the version]
+    -> multi[create lock, version := intent]          (ZooKeeper round trip 1)
+    -> drop our own entry -> [If-None-Match: read the origin] -> origin write
+    -> multi[version := note, delete lock]            (ZooKeeper round trip 2)
+    -> drop our own entry -> refill in the background through the read protocol
 
 The writer does not cache the value it wrote: between its origin write and
 its version bump an outside writer (or, after a lost lock, another sidecar)
@@ -40,10 +42,11 @@ from typing import Any
 from . import __version__
 from .cache import CoherentCache, Entry
 from .config import Config
-from .coordination import INTENT, Coordinator, InvalidationReceipt, ZkState, validate_key
+from .coordination import Coordinator, InvalidationReceipt, VersionConflict, WriteLock, ZkState, validate_key
 from .errors import (
     CoordinationError,
     InvalidationNotPublished,
+    LockTimeout,
     NotAcknowledged,
     NotConnected,
     PayloadTooLarge,
@@ -123,6 +126,9 @@ class CacheService:
         self._clock = clock
         self._flights: Group[Fetched] = Group()
         self._local_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # Keys whose lock node may still be held by this session after a failed
+        # release, with the version data to leave when releasing it.
+        self._leftover_locks: dict[str, bytes | None] = {}
         self._writes: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._grace = config.effective_suspended_grace
@@ -302,29 +308,57 @@ class CacheService:
         if local is None:
             local = self._local_locks[key] = asyncio.Lock()
         lap = _Laps()
-        async with local, self.coord.locked(key, self.config.lock_timeout) as generation:
-            lap("lock")
-            session = self.coord.zk.session_id
+        async with local:
+            if key in self._leftover_locks:
+                # An earlier write's release failed; the node may still be ours.
+                await self.coord.release_leftover(key, self._leftover_locks[key])
+                del self._leftover_locks[key]
+            expected: int | None = None
             if if_match is not None:
-                current = await self.coord.read_version(key)
+                current, expected = await self.coord.read_version_for_cas(key)
                 if current != if_match:
                     raise PreconditionFailed(f'If-Match "{if_match}" but the current version is "{current}"', current)
-            if if_none_match and await self.origin.get(key) is not None:
-                raise PreconditionFailed("If-None-Match: * but the key has a value")
             lap("check")
-            self.coord.check_lock(generation)  # last look before the origin changes
-            # Intent first: if this writer dies after the origin write, no
-            # sidecar may keep (or take) a cached copy of the old value.
-            await self.coord.bump_version(key, INTENT)
-            self._drop_key(key)
-            lap("intent")
-            if value is None:
-                await self.origin.delete(key)
-            else:
-                await self.origin.put(key, value)
+            try:
+                # If-None-Match may still refuse after the lock: intent only once it cannot.
+                lock, generation = await self.coord.lock_for_write(
+                    key, self.config.lock_timeout, expected, intent=not if_none_match
+                )
+            except VersionConflict:
+                current = await self.coord.read_version(key)
+                raise PreconditionFailed(
+                    f'If-Match "{if_match}" but the current version is "{current}"', current
+                ) from None
+            except LockTimeout:
+                raise
+            except CoordinationError:
+                # The transaction may have landed before the connection broke.
+                self._leftover_locks[key] = self.coord.note("abort")
+                raise
+            lap("lock")
+            session = self.coord.zk.session_id
+            origin_touched = False
+            try:
+                if if_none_match:
+                    if await self.origin.get(key) is not None:
+                        raise PreconditionFailed("If-None-Match: * but the key has a value")
+                    await lock.mark_intent()
+                # Intent is published: no sidecar keeps or takes a copy from here on.
+                self._drop_key(key)
+                self.coord.check_lock(generation)  # last look before the origin changes
+                origin_touched = True
+                if value is None:
+                    await self.origin.delete(key)
+                else:
+                    await self.origin.put(key, value)
+            except BaseException:
+                # Nothing written: clear the intent. Origin write failed midway:
+                # keep it, so nobody caches a value of unknown age.
+                await self._abandon(key, lock, None if origin_touched else self.coord.note("abort"))
+                raise
             lap("origin")
-            version = await self._bump_until_published(key, "delete" if value is None else "put")
-            lap("bump")
+            version = await self._publish(key, lock, "delete" if value is None else "put")
+            lap("publish")
             if self.coord.zk.session_id != session:
                 # Our session expired while we held the lock (a partition
                 # longer than the session): another writer may have entered.
@@ -340,7 +374,6 @@ class CacheService:
             # another thread): drop now, so this sidecar never answers with the
             # old value after acknowledging, and void fills that read it.
             self._drop_key(key)
-        lap("release")
         if value is None:
             self.stats.deletes += 1
         else:
@@ -348,19 +381,38 @@ class CacheService:
             self._spawn(self._refill(key))
         return Written(version, lap.phases)
 
-    async def _bump_until_published(self, key: str, op: str) -> int:
-        # The origin already has the new value: the fleet must be told. Retry
-        # until the lock timeout; past it, answer 503 and go on retrying in the
-        # background (a version only moves forward, so retries are harmless).
+    async def _abandon(self, key: str, lock: WriteLock, note: bytes | None) -> None:
         try:
-            return await self._bump_with_retry(key, op, deadline=self._clock() + self.config.lock_timeout)
-        except CoordinationError as exc:
-            log.error("key %r: origin written, version bump failed (%s); retrying in the background", key, exc)
-            self._spawn(self._bump_with_retry(key, op, deadline=None))
-            raise InvalidationNotPublished(
-                "the origin has the new value but other sidecars were not told yet; "
-                "this sidecar keeps retrying the invalidation in the background"
-            ) from exc
+            await lock.abandon(note)
+        except Exception as exc:  # the write's own error matters more; retry on the next write
+            log.warning("key %r: releasing the write lock failed (%s); released on the next write", key, exc)
+            self._leftover_locks[key] = note
+
+    async def _publish(self, key: str, lock: WriteLock, op: str) -> int:
+        # The origin already has the new value: the fleet must be told. Retry
+        # until the lock timeout; past it, answer 503 and go on bumping in the
+        # background (a version only moves forward, so retries are harmless).
+        note = self.coord.note(op)
+        deadline = self._clock() + self.config.lock_timeout
+        backoff = 0.05
+        while True:
+            try:
+                return await lock.publish(note)
+            except CoordinationError as exc:
+                remaining = deadline - self._clock()
+                if remaining > 0:
+                    log.warning("key %r: publishing the new version failed (%s); retrying", key, exc)
+                    await asyncio.sleep(min(backoff, remaining))
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+                log.error("key %r: origin written, version bump failed (%s); retrying in the background", key, exc)
+                if lock.held:
+                    self._leftover_locks[key] = note
+                self._spawn(self._bump_with_retry(key, op, deadline=None))
+                raise InvalidationNotPublished(
+                    "the origin has the new value but other sidecars were not told yet; "
+                    "this sidecar keeps retrying the invalidation in the background"
+                ) from exc
 
     async def _bump_with_retry(self, key: str, op: str, deadline: float | None) -> int:
         # While kazoo reconnects, each attempt waits in its queue (op_timeout).
@@ -530,6 +582,7 @@ class CacheService:
             },
             "writes": s.writes,
             "deletes": s.deletes,
+            "writes_in_progress": len(self._writes),
             "fills_in_flight": c.fills_in_flight,
             "origin": self.origin.name,
             "version": __version__,

@@ -283,21 +283,32 @@ async def test_writer_killed_between_origin_write_and_version_bump(
     assert (status, value) == (200, b"new") and source != "hit", "B cached a value while a write was unfinished"
 
 
-async def test_lock_held_elsewhere_times_out_and_changes_nothing(
+async def test_lock_held_elsewhere_times_out_then_its_end_lets_writers_in(
     sidecars: SidecarFactory, http: aiohttp.ClientSession, zk_server: LocalZooKeeper, namespace: str
 ) -> None:
     a = sidecars("a", lock_timeout="1s")
+    b = sidecars("b", lock_timeout="20s")
     await put(http, a.url, "locked", b"before")
+    await get_hit(http, a.url, "locked")
     holder = KazooClient(hosts=zk_server.hosts)
     await asyncio.to_thread(holder.start, 10)
     try:
-        lock = holder.Lock(Layout(f"/zkcache/{namespace}").lock_path("locked"), "someone-else")
-        assert await asyncio.to_thread(lock.acquire, True, 5)
+        # Another writer holds the key's lock: its ephemeral znode exists.
+        lock_path = Layout(f"/zkcache/{namespace}").lock_path("locked")
+        await asyncio.to_thread(holder.create, lock_path, b"someone-else", ephemeral=True, makepath=True)
         status, problem = await problem_of(http, "PUT", a.url + "/v1/keys/locked", data=b"after")
         assert status == 503 and str(problem["type"]).endswith("lock-timeout")
-        assert (await get(http, a.url, "locked"))[2] == b"before", "a timed-out write changed something"
-        await asyncio.to_thread(lock.release)
-        assert (await put(http, a.url, "locked", b"after"))[0] == 200
+        assert (await get_hit(http, a.url, "locked"))[2] == b"before", "a timed-out write changed something"
+
+        # A writer waiting on the lock gets in as soon as the holder's session ends.
+        waiting = asyncio.ensure_future(put(http, b.url, "locked", b"after"))
+        await eventually(lambda: b.stats()["writes_in_progress"] == 1, what="B waiting for the lock")
+        assert not waiting.done()
+        await asyncio.to_thread(holder.stop)
+        started = time.monotonic()
+        assert (await asyncio.wait_for(waiting, 10))[0] == 200
+        assert time.monotonic() - started < 5, "the waiter was not woken by the lock's deletion"
+        assert (await get(http, a.url, "locked"))[2] == b"after"
     finally:
         await asyncio.to_thread(holder.stop)
         await asyncio.to_thread(holder.close)

@@ -182,6 +182,35 @@ async def test_writes_report_where_their_time_went(client: TestClient[Any, Any])
     resp = await client.put("/v1/keys/timed", data=b"v1")
     assert resp.status == 200
     phases = dict(item.split(";dur=") for item in resp.headers["Server-Timing"].split(", "))
-    assert list(phases) == ["lock", "check", "intent", "origin", "bump", "release"]
+    assert list(phases) == ["check", "lock", "origin", "publish"]
     assert all(float(ms) >= 0 for ms in phases.values())
     assert "Server-Timing" in (await client.delete("/v1/keys/timed")).headers
+
+
+async def test_a_write_costs_two_zookeeper_round_trips(service: CacheService, client: TestClient[Any, Any]) -> None:
+    assert (await client.put("/v1/keys/rt", data=b"v0")).status == 200  # creates the key's znodes
+    await eventually(lambda: "rt" in service.cache, what="the writer's background refill")
+    zk, root = service.coord.zk, service.coord.layout.root
+    sent: list[str] = []
+
+    def counting(name: str, method: Any) -> Any:
+        async def call(first: Any, *args: Any, **kw: Any) -> Any:
+            if first != root:  # the heartbeat's exists
+                sent.append(name)
+            return await method(first, *args, **kw)
+
+        return call
+
+    for name in ("commit", "exists", "get", "set", "create", "delete", "ensure_path", "get_children"):
+        setattr(zk, name, counting(name, getattr(zk, name)))
+    # Two transactions (lock+intent, publish+release); after the answer, the
+    # writer's refill arms its watch like any miss.
+    assert (await client.put("/v1/keys/rt", data=b"v1")).status == 200
+    await eventually(lambda: "rt" in service.cache, what="the writer's background refill")
+    assert sent == ["commit", "commit", "exists"]
+    etag = (await client.get("/v1/keys/rt")).headers["ETag"]
+    sent.clear()
+    # A compare-and-set reads the version first.
+    assert (await client.put("/v1/keys/rt", data=b"v2", headers={"If-Match": etag})).status == 200
+    await eventually(lambda: "rt" in service.cache, what="the writer's background refill")
+    assert sent == ["exists", "commit", "commit", "exists"]

@@ -2,6 +2,7 @@
 
 from .coordinator import Coordinator, Events, KeyVersion
 from .layout import MAX_KEY_BYTES, Layout, escape, unescape, validate_key
+from .lock import VersionConflict, WriteLock
 from .operations import (
     INTENT,
     Acknowledgement,
@@ -22,6 +23,8 @@ __all__ = [
     "InvalidationReceipt",
     "KeyVersion",
     "Layout",
+    "VersionConflict",
+    "WriteLock",
     "ZkSession",
     "ZkState",
     "await_acknowledgement",

@@ -24,8 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any, NamedTuple, Protocol
 
 import orjson
@@ -35,7 +33,7 @@ from kazoo.protocol.states import EventType, WatchedEvent
 from .. import bridge
 from ..errors import CoordinationError, NotConnected
 from .layout import Layout
-from .lock import KeyLocks
+from .lock import WriteLock, acquire_write_lock, release_leftover
 from .operations import (
     Acknowledgement,
     InvalidationReceipt,
@@ -44,6 +42,7 @@ from .operations import (
     ensure_layout,
     publish_invalidation,
     read_version,
+    version_note,
 )
 from .session import ZkSession, ZkState
 
@@ -87,7 +86,6 @@ class Coordinator:
         member_id: str,
         member_info: dict[str, Any],
         events: Events,
-        lock_threads: int = 32,
         auth: str | None = None,
     ) -> None:
         self.layout = Layout(root)
@@ -101,7 +99,6 @@ class Coordinator:
         self._member_info = member_info
         self._events = events
         self.zk = ZkSession(hosts, session_timeout, auth=auth, on_state=self._on_state)
-        self.locks = KeyLocks(self.zk, member_id, lock_threads)
         self.ready = False
         # Bumped on every session state change: a write that saw it move
         # while holding the lock may have lost the lock (kazoo lock docs).
@@ -127,7 +124,6 @@ class Coordinator:
         for task in [self._setup_task, self._heartbeat_task, *self._rearm_tasks]:
             if task is not None:
                 task.cancel()
-        self.locks.shutdown()
         await self.zk.close(timeout)
 
     @property
@@ -194,19 +190,39 @@ class Coordinator:
         """Publish a new version of ``key`` (fires every sidecar's watch)."""
         return await bump_version(self.zk, self.layout, key, op, self.member_id)
 
-    @asynccontextmanager
-    async def locked(self, key: str, timeout: float) -> AsyncIterator[int]:
-        """Hold ``key``'s ZooKeeper lock; yields a token for :meth:`check_lock`.
+    def note(self, op: str) -> bytes:
+        """A version znode's data for ``op`` by this member (see ``operations.version_note``)."""
+        return version_note(op, self.member_id)
+
+    async def read_version_for_cas(self, key: str) -> tuple[int, int]:
+        """``(version, data version)`` of ``key`` for a conditional write: ``(0, -1)`` if never written."""
+        self.require_usable()
+        stat = await self.zk.exists(self.layout.version_path(key))
+        return (int(stat.mzxid), int(stat.version)) if stat else (0, -1)
+
+    async def lock_for_write(
+        self, key: str, timeout: float, expected_data_version: int | None = None, *, intent: bool = True
+    ) -> tuple[WriteLock, int]:
+        """Take ``key``'s write lock with its intent bump (see ``lock``); also a token for :meth:`check_lock`.
 
         The token is the state generation from *before* the request: any
-        session state change since then (which kazoo's lock docs say may mean
-        the lock is gone) makes :meth:`check_lock` fail.
+        session state change since then (which may mean the ephemeral lock
+        node is gone) makes :meth:`check_lock` fail.  Raises ``LockTimeout``,
+        ``VersionConflict`` (``expected_data_version`` moved) or
+        ``CoordinationError`` (the lock may then be held: see
+        :meth:`release_leftover`).
         """
         self.require_usable()
         generation = self.state_generation
-        async with self.locks.hold(self.layout.lock_path(key), timeout, timeout + self.zk.op_timeout):
-            self.check_lock(generation)
-            yield generation
+        lock = await acquire_write_lock(
+            self.zk, self.layout, key, self.member_id, timeout, expected_data_version, intent=intent
+        )
+        return lock, generation
+
+    async def release_leftover(self, key: str, note: bytes | None) -> None:
+        """Release ``key``'s lock if an earlier, failed release left it held by this session."""
+        self.require_usable()
+        await release_leftover(self.zk, self.layout, key, note)
 
     def check_lock(self, generation: int) -> None:
         """Raise unless the session is usable and unchanged since ``generation``.

@@ -3,7 +3,7 @@
 Under the namespace root (``<zk_root>/<namespace>``, default ``/zkcache/default``)::
 
     versions/<bucket>/<escaped key>   version znode; its mzxid is the key's version
-    locks/<bucket>/<escaped key>/     kazoo Lock recipe's contenders for the key
+    locks/<bucket>/<escaped key>      ephemeral: the key's write lock (see lock.py)
     members/<member id>               ephemeral, JSON describing one live sidecar
     epoch                             bumped by invalidate-all; every sidecar watches it
     ackreq                            bumped to ask every sidecar to acknowledge what it

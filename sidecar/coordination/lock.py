@@ -1,113 +1,215 @@
-"""The per-key write lock: kazoo's Lock recipe, driven from asyncio.
+"""The per-key write lock: one ephemeral znode, taken in the same ZooKeeper
+transaction as the intent bump and given back in the same transaction as the
+final version bump.
 
-kazoo's ``Lock.acquire`` blocks a thread while it waits for its predecessor,
-so it runs in a dedicated thread pool, never on the loop and never in the
-default executor (where waiting writers could starve everything else).
-Releases run in a second pool: if every acquiring thread waits for a lock held
-by this same process, the holder must still be able to release it.
+An uncontended write makes two round trips to ZooKeeper:
 
-Callers put a local ``asyncio.Lock`` per key in front (see ``service``) so that
-threads wait only for other sidecars, never for a request of their own process.
+1. ``multi[create <lock> ephemeral, set <version> = "" (intent)]``: the lock
+   and the "write in progress" mark land together or not at all.  With
+   If-Match the ``set`` is conditional on the data version read just before
+   (one more round trip), which makes the compare and the lock one atomic step.
+2. ``multi[set <version> = note, delete <lock>]``: publish the new version
+   (every watcher's event) and release, together.
 
-A cancelled acquisition may still succeed in its thread later; the lock is
-then released as soon as it is taken, so no lock outlives its request.
+kazoo's Lock recipe took four round trips on its own (ensure_path, create
+sequential, get_children; delete), blocked a thread per waiting writer, and
+left a lock directory behind for every key ever written.  What this gives up:
+waiters are not served in order (each waits for the node's deletion and tries
+again), which matters only for a key many sidecars fight over; the service's
+per-key ``asyncio.Lock`` keeps one sidecar's own writers out of that race.
+
+Everything here runs on the loop; waiting is a data watch, never a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import time
-from collections.abc import AsyncIterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from typing import Any
 
-from kazoo.exceptions import KazooException
-from kazoo.exceptions import LockTimeout as KazooLockTimeout
+import orjson
+from kazoo.exceptions import (
+    BadVersionError,
+    NodeExistsError,
+    NoNodeError,
+    RolledBackError,
+    RuntimeInconsistency,
+)
 
+from .. import bridge
 from ..errors import CoordinationError, LockTimeout
-from .session import CONNECTION_ERRORS, ZkSession
+from .layout import Layout
+from .session import ZkSession
 
-__all__ = ["KeyLocks"]
+__all__ = ["VersionConflict", "WriteLock", "acquire_write_lock"]
 
 log = logging.getLogger(__name__)
 
 
-class KeyLocks:
-    """Factory of ZooKeeper locks for keys, with their thread pools."""
+class VersionConflict(Exception):
+    """The key's version moved between the If-Match read and the lock."""
 
-    def __init__(self, zk: ZkSession, identifier: str, max_waiting: int = 32) -> None:
-        self._zk = zk
-        self._identifier = identifier
-        self._acquirers = ThreadPoolExecutor(max_waiting, thread_name_prefix="zk-lock")
-        self._releasers = ThreadPoolExecutor(4, thread_name_prefix="zk-unlock")
 
-    def shutdown(self) -> None:
-        """Stop the pools (waiting acquisitions finish or time out on their own)."""
-        self._acquirers.shutdown(wait=False, cancel_futures=True)
-        self._releasers.shutdown(wait=False, cancel_futures=True)
+def _failure(results: list[Any]) -> Exception | None:
+    # A failed multi reports the culprit's own error; the other operations
+    # say only "rolled back" or "not run".
+    for result in results:
+        if isinstance(result, Exception) and not isinstance(result, RolledBackError | RuntimeInconsistency):
+            return result
+    return None
 
-    @asynccontextmanager
-    async def hold(self, path: str, timeout: float, wait_limit: float) -> AsyncIterator[None]:
-        """Hold the lock at ``path`` for the block; raise :class:`LockTimeout`.
 
-        ``timeout`` is the recipe's own wait for predecessors; ``wait_limit``
-        bounds the whole acquisition, since kazoo's requests can sit queued
-        while it reconnects and the recipe checks its deadline only between them.
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0]
+
+
+class WriteLock:
+    """A key's write lock held by this session, with the key's version znode in intent."""
+
+    def __init__(self, zk: ZkSession, lock_path: str, version_path: str, *, intent: bool = True) -> None:
+        self.zk = zk
+        self.lock_path = lock_path
+        self.version_path = version_path
+        self.held = True
+        self.intent = intent  # the version znode says "write in progress"
+
+    async def mark_intent(self) -> None:
+        """Put the version znode in intent now (for a lock taken with ``intent=False``)."""
+        try:
+            await self.zk.set(self.version_path, b"")
+        except NoNodeError:
+            await self.zk.create(self.version_path, b"", makepath=True)
+        self.intent = True
+
+    async def publish(self, note: bytes) -> int:
+        """Set the version znode to ``note`` and release, in one transaction; return the new version.
+
+        Safe to call again after a connection error: if the lock is already
+        gone (an earlier attempt landed, or the session expired), the version
+        is bumped on its own; a version only has to move forward.
         """
-        loop = asyncio.get_running_loop()
-        lock: Any = self._zk.client.Lock(path, self._identifier)
-        acquiring = loop.run_in_executor(self._acquirers, functools.partial(lock.acquire, True, timeout))
-        try:
-            acquired = await asyncio.wait_for(asyncio.shield(acquiring), wait_limit)
-        except (asyncio.CancelledError, TimeoutError) as exc:
-            lock.cancel()
-            acquiring.add_done_callback(functools.partial(self._release_if_acquired, lock))
-            if isinstance(exc, TimeoutError):
-                raise LockTimeout(f"no write lock within {wait_limit:g}s") from None
-            raise
-        except KazooLockTimeout:
-            acquired = False
-        except CONNECTION_ERRORS as exc:
-            raise CoordinationError(f"lock {path}: {type(exc).__name__}") from exc
-        except KazooException as exc:
-            raise CoordinationError(f"lock {path}: {exc!r}") from exc
-        if not acquired:
-            raise LockTimeout(f"waited {timeout:g}s for the write lock")
-        try:
-            yield
-        finally:
-            await self._release(lock)
+        if self.held:
+            tx = self.zk.client.transaction()
+            tx.set_data(self.version_path, note)
+            tx.delete(self.lock_path)
+            results = await self.zk.commit(tx, "publish")
+            error = _failure(results)
+            if error is None:
+                self.held = False
+                return int(results[0].mzxid)
+            if not isinstance(error, NoNodeError) or isinstance(results[0], NoNodeError):
+                raise CoordinationError(f"publishing {self.version_path}: {error!r}")
+            self.held = False  # the lock node is gone: only the bump is left to do
+        return int((await self.zk.set(self.version_path, note)).mzxid)
 
-    async def _release(self, lock: Any) -> None:
-        loop = asyncio.get_running_loop()
-        releasing = loop.run_in_executor(self._releasers, lock.release)
-        try:
-            # Bounded: with ZooKeeper away, kazoo's delete waits in its queue.
-            # The answer to the client must not wait for it; the release goes
-            # on in its thread, and the node goes with the session anyway.
-            await asyncio.wait_for(asyncio.shield(releasing), self._zk.op_timeout)
-        except TimeoutError:
-            log.warning("releasing lock %s is taking long; continuing in the background", lock.path)
-        except Exception:
-            # Do not fail the already-applied write. The node is ephemeral: it
-            # goes when the session ends; until then, retry in the background.
-            log.warning("releasing lock %s failed; retrying in the background", lock.path, exc_info=True)
-            self._releasers.submit(self._release_later, lock)
+    async def abandon(self, note: bytes | None) -> None:
+        """Release without a new value: with ``note``, also clear the intent (nothing was written).
 
-    def _release_later(self, lock: Any) -> None:
-        for delay in (1, 2, 5, 10, 30):
-            time.sleep(delay)  # a releaser thread, never the loop
-            try:
-                lock.release()
-                return
-            except Exception:  # keep trying; logged below
-                continue
-        log.error("could not release lock %s; it stays until the session ends", lock.path)
-
-    def _release_if_acquired(self, lock: Any, fut: Future[Any] | asyncio.Future[Any]) -> None:
-        if fut.cancelled() or fut.exception() is not None or not fut.result():
+        Without ``note`` the intent stays, so no sidecar caches the key until
+        its next write: right when the origin write failed midway and its
+        outcome is unknown.
+        """
+        if not self.held:
             return
-        self._releasers.submit(lock.release)
+        tx = self.zk.client.transaction()
+        if note is not None and self.intent:
+            tx.set_data(self.version_path, note)
+        tx.delete(self.lock_path)
+        error = _failure(await self.zk.commit(tx, "unlock"))
+        if error is not None and not isinstance(error, NoNodeError):
+            raise CoordinationError(f"releasing {self.lock_path}: {error!r}")
+        self.held = False
+
+
+async def release_leftover(zk: ZkSession, layout: Layout, key: str, note: bytes | None) -> None:
+    """Delete ``key``'s lock node if this session holds it: a release that failed earlier.
+
+    Callers hold the service's per-key ``asyncio.Lock``, so no write of this
+    sidecar is using the node meanwhile.
+    """
+    lock_path = layout.lock_path(key)
+    stat = await zk.exists(lock_path)
+    if stat is not None and stat.ephemeralOwner == zk.session_id:
+        await WriteLock(zk, lock_path, layout.version_path(key)).abandon(note)
+
+
+async def acquire_write_lock(
+    zk: ZkSession,
+    layout: Layout,
+    key: str,
+    owner: str,
+    timeout: float,
+    expected_version: int | None = None,
+    *,
+    intent: bool = True,
+) -> WriteLock:
+    """Take ``key``'s lock and put its version znode in intent, atomically.
+
+    ``expected_version`` (the znode's data version; -1: it must not exist yet)
+    makes the intent conditional: :class:`VersionConflict` if it moved.
+    ``intent=False`` takes only the lock, for a write that may still be
+    refused without leaving a trace (If-None-Match); it then calls
+    :meth:`WriteLock.mark_intent` itself.  Waits up to ``timeout`` seconds
+    for another holder: :class:`LockTimeout`.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    lock_path, version_path = layout.lock_path(key), layout.version_path(key)
+    data = orjson.dumps({"member": owner, "session": f"0x{zk.session_id or 0:x}"})
+    version_exists = expected_version != -1
+    while True:
+        tx = zk.client.transaction()
+        tx.create(lock_path, data, ephemeral=True)
+        if intent and version_exists:
+            tx.set_data(version_path, b"", -1 if expected_version is None else expected_version)
+        elif intent:
+            tx.create(version_path, b"")
+        results = await zk.commit(tx, "lock")
+        error = _failure(results)
+        if error is None:
+            return WriteLock(zk, lock_path, version_path, intent=intent)
+        if results[0] is error:  # the lock node
+            if isinstance(error, NoNodeError):
+                await zk.ensure_path(_parent(lock_path))  # first lock in this bucket
+                continue
+            if not isinstance(error, NodeExistsError):
+                raise CoordinationError(f"lock {lock_path}: {error!r}")
+            await _wait_for_release(zk, lock_path, deadline)
+        elif isinstance(error, BadVersionError):
+            raise VersionConflict(version_path)
+        elif isinstance(error, NoNodeError) and version_exists:
+            if expected_version is not None:
+                raise VersionConflict(version_path)  # expected a version; the key has none
+            version_exists = False  # first write of the key: create its version znode
+        elif isinstance(error, NoNodeError):
+            await zk.ensure_path(_parent(version_path))  # first key in this bucket
+        elif isinstance(error, NodeExistsError):
+            if expected_version == -1:
+                raise VersionConflict(version_path)
+            version_exists = True  # created meanwhile (an invalidation)
+        else:
+            raise CoordinationError(f"lock {lock_path}: {error!r}")
+
+
+async def _wait_for_release(zk: ZkSession, lock_path: str, deadline: float) -> None:
+    loop = asyncio.get_running_loop()
+    released: asyncio.Future[None] = loop.create_future()
+
+    def on_event(_event: Any) -> None:
+        # kazoo's thread: deletion, or the connection dropping (try again either way).
+        bridge.post(loop, _resolve, released)
+
+    if await zk.exists(lock_path, watch=on_event) is None:
+        return  # released between our attempt and the watch
+    remaining = deadline - loop.time()
+    if remaining <= 0:
+        raise LockTimeout("the key's write lock is held by another writer")
+    try:
+        await asyncio.wait_for(released, remaining)
+    except TimeoutError:
+        raise LockTimeout(f"the key's write lock stayed held by another writer for {remaining:.3g}s") from None
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -28,6 +28,7 @@ __all__ = [
     "list_members",
     "publish_invalidation",
     "read_version",
+    "version_note",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,11 @@ async def read_version(zk: ZkSession, layout: Layout, key: str) -> int:
 INTENT = "writing"
 
 
+def version_note(op: str, by: str) -> bytes:
+    """The data a version bump leaves for operators: who did what (never empty: empty means intent)."""
+    return orjson.dumps({"op": op, "by": by})
+
+
 async def bump_version(zk: ZkSession, layout: Layout, key: str, op: str, by: str) -> int:
     """Give ``key`` a new version, firing every sidecar's watch on it; return it.
 
@@ -69,7 +75,7 @@ async def bump_version(zk: ZkSession, layout: Layout, key: str, op: str, by: str
     set bumps twice), which is harmless: a version only has to move forward.
     """
     path = layout.version_path(key)
-    data = b"" if op == INTENT else orjson.dumps({"op": op, "by": by})
+    data = b"" if op == INTENT else version_note(op, by)
     try:
         return int((await zk.set(path, data)).mzxid)
     except NoNodeError:

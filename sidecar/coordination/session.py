@@ -255,6 +255,14 @@ class ZkSession:
         """``delete``; ``version`` >= 0 makes it conditional."""
         await self.call(self.client.delete_async(path, version), "delete")
 
+    async def commit(self, transaction: Any, what: str) -> list[Any]:
+        """Commit a kazoo transaction (``client.transaction()``, built off-loop-safe: no I/O).
+
+        Returns one result per operation; a failed multi reports its errors
+        as exception *values* in that list (nothing is raised for them).
+        """
+        return await self.call(transaction.commit_async(), what)  # type: ignore[no-any-return]
+
     async def drain_events(self) -> None:
         """Return once every watch event kazoo had received is delivered to the loop.
 
