@@ -20,7 +20,7 @@ import signal
 from aiohttp import web
 
 from .config import Config, Listen
-from .http_api import make_app, make_ops_app
+from .http_api import make_server
 from .origins import open_origin
 from .service import CacheService
 
@@ -38,9 +38,9 @@ async def serve(config: Config, started: asyncio.Event | None = None) -> None:
     origin = await open_origin(config.origin, config.origin_timeout, config.max_value_bytes)
     service = CacheService(config, origin)
     drain = config.shutdown_timeout * _HTTP_DRAIN_SHARE
-    runners = [web.AppRunner(make_app(service), access_log=None, handle_signals=False, shutdown_timeout=drain)]
+    runners = [web.ServerRunner(make_server(service, access_log=None), shutdown_timeout=drain)]
     if config.ops_listen is not None:
-        runners.append(web.AppRunner(make_ops_app(service), access_log=None, handle_signals=False, shutdown_timeout=1))
+        runners.append(web.ServerRunner(make_server(service, ops_only=True, access_log=None), shutdown_timeout=1))
     sites: list[web.BaseSite] = []
     for runner, listen in zip(runners, [config.listen, config.ops_listen], strict=False):
         assert listen is not None
@@ -77,7 +77,7 @@ async def serve(config: Config, started: asyncio.Event | None = None) -> None:
         await service.stop(timeout=max(0.5, deadline - loop.time()))
 
 
-def _site(runner: web.AppRunner, listen: Listen) -> web.BaseSite:
+def _site(runner: web.BaseRunner, listen: Listen) -> web.BaseSite:
     if listen.unix_path is not None:
         _remove_stale_socket(listen.unix_path)
         return web.UnixSite(runner, listen.unix_path)

@@ -162,6 +162,7 @@ async def test_bad_requests_are_problems_and_change_nothing(
         ("POST", "/v1/invalidate", b'{"keys": [1]}', {}, 400),
         ("GET", "/v1/nothing-here", None, {}, 404),
         ("PATCH", "/v1/keys/k", b"", {}, 405),
+        ("DELETE", "/v1/stats", None, {}, 405),
     ]
     for method, path, body, headers, expected in cases:
         async with http.request(method, a.url + path, data=body, headers=headers) as resp:

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import RawTestServer, TestClient
 from blockbuster import BlockBuster, blockbuster_ctx
 from kazoo.client import KazooClient
 
 from sidecar.cache import Entry
 from sidecar.config import load_config
 from sidecar.dev import LocalZooKeeper
-from sidecar.http_api import make_app
+from sidecar.http_api import Api
 from sidecar.origins import open_origin
 from sidecar.service import CacheService
 from tests.conftest import eventually
@@ -49,7 +49,7 @@ async def service(zk_server: LocalZooKeeper, namespace: str, tmp_path: Path) -> 
 
 @pytest.fixture
 async def client(service: CacheService) -> AsyncIterator[TestClient[Any, Any]]:
-    async with TestClient(TestServer(make_app(service))) as c:
+    async with TestClient(RawTestServer(Api(service))) as c:
         yield c
 
 
@@ -143,7 +143,7 @@ async def test_auth_token_is_required_when_set(zk_server: LocalZooKeeper, namesp
     )
     svc = CacheService(cfg, await open_origin(cfg.origin, cfg.origin_timeout, cfg.max_value_bytes))
     try:
-        async with TestClient(TestServer(make_app(svc))) as c:
+        async with TestClient(RawTestServer(Api(svc))) as c:
             assert (await c.get("/healthz")).status == 200  # probes need no token
             resp = await c.get("/v1/keys/k")
             assert resp.status == 401 and resp.headers["Content-Type"] == "application/problem+json"
