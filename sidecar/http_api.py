@@ -82,15 +82,26 @@ def _problem_of(exc: SidecarError, path: str) -> web.Response:
 
 
 # -- request parsing --------------------------------------------------------
+def _raw_path(request: web.BaseRequest) -> str:
+    # The request target as sent, still percent-encoded, without its query:
+    # '%2F' and '/' both work and no '.'/'..' normalisation changes a key.
+    # Slicing the string is cheaper than yarl's parse; an absolute-form
+    # target (http://host/path, from some proxies) goes through yarl.
+    target = request.raw_path
+    if not target.startswith("/"):
+        return request.rel_url.raw_path
+    end = target.find("?")
+    return target if end < 0 else target[:end]
+
+
 def _key_of(request: web.BaseRequest) -> str:
-    # The raw (still percent-encoded) path, so that '%2F' and '/' both work
-    # and no normalisation of '.' or '..' segments changes the key.
-    raw = request.rel_url.raw_path[len(KEY_PREFIX) :]
-    try:
-        key = unquote(raw, errors="strict")
-    except UnicodeDecodeError:
-        raise InvalidKey("key is not valid percent-encoded UTF-8") from None
-    return validate_key(key)
+    raw = _raw_path(request)[len(KEY_PREFIX) :]
+    if "%" in raw:
+        try:
+            raw = unquote(raw, errors="strict")
+        except UnicodeDecodeError:
+            raise InvalidKey("key is not valid percent-encoded UTF-8") from None
+    return validate_key(raw)
 
 
 def _parse_etag(value: str, header: str) -> int:
@@ -131,6 +142,11 @@ def _etag(version: int) -> str:
 async def get_key(service: CacheService, request: web.BaseRequest) -> web.StreamResponse:
     """GET /v1/keys/{key}: hit, miss (read-through) or 404."""
     key = _key_of(request)
+    if service.hit_path_plain and "?" not in request.raw_path:
+        # The hot path: eventual read, no query, read-through origin.
+        entry = service.cached(key)
+        if entry is not None:
+            return _respond(request, entry.value, entry.content_type, entry.version, "hit")
     version: int | None
     result: Entry | Fetched | None
     if _consistency(request, service.config.consistency) == "strong":
@@ -156,14 +172,17 @@ async def get_key(service: CacheService, request: web.BaseRequest) -> web.Stream
         if result is None or result.value is None:
             raise NotFound(f"the origin has no value for key {key!r}")
         value, ctype, version = result.value.value, result.value.content_type, result.version
-    headers = {"X-Cache": source}
-    if version is not None:
-        etag = _etag(version)
-        headers["ETag"] = etag
-        inm = request.headers.get("If-None-Match")
-        if inm is not None and etag in (t.strip() for t in inm.split(",")):
-            return web.Response(status=304, headers=headers)
-    return web.Response(body=value, headers={**headers, "Content-Type": ctype})
+    return _respond(request, value, ctype, version, source)
+
+
+def _respond(request: web.BaseRequest, value: bytes, ctype: str, version: int | None, source: str) -> web.Response:
+    if version is None:
+        return web.Response(body=value, headers={"X-Cache": source, "Content-Type": ctype})
+    etag = f'"{version}"'
+    inm = request.headers.get("If-None-Match")
+    if inm is not None and etag in (t.strip() for t in inm.split(",")):
+        return web.Response(status=304, headers={"X-Cache": source, "ETag": etag})
+    return web.Response(body=value, headers={"X-Cache": source, "ETag": etag, "Content-Type": ctype})
 
 
 async def put_key(service: CacheService, request: web.BaseRequest) -> web.StreamResponse:
@@ -319,7 +338,7 @@ class Api:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         """Dispatch one request; every error becomes a problem+json response here."""
         try:
-            path = request.rel_url.raw_path
+            path = _raw_path(request)
             if path.startswith(KEY_PREFIX) and not self.ops_only:
                 self._authorize(request)
                 handler = _KEY_HANDLERS.get(request.method)

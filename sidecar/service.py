@@ -53,7 +53,7 @@ from .errors import (
     PreconditionFailed,
     WriteOutcomeUncertain,
 )
-from .origins import Origin, OriginValue
+from .origins import NoOrigin, Origin, OriginValue
 from .singleflight import Group
 
 __all__ = ["CacheService", "Fetched", "Stats"]
@@ -132,6 +132,8 @@ class CacheService:
         self._writes: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._grace = config.effective_suspended_grace
+        # A plain GET (no query) is served by the HTTP layer's short path.
+        self.hit_path_plain = config.consistency == "eventual" and not isinstance(origin, NoOrigin)
         self._disconnected_since: float | None = clock()
         self.started_at = time.time()
         self.coord = Coordinator(
