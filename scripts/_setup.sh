@@ -1,6 +1,7 @@
 # Sourced by dev.sh and test.sh: install what is missing, idempotently.
 # - ZooKeeper from Debian's 'zookeeper' package, unless one is installed
 #   (zkServer.sh found) or configured (ZKCACHE_ZK / ZKCACHE_ZKSERVER set);
+# - wrk and redis-server from Debian (the benchmarks compare against them);
 # - a project virtualenv in .venv with the package and its test extras.
 
 _sudo() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -17,6 +18,17 @@ ensure_zookeeper() {
   _sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive _sudo apt-get install -y -qq zookeeper >/dev/null
   have_zkserver || { echo "ZooKeeper install failed: zkServer.sh not found" >&2; return 1; }
+}
+
+ensure_bench_tools() {
+  local missing=()
+  command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  command -v redis-benchmark >/dev/null 2>&1 || missing+=(redis-tools)
+  [ ${#missing[@]} = 0 ] && return 0
+  echo ">> installing ${missing[*]} (Debian) for the benchmarks" >&2
+  _sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive _sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
 ensure_venv() {

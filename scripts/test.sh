@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The test suite, exactly as CI runs it (.ci/run calls this script).
 # Installs what is missing, then: lint, type check, tests against a real
-# ZooKeeper and real sidecar processes. Extra arguments go to pytest.
+# ZooKeeper and real sidecar processes, and a smoke run of every benchmark
+# (python -m bench --quick: it asserts nothing about timings, it only has to
+# run). Extra arguments go to pytest; with any, the benchmark smoke is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_setup.sh
 ensure_zookeeper
+ensure_bench_tools
 ensure_venv
 
 echo ">> ruff" >&2
@@ -14,4 +17,8 @@ echo ">> ruff" >&2
 echo ">> mypy --strict" >&2
 .venv/bin/mypy
 echo ">> pytest" >&2
-exec .venv/bin/python -m pytest -q -ra "$@"
+.venv/bin/python -m pytest -q -ra "$@"
+if [ $# = 0 ]; then
+  echo ">> python -m bench --quick (smoke; results in .local/bench-quick)" >&2
+  .venv/bin/python -m bench --quick --out .local/bench-quick
+fi

@@ -57,8 +57,10 @@ class LocalZooKeeper:
         max_session_ms: int = 60000,
         extra_config: str = "",
         myid: int | None = None,
+        heap: str = "256m",
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
+        self.heap = heap  # JVM -Xmx: enough for tests; the scale benchmark needs more
         self.host = host
         self.port = port or free_port(host)
         self.tick_ms = tick_ms
@@ -108,7 +110,7 @@ class LocalZooKeeper:
             os.environ,
             ZOO_LOG_DIR=str(logs),
             ZOO_LOG4J_PROP="INFO,CONSOLE",
-            JVMFLAGS="-Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1",
+            JVMFLAGS=f"-Xmx{self.heap} -XX:+UseSerialGC -XX:TieredStopAtLevel=1",
         )
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(

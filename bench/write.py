@@ -1,0 +1,953 @@
+"""Miss path and write-through: latency, where a write's time goes, ZooKeeper round trips, throughput.
+
+    .venv/bin/python -m bench.write [--quick] [--out bench/results]
+
+Starts its own ZooKeeper and one sidecar (SQLite origin) under a temporary
+directory, all on loopback, and stops them at the end.  Measures, in order:
+
+1. **Miss path**: sequential GETs of N distinct keys on one keep-alive
+   connection; the keys were written straight into the SQLite file, so no
+   ZooKeeper write precedes them.
+2. **Write-through**: sequential 1 KiB PUTs of one key (plain, then
+   compare-and-set with ``If-Match`` from the previous answer), and PUTs of
+   never-written keys; each answer's ``Server-Timing`` header gives the
+   phases (lock, check, intent, origin, bump, release).
+3. **ZooKeeper round trips** per miss and per write, counted on the server:
+   ``zk_packets_received`` / ``zk_packets_sent`` from ``mntr`` across the run,
+   minus the same counters over an idle period of the same length right after
+   (heartbeats, pings), divided by the number of operations.  Only the one
+   sidecar is connected meanwhile.
+4. **Throughput**: 8 and 32 concurrent aiohttp clients writing one hot key, or
+   1000 distinct keys, for a fixed duration each.
+5. **Request census**: the same kinds of operations, fewer of them, by a
+   second sidecar that reaches ZooKeeper through a decoding proxy, which names
+   every request (opcode, znode kind) and watch notification it forwards.
+
+The small helpers at the top (percentiles, ``mntr``, a raw keep-alive HTTP
+client, SQLite preloading, result files) are also used by ``bench.fanout`` and
+``bench.scale``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import inspect
+import itertools
+import math
+import socket
+import sqlite3
+import struct
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+
+from bench.common import machine as machine_info
+from bench.common import write_results as write_outputs
+from sidecar.dev import LocalZooKeeper, SidecarProcess
+from sidecar.origins.sqlite import SqliteOrigin
+
+T = TypeVar("T")
+
+NAMESPACE = "bench"
+VALUE_1K = bytes(range(256)) * 4  # 1 KiB, not all one byte
+
+
+# -- statistics and formatting ----------------------------------------------------
+def pct(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile ``p`` (0-100) of ``values``; NaN when empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """n, p50, p90, p99, max and mean of a list of milliseconds (for JSON and tables)."""
+    if not values:
+        return {"n": 0, "p50": math.nan, "p90": math.nan, "p99": math.nan, "max": math.nan, "mean": math.nan}
+    return {
+        "n": len(values),
+        "p50": pct(values, 50),
+        "p90": pct(values, 90),
+        "p99": pct(values, 99),
+        "max": max(values),
+        "mean": sum(values) / len(values),
+    }
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    """A number for a table cell; ``-`` when missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def ms_row(name: str, values: Sequence[float], digits: int = 2) -> str:
+    """``| name | n | p50 | p90 | p99 | max |`` in milliseconds."""
+    s = summary(values)
+    cells = [fmt(s[k], digits) for k in ("p50", "p90", "p99", "max")]
+    return f"| {name} | {s['n']} | " + " | ".join(cells) + " |"
+
+
+MS_HEADER = "| measurement (ms) | n | p50 | p90 | p99 | max |\n|---|---|---|---|---|---|"
+
+
+def command_line(module: str, quick: bool) -> str:
+    """The command that reproduces a module's run."""
+    return f".venv/bin/python -m bench.{module}" + (" --quick" if quick else "")
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr (stdout carries the report)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop when installed: the client's own overhead is part of every sample."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+# -- ZooKeeper's own counters -----------------------------------------------------
+def mntr(zk: LocalZooKeeper, timeout: float = 2.0) -> dict[str, str]:
+    """ZooKeeper's ``mntr`` (four-letter word on the client port; not a session) as a dict."""
+    with socket.create_connection((zk.host, zk.port), timeout=timeout) as sock:
+        sock.sendall(b"mntr")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    out: dict[str, str] = {}
+    for line in b"".join(chunks).decode("utf-8", "replace").splitlines():
+        name, sep, value = line.partition("\t")
+        if sep:
+            out[name.strip()] = value.strip()
+    return out
+
+
+def packets(zk: LocalZooKeeper) -> tuple[int, int]:
+    """``(zk_packets_received, zk_packets_sent)``: requests in, replies and notifications out."""
+    m = mntr(zk)
+    return int(m["zk_packets_received"]), int(m["zk_packets_sent"])
+
+
+@dataclass
+class RoundTrips:
+    """ZooKeeper packets per operation, server side, net of an idle baseline of the same length."""
+
+    ops: int
+    seconds: float
+    received: int  # during the run (incl. a short settle for background work)
+    sent: int
+    idle_received: int  # over the idle period right after, same length
+    idle_sent: int
+
+    @property
+    def received_per_op(self) -> float:
+        """Requests per operation."""
+        return (self.received - self.idle_received) / max(self.ops, 1)
+
+    @property
+    def sent_per_op(self) -> float:
+        """Replies plus watch notifications per operation."""
+        return (self.sent - self.idle_sent) / max(self.ops, 1)
+
+    def as_json(self) -> dict[str, Any]:
+        """Raw counts and the per-operation figures."""
+        return {
+            "ops": self.ops,
+            "seconds": self.seconds,
+            "received": self.received,
+            "sent": self.sent,
+            "idle_received": self.idle_received,
+            "idle_sent": self.idle_sent,
+            "received_per_op": self.received_per_op,
+            "sent_per_op": self.sent_per_op,
+        }
+
+
+async def count_round_trips(
+    zk: LocalZooKeeper, ops: int, work: Awaitable[T], settle: float = 0.3
+) -> tuple[T, RoundTrips]:
+    """Run ``work`` (``ops`` operations) between two ``mntr`` reads, then an idle period as long.
+
+    ``settle`` lets background work started by the last operation (the
+    writer's refill) finish inside the measured window.
+    """
+    r0, s0 = await asyncio.to_thread(packets, zk)
+    started = time.monotonic()
+    result = await work
+    await asyncio.sleep(settle)
+    r1, s1 = await asyncio.to_thread(packets, zk)
+    seconds = time.monotonic() - started
+    await asyncio.sleep(seconds)  # the idle baseline: same length, nothing sent by us
+    r2, s2 = await asyncio.to_thread(packets, zk)
+    return result, RoundTrips(ops, seconds, r1 - r0, s1 - s0, r2 - r1, s2 - s1)
+
+
+# -- a minimal keep-alive HTTP/1.1 client ------------------------------------------
+@dataclass
+class RawResponse:
+    """Status, headers (lower-case names) and body of one response."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class RawConn:
+    """One keep-alive HTTP/1.1 connection with the least client work per request.
+
+    aiohttp's client spends a few hundred microseconds of CPU per request; for
+    sequential latency samples and for back-to-back polls that is noise on
+    every figure, so requests are written as bytes and answers parsed by hand
+    (Content-Length or chunked; aiohttp's server sends nothing else).
+    """
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
+        self.host, self.port = host, port
+        self.timeout = timeout  # per response: a hung sidecar must not hang the benchmark
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> RawConn:
+        """Connect (TCP_NODELAY: every request is one small write)."""
+        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        sock = self._writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self
+
+    async def close(self) -> None:
+        """Close the connection."""
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
+            self._writer = None
+
+    def send(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        """Write one request (no await: the bytes are handed to the transport now)."""
+        assert self._writer is not None, "not open"
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
+        if body or method in ("PUT", "POST"):
+            lines.append(f"Content-Length: {len(body)}")
+        lines.extend(f"{k}: {v}" for k, v in (headers or {}).items())
+        self._writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+
+    async def receive(self) -> RawResponse:
+        """Read one response."""
+        async with asyncio.timeout(self.timeout):
+            return await self._receive()
+
+    async def _receive(self) -> RawResponse:
+        reader = self._reader
+        assert reader is not None, "not open"
+        status_line = await reader.readline()
+        if not status_line:
+            raise ConnectionError("connection closed by the server")
+        status = int(status_line.split()[1])
+        headers: dict[str, str] = {}
+        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            parts = []
+            while size := int((await reader.readline()).split(b";")[0], 16):
+                parts.append(await reader.readexactly(size))
+                await reader.readline()
+            await reader.readline()
+            body = b"".join(parts)
+        else:
+            length = int(headers.get("content-length", "0"))
+            body = await reader.readexactly(length) if length else b""
+        return RawResponse(status, headers, body)
+
+    async def request(
+        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> RawResponse:
+        """Send one request and read its response."""
+        self.send(method, path, body, headers)
+        return await self.receive()
+
+
+def key_path(key: str) -> str:
+    """The API path of a key (bench keys need no escaping)."""
+    return f"/v1/keys/{key}"
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """``lock;dur=1.2, check;dur=0.1`` -> ``{"lock": 1.2, "check": 0.1}`` (milliseconds)."""
+    phases: dict[str, float] = {}
+    for part in header.split(","):
+        name, _, params = part.strip().partition(";")
+        for param in params.split(";"):
+            k, _, v = param.strip().partition("=")
+            if k == "dur" and name:
+                phases[name] = float(v)
+    return phases
+
+
+# -- origin and processes -----------------------------------------------------------
+def preload_sqlite(db: Path, rows: Iterable[tuple[str, bytes]]) -> int:
+    """Write rows straight into the SQLite origin (schema made by the origin itself); returns the count."""
+    run_async(_create_schema(db))
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        cur = conn.executemany(
+            "INSERT OR REPLACE INTO kv (key, value, content_type, updated_at) "
+            "VALUES (?, ?, 'application/octet-stream', 0)",
+            rows,
+        )
+        return cur.rowcount
+
+
+async def _create_schema(db: Path) -> None:
+    origin = SqliteOrigin(f"sqlite:///{db}", 5)
+    await origin.open()
+    await origin.close()
+
+
+def start_sidecars(sidecars: Sequence[SidecarProcess], timeout: float = 60.0) -> None:
+    """Start several sidecars at once (they boot in parallel), then wait until each is ready."""
+    for sc in sidecars:
+        sc.start(wait_ready=False)
+    for sc in sidecars:
+        sc.wait_ready(timeout)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from ``/proc``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+# -- request census: a proxy that names every ZooKeeper request ------------------------
+OPCODES = {
+    1: "create",
+    2: "delete",
+    3: "exists",
+    4: "getData",
+    5: "setData",
+    6: "getACL",
+    7: "setACL",
+    8: "getChildren",
+    9: "sync",
+    11: "ping",
+    12: "getChildren2",
+    13: "check",
+    14: "multi",
+    15: "create2",
+    17: "checkWatches",
+    18: "removeWatches",
+    19: "createContainer",
+    20: "deleteContainer",
+    21: "createTTL",
+    22: "multiRead",
+    100: "auth",
+    101: "setWatches",
+    103: "getEphemerals",
+    104: "getAllChildrenNumber",
+    105: "setWatches2",
+    106: "addWatch",
+    107: "whoAmI",
+    -11: "closeSession",
+}
+_WATCHABLE = {3, 4, 8, 12}  # request body: path, then a "watch" boolean
+_EVENTS = {1: "created", 2: "deleted", 3: "dataChanged", 4: "childrenChanged"}
+
+
+class _Buf:
+    """Reads ZooKeeper's jute encoding (big-endian ints, length-prefixed strings)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def read_int(self) -> int:
+        (v,) = struct.unpack_from(">i", self.data, self.pos)
+        self.pos += 4
+        return int(v)
+
+    def read_long(self) -> int:
+        (v,) = struct.unpack_from(">q", self.data, self.pos)
+        self.pos += 8
+        return int(v)
+
+    def read_bool(self) -> bool:
+        self.pos += 1
+        return self.data[self.pos - 1] != 0
+
+    def read_buffer(self) -> bytes:
+        n = self.read_int()
+        if n < 0:
+            return b""
+        self.pos += n
+        return self.data[self.pos - n : self.pos]
+
+    def read_string(self) -> str:
+        return self.read_buffer().decode("utf-8", "replace")
+
+    def skip_acls(self) -> None:
+        for _ in range(max(0, self.read_int())):
+            self.read_int()  # perms
+            self.read_string()  # scheme
+            self.read_string()  # id
+
+
+def znode_kind(path: str, root: str) -> str:
+    """``versions/*/*`` for a version znode, ``locks/*/*/*`` for a lock node, ``<root>`` for the namespace."""
+    if path == root:
+        return "<root>"
+    if not path.startswith(root + "/"):
+        return "<other>"
+    parts = path[len(root) + 1 :].split("/")
+    return "/".join([parts[0], *["*"] * (len(parts) - 1)])
+
+
+def describe_request(frame: bytes, root: str) -> str:
+    """``"setData versions/*/*"``, ``"multi[create locks/*/*/*, setData versions/*/*]"``, ``"ping"``..."""
+    buf = _Buf(frame)
+    buf.read_int()  # xid
+    op = buf.read_int()
+    name = OPCODES.get(op, f"op{op}")
+    try:
+        if op == 14:
+            return f"multi[{', '.join(_multi_ops(buf, root))}]"
+        if op in (11, -11, 100, 101, 105, 107):
+            return name
+        path = buf.read_string()
+        watch = " +watch" if op in _WATCHABLE and buf.read_bool() else ""
+        return f"{name}{watch} {znode_kind(path, root)}"
+    except (struct.error, IndexError):
+        return name
+
+
+def _multi_ops(buf: _Buf, root: str) -> list[str]:
+    ops = []
+    for _ in range(1000):
+        op = buf.read_int()
+        done = buf.read_bool()
+        buf.read_int()  # err
+        if done:
+            break
+        path = buf.read_string()
+        if op in (1, 15, 19, 21):  # create*: data, acl, flags (+ ttl)
+            buf.read_buffer()
+            buf.skip_acls()
+            buf.read_int()
+            if op == 21:
+                buf.read_long()
+        elif op == 5:  # setData: data, version
+            buf.read_buffer()
+            buf.read_int()
+        elif op in (2, 13):  # delete, check: version
+            buf.read_int()
+        elif op in (4, 8):  # multiRead's getData / getChildren: watch
+            buf.read_bool()
+        ops.append(f"{OPCODES.get(op, f'op{op}')} {znode_kind(path, root)}")
+    return ops
+
+
+def describe_reply(frame: bytes, root: str) -> str | None:
+    """A watch notification (xid -1) as ``"notify dataChanged versions/*/*"``; None for replies."""
+    buf = _Buf(frame)
+    if buf.read_int() != -1:
+        return None
+    buf.read_long()  # zxid
+    buf.read_int()  # err
+    event = buf.read_int()
+    buf.read_int()  # state
+    return f"notify {_EVENTS.get(event, str(event))} {znode_kind(buf.read_string(), root)}"
+
+
+class CensusProxy:
+    """A loopback TCP proxy to ZooKeeper that counts what it forwards, by request kind.
+
+    Runs its own event loop in a thread.  The first frame each way is the
+    session handshake (no header) and is skipped.
+    """
+
+    def __init__(self, target_host: str, target_port: int, root: str) -> None:
+        self.target = (target_host, target_port)
+        self.root = root
+        self.port = 0
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="census-proxy", daemon=True)
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def address(self) -> str:
+        """``host:port`` to give the sidecar instead of ZooKeeper's."""
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Listen on a free loopback port."""
+        self._thread.start()
+        fut = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._accept, "127.0.0.1", 0), self._loop)
+        self._server = fut.result(10)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        """Close every connection and the thread (safe if never started)."""
+        if not self._thread.is_alive():
+            self._loop.close()
+            return
+
+        async def close() -> None:
+            for w in list(self._writers):
+                w.transport.abort()
+            if self._server is not None:
+                self._server.close()
+                await self._server.wait_closed()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def snapshot(self) -> Counter[str]:
+        """A copy of the counts so far."""
+        with self._lock:
+            return Counter(self._counts)
+
+    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection(*self.target)
+        self._writers.update((client_w, up_w))
+        await asyncio.gather(self._pipe(client_r, up_w, describe_request), self._pipe(up_r, client_w, describe_reply))
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, describe: Callable[[bytes, str], str | None]
+    ) -> None:
+        buf, first = b"", True
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)  # forward first: counting must not delay the traffic
+                buf += data
+                while len(buf) >= 4:
+                    (length,) = struct.unpack_from(">i", buf)
+                    if len(buf) < 4 + length:
+                        break
+                    frame, buf = buf[4 : 4 + length], buf[4 + length :]
+                    if first:
+                        first = False
+                        continue
+                    what = describe(frame, self.root)
+                    if what is not None:
+                        with self._lock:
+                            self._counts[what] += 1
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            with contextlib.suppress(Exception):
+                writer.transport.abort()
+
+
+# -- the measurements ---------------------------------------------------------------
+@dataclass
+class Sequential:
+    """Per-request samples of a sequential run."""
+
+    latency: list[float] = field(default_factory=list)  # ms, request written -> response read
+    outside: list[float] = field(default_factory=list)  # ms, latency minus the sum of Server-Timing phases
+    phases: dict[str, list[float]] = field(default_factory=dict)  # Server-Timing, ms
+    statuses: Counter[int] = field(default_factory=Counter)
+    x_cache: Counter[str] = field(default_factory=Counter)
+
+    def as_json(self) -> dict[str, Any]:
+        """Samples and summaries."""
+        return {
+            "latency_ms": self.latency,
+            "latency": summary(self.latency),
+            "phases_ms": self.phases,
+            "outside_phases_ms": self.outside,
+            "phases": {name: summary(v) for name, v in self.phases.items()},
+            "statuses": dict(self.statuses),
+            "x_cache": dict(self.x_cache),
+        }
+
+
+async def sequential_gets(port: int, keys: Sequence[str], deadline: float) -> Sequential:
+    """GET each key once, back to back on one keep-alive connection."""
+    out = Sequential()
+    conn = await RawConn(port).open()
+    try:
+        for key in keys:
+            if time.monotonic() > deadline:
+                break
+            t = time.perf_counter()
+            resp = await conn.request("GET", key_path(key))
+            out.latency.append((time.perf_counter() - t) * 1000)
+            out.statuses[resp.status] += 1
+            out.x_cache[resp.headers.get("x-cache", "-")] += 1
+    finally:
+        await conn.close()
+    return out
+
+
+async def sequential_puts(
+    port: int, keys: Sequence[str], deadline: float, *, value: bytes = VALUE_1K, cas: bool = False
+) -> Sequential:
+    """PUT ``keys[i]`` in order on one keep-alive connection; ``cas``: If-Match the previous answer's ETag."""
+    out = Sequential()
+    conn = await RawConn(port).open()
+    etag: str | None = None
+    try:
+        if cas:  # the current ETag of the (single) key to start from
+            etag = (await conn.request("GET", key_path(keys[0]))).headers.get("etag")
+        for key in keys:
+            if time.monotonic() > deadline:
+                break
+            headers = {"If-Match": etag} if cas and etag else None
+            t = time.perf_counter()
+            resp = await conn.request("PUT", key_path(key), value, headers)
+            out.latency.append((time.perf_counter() - t) * 1000)
+            out.statuses[resp.status] += 1
+            etag = resp.headers.get("etag", etag)
+            phases = server_timing(resp.headers.get("server-timing", ""))
+            for name, ms in phases.items():
+                out.phases.setdefault(name, []).append(ms)
+            if phases:
+                out.outside.append(out.latency[-1] - sum(phases.values()))
+    finally:
+        await conn.close()
+    return out
+
+
+async def throughput(url: str, keys: Sequence[str], clients: int, duration: float) -> dict[str, Any]:
+    """``clients`` aiohttp clients (one connection each) PUT 1 KiB values for ``duration`` seconds.
+
+    Clients take the next key from a shared counter, so with distinct keys two
+    clients rarely write the same key at once; with one key they all queue on it.
+    """
+    counter = itertools.count()
+    latencies: list[float] = []
+    statuses: Counter[int] = Counter()
+    timeout = aiohttp.ClientTimeout(total=30)
+
+    async def client() -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), timeout=timeout) as http:
+            while time.perf_counter() < deadline:
+                key = keys[next(counter) % len(keys)]
+                t = time.perf_counter()
+                try:
+                    async with http.put(url + key_path(key), data=VALUE_1K) as resp:
+                        await resp.read()
+                        status = resp.status
+                except (aiohttp.ClientError, TimeoutError):
+                    status = 0
+                statuses[status] += 1
+                if status == 200:
+                    latencies.append((time.perf_counter() - t) * 1000)
+
+    started = time.perf_counter()
+    deadline = started + duration
+    await asyncio.gather(*(client() for _ in range(clients)))
+    elapsed = time.perf_counter() - started
+    ok = statuses.get(200, 0)
+    return {
+        "keys": len(keys),
+        "clients": clients,
+        "duration_s": elapsed,
+        "writes_ok": ok,
+        "writes_per_s": ok / elapsed,
+        "statuses": dict(statuses),
+        "latency_ms": latencies,
+        "latency": summary(latencies),
+    }
+
+
+async def concurrent_puts(url: str, keys: Sequence[str], concurrency: int = 32) -> None:
+    """PUT each key once, ``concurrency`` at a time (warming keys up before a throughput run)."""
+    sem = asyncio.Semaphore(concurrency)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout) as http:
+
+        async def one(key: str) -> None:
+            async with sem, http.put(url + key_path(key), data=VALUE_1K) as resp:
+                await resp.read()
+
+        await asyncio.gather(*(one(k) for k in keys))
+
+
+async def census(proxy: CensusProxy, port: int, n: int) -> dict[str, dict[str, float]]:
+    """Requests and notifications per operation, by kind, for each kind of operation (``n`` each)."""
+    out: dict[str, dict[str, float]] = {}
+    far = time.monotonic() + 60
+    await sequential_puts(port, ["census/hot"] * 3, far)  # the key and its lock parent exist from here on
+    await asyncio.sleep(0.3)  # its background refill, outside the first window
+    runs: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+        ("miss", lambda: sequential_gets(port, [f"census/miss/{i}" for i in range(n)], far)),
+        ("put", lambda: sequential_puts(port, ["census/hot"] * n, far)),
+        ("put If-Match", lambda: sequential_puts(port, ["census/hot"] * n, far, cas=True)),
+        ("put new key", lambda: sequential_puts(port, [f"census/new/{i}" for i in range(n)], far)),
+    ]
+    for name, work in runs:
+        before = proxy.snapshot()
+        await work()
+        await asyncio.sleep(0.3)  # the last write's background refill
+        delta = proxy.snapshot() - before
+        # Pings and the idle heartbeat (exists on the namespace root) are not per-operation work.
+        out[name] = {
+            what: count / n for what, count in sorted(delta.items()) if what != "ping" and not what.endswith("<root>")
+        }
+    return out
+
+
+def uses_kazoo_lock_recipe() -> bool:
+    """True if this tree's write lock is kazoo's Lock recipe (the protocol described in the section)."""
+    try:
+        from sidecar.coordination import lock
+
+        return ".Lock(" in inspect.getsource(lock)
+    except (ImportError, OSError):
+        return False
+
+
+RECIPE_TEXT = """\
+**What a write asks ZooKeeper, from the code** (`sidecar/service.py` `_write`, `sidecar/coordination/`),
+for a key written before (its version znode and lock directory exist):
+
+1. `exists locks/<bucket>/<key>`: kazoo's `Lock.acquire` first runs `ensure_path` on the lock directory. The
+   sidecar makes a new `Lock` object per write, so its `assured_path` shortcut never applies.
+2. `create locks/<bucket>/<key>/<uuid>__lock__<seq>` (ephemeral, sequential): the contender node.
+3. `getChildren locks/<bucket>/<key>`: any contender with a lower sequence number? None: the lock is held.
+   (Contended: `getData` with a watch on the predecessor, wait for its deletion, `getChildren` again.)
+4. `If-Match` only: `exists versions/<bucket>/<key>` (no watch) to compare the version.
+5. Intent bump: `setData versions/<bucket>/<key>` to empty data ("write in progress"; every watcher drops the key).
+6. The origin write (SQLite, no ZooKeeper).
+7. Final bump: `setData versions/<bucket>/<key>` with a JSON note: the new version (mzxid) and ETag.
+8. Release: `delete` of the contender node (from the releaser thread pool); then the answer.
+9. After the answer, the writer's refill through the read protocol: `exists +watch versions/<bucket>/<key>`,
+   then an origin read.
+
+So 6 requests before the answer and 1 after: **7 per PUT, 8 with If-Match**, each one a full round trip
+(kazoo's calls here are synchronous or awaited one after the other). Packets sent: one reply each, plus the
+watch notification the writer's own refill armed, fired by the next write's intent bump (and one to every
+other sidecar holding the key). A miss is **one** request: `exists +watch` on the version znode.
+A never-written key adds the lock directory (`exists` fails, `create`) and the version znode (`setData` fails
+with NoNode, `create`): see the census."""
+
+
+def protocol_text() -> str:
+    """How a write talks to ZooKeeper in this tree."""
+    if uses_kazoo_lock_recipe():
+        return RECIPE_TEXT
+    from sidecar.coordination import lock
+
+    doc = (lock.__doc__ or "").strip().split("\n\n")
+    quoted = "\n".join("> " + line for line in "\n\n".join(doc[:3]).splitlines())
+    return (
+        "**What a write asks ZooKeeper.** In this tree the write lock is not kazoo's Lock recipe; "
+        "`sidecar/coordination/lock.py` says:\n\n"
+        + quoted
+        + "\n\nAfter the answer the writer refills its own entry through the read protocol (`exists +watch` on "
+        "the version znode, then an origin read): one more request per PUT, off the acknowledged path. "
+        "A miss is one request, that same `exists +watch`. The census below shows what each operation sends."
+    )
+
+
+def markdown(data: dict[str, Any], quick: bool) -> str:
+    """The report section."""
+    m = data["machine"]
+    lines = [
+        "## Miss path and write-through",
+        "",
+        f"One sidecar, SQLite origin (`synchronous=FULL`), ZooKeeper standalone, loopback; {m['nproc']} cores "
+        f"({m['cpu']}), Python {m['python']}, {m['date']}. Sequential requests on one keep-alive connection "
+        "(a raw HTTP/1.1 client: request written -> response read).",
+        "",
+        MS_HEADER,
+        ms_row(f"GET miss ({data['miss']['keys']} distinct keys, origin read through)", data["miss"]["latency_ms"]),
+        ms_row("PUT 1 KiB, one key, sequential", data["put"]["latency_ms"]),
+    ]
+    for name, samples in data["put"]["phases_ms"].items():
+        lines.append(ms_row(f"&nbsp;&nbsp;PUT phase `{name}` (Server-Timing)", samples, 3))
+    lines.append(
+        ms_row("&nbsp;&nbsp;PUT outside the phases (HTTP both ways, handler)", data["put"]["outside_phases_ms"], 3)
+    )
+    lines.append(ms_row('PUT with `If-Match: "<etag>"` (compare-and-set)', data["cas"]["latency_ms"]))
+    for name, samples in data["cas"]["phases_ms"].items():
+        lines.append(ms_row(f"&nbsp;&nbsp;CAS phase `{name}`", samples, 3))
+    lines.append(ms_row("PUT of a never-written key", data["fresh"]["latency_ms"]))
+    odd = {
+        name: {k: v for k, v in data[name]["statuses"].items() if int(k) != 200}
+        for name in ("miss", "put", "cas", "fresh")
+    }
+    if any(odd.values()):
+        lines += ["", "Answers other than 200 (they are in the samples above): " + f"{odd}."]
+    lines += [
+        "",
+        "ZooKeeper packets per operation, counted by the server (`mntr` `zk_packets_received` / `zk_packets_sent` "
+        "across the run, minus an idle period of the same length right after; one sidecar connected):",
+        "",
+        "| operation | ops | requests received / op | packets sent / op | idle baseline (recv, sent) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, key in (("GET miss", "miss"), ("PUT", "put"), ("PUT If-Match", "cas"), ("PUT new key", "fresh")):
+        rt = data[key]["zk"]
+        lines.append(
+            f"| {name} | {rt['ops']} | {rt['received_per_op']:.2f} | {rt['sent_per_op']:.2f} | "
+            f"{rt['idle_received']}, {rt['idle_sent']} over {rt['seconds']:.1f} s |"
+        )
+    lines += [
+        "",
+        "Write throughput, concurrent aiohttp clients (one keep-alive connection each), 1 KiB values, one sidecar:",
+        "",
+        "| keys | clients | duration (s) | writes/s | p50 (ms) | p99 (ms) | max (ms) | non-200 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for t in data["throughput"]:
+        bad = sum(v for k, v in t["statuses"].items() if int(k) != 200)
+        lat = t["latency"]
+        lines.append(
+            f"| {'1 hot key' if t['keys'] == 1 else str(t['keys']) + ' distinct'} | {t['clients']} | "
+            f"{t['duration_s']:.1f} | {t['writes_per_s']:.0f} | {fmt(lat['p50'])} | {fmt(lat['p99'])} | "
+            f"{fmt(lat['max'])} | {bad} |"
+        )
+    lines += ["", protocol_text(), ""]
+    c = data["census"]
+    lines += [
+        f"**Census** ({c['n']} of each, by a second sidecar through a decoding proxy; ZooKeeper requests and watch "
+        "notifications per operation; pings and the idle heartbeat left out):",
+        "",
+        "| operation | requests per operation (kind x count) | total requests | notifications |",
+        "|---|---|---|---|",
+    ]
+    for name, kinds in c["per_op"].items():
+        reqs = {k: v for k, v in kinds.items() if not k.startswith("notify")}
+        notes = {k: v for k, v in kinds.items() if k.startswith("notify")}
+        lines.append(
+            f"| {name} | {'<br>'.join(f'`{k}` x {v:.2f}' for k, v in reqs.items())} | {sum(reqs.values()):.2f} | "
+            f"{'<br>'.join(f'`{k}` x {v:.2f}' for k, v in notes.items()) or '-'} |"
+        )
+    put_rt, cas_rt, miss_rt = data["put"]["zk"], data["cas"]["zk"], data["miss"]["zk"]
+    phases = summary_phases(data["put"]["phases_ms"])
+    lines += [
+        "",
+        f"Measured: {miss_rt['received_per_op']:.2f} requests per miss, {put_rt['received_per_op']:.2f} per PUT, "
+        f"{cas_rt['received_per_op']:.2f} per compare-and-set PUT. Where a PUT's median time goes (p50 per phase, "
+        f"ms): {phases}; outside the phases {pct(data['put']['outside_phases_ms'], 50):.2f}. A phase that is one "
+        "ZooKeeper write (a `setData` or a `multi`) includes the server's fsync of its transaction log; "
+        "the `origin` phase is an fsynced SQLite write.",
+        "",
+        f"Reproduce: `{command_line('write', quick)}` (starts and stops its own ZooKeeper and sidecars). "
+        "Figures move between runs on a shared machine; compare within one run.",
+    ]
+    return "\n".join(lines)
+
+
+def summary_phases(phases: dict[str, list[float]]) -> str:
+    """``lock 1.20, check 0.00, ...`` (p50 of each phase)."""
+    return ", ".join(f"{name} {pct(v, 50):.2f}" for name, v in phases.items()) or "no Server-Timing header"
+
+
+async def _measure(
+    zk: LocalZooKeeper, sc: SidecarProcess, census_sc: SidecarProcess, proxy: CensusProxy, quick: bool
+) -> dict[str, Any]:
+    misses = 200 if quick else 2000
+    writes = 100 if quick else 1000
+    duration = 2.0 if quick else 10.0
+    deadline = time.monotonic() + (60 if quick else 240)
+    data: dict[str, Any] = {}
+
+    progress(f"write: warming up, then {misses} misses")
+    await sequential_gets(sc.port, [f"warm/{i}" for i in range(50)], deadline)
+    gets, rt = await count_round_trips(
+        zk, misses, sequential_gets(sc.port, [f"miss/{i}" for i in range(misses)], deadline)
+    )
+    data["miss"] = {"keys": misses, **gets.as_json(), "zk": rt.as_json()}
+
+    progress(f"write: {writes} PUTs of one key, {writes} compare-and-set PUTs, {writes} PUTs of new keys")
+    await sequential_puts(sc.port, ["hot"] * 20, deadline)  # lock directory, version znode, pools warm
+    for name, keys, cas in (
+        ("put", ["hot"] * writes, False),
+        ("cas", ["hot"] * writes, True),
+        ("fresh", [f"d/{i}" for i in range(writes)], False),
+    ):
+        puts, rt = await count_round_trips(zk, writes, sequential_puts(sc.port, keys, deadline, cas=cas))
+        data[name] = {**puts.as_json(), "zk": rt.as_json()}
+
+    distinct = [f"d/{i}" for i in range(1000)]
+    progress("write: warming the 1000 distinct keys, then throughput runs")
+    await concurrent_puts(sc.url, distinct[writes:])
+    data["throughput"] = []
+    for keys in (["hot"], distinct):
+        for clients in (8, 32):
+            progress(f"write: throughput, {len(keys)} key(s), {clients} clients, {duration:g} s")
+            data["throughput"].append(await throughput(sc.url, keys, clients, duration))
+
+    n = 20 if quick else 100
+    progress(f"write: request census, {n} of each operation")
+    await asyncio.to_thread(census_sc.start)
+    data["census"] = {"n": n, "per_op": await census(proxy, census_sc.port, n)}
+    return data
+
+
+def run(quick: bool, out_dir: Path) -> str:
+    """Run the miss-path and write-through measurements; write ``write.json``; return the Markdown section."""
+    started = time.monotonic()
+    misses = 200 if quick else 2000
+    with tempfile.TemporaryDirectory(prefix="zkcache-bench-write-") as tmp:
+        db = Path(tmp) / "origin.db"
+        names = itertools.chain(
+            (f"miss/{i}" for i in range(misses)),
+            (f"warm/{i}" for i in range(50)),
+            (f"census/miss/{i}" for i in range(200)),
+        )
+        preload_sqlite(db, ((k, VALUE_1K) for k in names))
+        zk = LocalZooKeeper(Path(tmp) / "zk")
+        proxy = CensusProxy(zk.host, zk.port, f"/zkcache/{NAMESPACE}")
+        common = {"zk": zk.hosts, "namespace": NAMESPACE, "origin": f"sqlite:///{db}", "log_level": "warning"}
+        sc = SidecarProcess(tmp, "writer", dict(common))
+        census_sc = SidecarProcess(tmp, "census", {**common, "zk": ""})  # its zk: the proxy, once it listens
+        try:
+            progress("write: starting ZooKeeper and the sidecar")
+            zk.start()
+            sc.start()
+            proxy.start()
+            census_sc.settings["zk"] = proxy.address
+            data = run_async(_measure(zk, sc, census_sc, proxy, quick))
+        finally:
+            census_sc.stop()
+            sc.stop()
+            proxy.stop()
+            zk.stop()
+    data["machine"] = machine_info()
+    data["quick"] = quick
+    data["command"] = command_line("write", quick)
+    data["wall_seconds"] = time.monotonic() - started
+    text = markdown(data, quick)
+    write_outputs(out_dir, "write", data, text)
+    return text
+
+
+def main() -> None:
+    """``python -m bench.write [--quick] [--out DIR]``."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer operations, shorter runs (a smoke run)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="where write.json and write.md go")
+    args = parser.parse_args()
+    print(run(args.quick, args.out))
+
+
+if __name__ == "__main__":
+    main()
