@@ -58,13 +58,30 @@ class SqliteOrigin:
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
-            conn.execute(_SCHEMA)
+            self._set_up(conn)
             self._local.conn = conn
             with self._conns_lock:
                 self._conns.append(conn)
         return conn
+
+    def _set_up(self, conn: sqlite3.Connection) -> None:
+        # Several sidecars opening one new file at once race for the switch to
+        # WAL, and SQLite answers "database is locked" there without waiting
+        # for busy_timeout. WAL is a property of the file: only its first
+        # opener has to switch; the others retry briefly (a pool thread sleeps,
+        # never the loop).
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
