@@ -243,7 +243,7 @@ def test_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None
     [
         (
             {"sidecar": {"config": {"max_bytes": "200Mi"}}},
-            "sidecar.config.max_bytes=200Mi needs a memory limit of at least 464Mi",
+            "sidecar.config.max_bytes=200Mi needs a memory limit of at least 314Mi",
         ),
         (
             {"sidecar": {"config": {"shutdown_timeout": "30s"}}},
@@ -258,8 +258,8 @@ def test_templates_refuse_settings_that_cannot_work(values: dict[str, Any], mess
 
 
 def test_memory_check_accepts_a_limit_that_fits() -> None:
-    values = {"sidecar": {"config": {"max_bytes": "200Mi"}, "resources": {"limits": {"memory": "464Mi"}}}}
-    assert sidecar_of(pod_spec(render(values)))["resources"]["limits"]["memory"] == "464Mi"
+    values = {"sidecar": {"config": {"max_bytes": "200Mi"}, "resources": {"limits": {"memory": "314Mi"}}}}
+    assert sidecar_of(pod_spec(render(values)))["resources"]["limits"]["memory"] == "314Mi"
 
 
 def readme_snippet() -> str:
