@@ -56,7 +56,7 @@ from .errors import (
 from .origins import NoOrigin, Origin, OriginValue
 from .singleflight import Group
 
-__all__ = ["CacheService", "Fetched", "Stats"]
+__all__ = ["CacheService", "Fetched", "Stats", "Written"]
 
 # exists() calls in flight at once while revalidating: enough to fill the
 # pipe to ZooKeeper, few enough not to flood its request queue.

@@ -77,7 +77,7 @@ class Layout:
         return f"{self.versions}/{_bucket(key)}/{escape(key)}"
 
     def lock_path(self, key: str) -> str:
-        """The lock recipe's parent znode for ``key``."""
+        """The ephemeral znode that is ``key``'s write lock (see ``lock``)."""
         return f"{self.locks}/{_bucket(key)}/{escape(key)}"
 
     def member_path(self, member_id: str) -> str:

@@ -103,9 +103,8 @@ class ZkSession:
         self._on_state = on_state
         self._connected_waiters: list[asyncio.Future[None]] = []
         # Reconnect forever with capped backoff: the sidecar outlives outages.
-        # Commands (the lock recipe's internals) retry with the same cap but
-        # give up after two session timeouts: kazoo's default backs off to an
-        # hour, which would hold a lock node for as long.
+        # Commands kazoo retries itself (client.retry) use the same cap but give
+        # up after two session timeouts: kazoo's default backs off to an hour.
         self.client = KazooClient(
             hosts=hosts,
             timeout=session_timeout,
