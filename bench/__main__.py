@@ -55,8 +55,18 @@ def main() -> None:
         "# zk-cache-sidecar benchmarks\n",
         f"`{command}` on {time.strftime('%Y-%m-%d')}: {machine()}.\n",
     ]
+    if chosen != SCENARIOS:
+        sections.append(
+            f"This run measured {', '.join(chosen)}; the other sections are from the run that wrote them.\n"
+        )
     started = time.monotonic()
-    for name in chosen:
+    for name in SCENARIOS:
+        if name not in chosen:
+            # A partial run keeps the other scenarios' last sections (each names its own commit and date).
+            previous = args.out / f"{name}.md"
+            if previous.exists():
+                sections.append(previous.read_text())
+            continue
         print(f">> bench: {name}", file=sys.stderr, flush=True)
         began = time.monotonic()
         module = importlib.import_module(f"bench.{name}")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import math
 import sys
 import tempfile
@@ -73,6 +74,11 @@ class Rounds:
     ack_to_drop: list[float] = field(default_factory=list)  # ack -> dropped, 0 when before the ack
     drop_minus_ack: list[float] = field(default_factory=list)  # signed: negative = dropped before the ack
     poll: list[float] = field(default_factory=list)  # one only-if-cached poll (the resolution)
+    # Stamped by each watcher itself (/v1/stats key_events, CLOCK_MONOTONIC): no poll resolution.
+    sent_to_arrived: list[float] = field(default_factory=list)  # PUT sent -> event on the watcher's kazoo thread
+    sent_to_applied: list[float] = field(default_factory=list)  # PUT sent -> entry dropped on the watcher's loop
+    hop: list[float] = field(default_factory=list)  # event arrived -> dropped: the sidecar's own cost
+    ack_to_applied: list[float] = field(default_factory=list)  # 0 when before the ack
     not_dropped: int = 0  # watcher-rounds still cached POLL_GIVE_UP after the PUT
     skipped: int = 0  # rounds in which some watcher could not be brought to a hit
     stale_reads: int = 0  # a GET after the drop returned an older value
@@ -81,7 +87,17 @@ class Rounds:
     def as_json(self) -> dict[str, Any]:
         """Samples and summaries."""
         out: dict[str, Any] = asdict(self)
-        for name in ("put", "sent_to_drop", "ack_to_drop", "drop_minus_ack", "poll"):
+        for name in (
+            "put",
+            "sent_to_drop",
+            "ack_to_drop",
+            "drop_minus_ack",
+            "poll",
+            "sent_to_arrived",
+            "sent_to_applied",
+            "hop",
+            "ack_to_applied",
+        ):
             out[f"{name}_summary"] = summary(getattr(self, name))
         out["dropped_before_ack"] = sum(1 for d in self.drop_minus_ack if d <= 0) / max(len(self.drop_minus_ack), 1)
         return out
@@ -112,12 +128,37 @@ async def _poll_until_dropped(conn: RawConn, path: str, sent: float, out: Rounds
             return None
 
 
+async def _stamps(conns: list[RawConn], sent: float) -> list[dict[str, float]]:
+    # Each watcher's own stamps of this round's event, read without polling
+    # the key: a stats read every few ms, until every watcher has one.
+    found: dict[int, dict[str, float]] = {}
+    while len(found) < len(conns) and time.monotonic() - sent < POLL_GIVE_UP:
+        await asyncio.sleep(0.005)
+        pending = [i for i in range(len(conns)) if i not in found]
+        replies = await asyncio.gather(*(conns[i].request("GET", "/v1/stats") for i in pending))
+        for i, stats in zip(pending, replies, strict=True):
+            events = json.loads(stats.body).get("key_events")
+            if events and events["last_applied_monotonic"] > sent:
+                found[i] = events
+    return list(found.values())
+
+
 async def propagation_rounds(
-    writer_port: int, watcher_ports: list[int], key: str, writes: int, deadline: float, value_size: int = 100
+    writer_port: int,
+    watcher_ports: list[int],
+    key: str,
+    writes: int,
+    deadline: float,
+    value_size: int = 100,
+    *,
+    poll: bool = True,
 ) -> Rounds:
     """``writes`` rounds of: all watchers hold ``key`` as a hit; the writer PUTs; poll every watcher until dropped.
 
-    Bounded by ``deadline`` (``time.monotonic()``) between rounds and by
+    With ``poll=False`` nobody reads the key during the round: the figures
+    come only from each watcher's own stamps (``/v1/stats`` ``key_events``),
+    so the watchers' loops are as idle as in production.  Bounded by
+    ``deadline`` (``time.monotonic()``) between rounds and by
     :data:`POLL_GIVE_UP` per round.  Also used by ``bench.scale``.
     """
     out = Rounds(watchers=len(watcher_ports))
@@ -138,7 +179,7 @@ async def propagation_rounds(
                 continue
             sent = time.monotonic()
             writer.send("PUT", path, value)  # on the wire before any poll of this round
-            pollers = [asyncio.ensure_future(_poll_until_dropped(c, path, sent, out)) for c in conns]
+            pollers = [asyncio.ensure_future(_poll_until_dropped(c, path, sent, out)) for c in conns] if poll else []
             resp = await writer.receive()
             acked = time.monotonic()
             drops = await asyncio.gather(*pollers)
@@ -155,6 +196,12 @@ async def propagation_rounds(
                 out.sent_to_drop.append((dropped - sent) * 1000)
                 out.drop_minus_ack.append((dropped - acked) * 1000)
                 out.ack_to_drop.append(max(0.0, (dropped - acked) * 1000))
+            for events in await _stamps(conns, sent):
+                arrived, applied = events["last_arrived_monotonic"], events["last_applied_monotonic"]
+                out.sent_to_arrived.append((arrived - sent) * 1000)
+                out.sent_to_applied.append((applied - sent) * 1000)
+                out.hop.append((applied - arrived) * 1000)
+                out.ack_to_applied.append(max(0.0, (applied - acked) * 1000))
     finally:
         for c in (writer, *conns):
             await c.close()
@@ -305,10 +352,15 @@ async def _measure(
         running = n
         writer, watchers = fleet[0], fleet[1:n]
         progress(f"fanout: {n} sidecars, {rounds} writes")
-        sidecar = await propagation_rounds(writer.port, [w.port for w in watchers], f"fanout/{n}", rounds, deadline)
+        ports = [w.port for w in watchers]
+        sidecar = await propagation_rounds(writer.port, ports, f"fanout/{n}", rounds, deadline)
+        progress(f"fanout: {n} sidecars, {rounds} writes, no polling (the watchers' own stamps)")
+        stamped = await propagation_rounds(writer.port, ports, f"fanout/{n}/s", rounds, deadline + 30, poll=False)
         progress(f"fanout: raw ZooKeeper floor, {n - 1} watcher processes, {rounds} sets")
-        floor = await floor_rounds(zk.hosts, n - 1, rounds, deadline + 30, tmp)
-        results.append({"sidecars": n, "sidecar": sidecar.as_json(), "floor": floor.as_json()})
+        floor = await floor_rounds(zk.hosts, n - 1, rounds, deadline + 60, tmp)
+        results.append(
+            {"sidecars": n, "sidecar": sidecar.as_json(), "stamped": stamped.as_json(), "floor": floor.as_json()}
+        )
     return results
 
 
@@ -328,7 +380,7 @@ def markdown(data: dict[str, Any], quick: bool) -> str:
         "",
     ]
     for r in data["results"]:
-        s, f = r["sidecar"], r["floor"]
+        s, f, st = r["sidecar"], r["floor"], r["stamped"]
         n = r["sidecars"]
         lines += [
             f"**{n} sidecars** ({len(s['put'])} writes, {len(s['sent_to_drop'])} watcher-rounds; "
@@ -339,6 +391,11 @@ def markdown(data: dict[str, Any], quick: bool) -> str:
             ms_row("PUT sent on A -> dropped on a watcher", s["sent_to_drop"]),
             ms_row("PUT acknowledged -> dropped on a watcher (0 = before the ack)", s["ack_to_drop"]),
             ms_row("resolution: one only-if-cached poll", s["poll"]),
+            ms_row("no polling, stamped by the watcher: PUT sent -> event on its kazoo thread", st["sent_to_arrived"]),
+            ms_row("no polling, stamped by the watcher: PUT sent -> entry dropped", st["sent_to_applied"]),
+            ms_row("no polling, stamped by the watcher: event arrived -> dropped", st["hop"]),
+            ms_row("no polling, stamped by the watcher: ack -> dropped (0 = before the ack)", st["ack_to_applied"]),
+            ms_row("no polling: PUT on A, sent -> acknowledged", st["put"]),
             ms_row("floor: set issued -> watch callback in each watcher process", f["set_to_callback"]),
             ms_row("floor: set issued -> set acknowledged to the setter", f["set_to_ack"]),
             ms_row("floor: set acknowledged -> callback (0 = before the ack)", f["ack_to_callback"]),
@@ -350,6 +407,24 @@ def markdown(data: dict[str, Any], quick: bool) -> str:
             "",
         ]
     lines += [
+        "No polling during the rounds; each watcher stamps its own event (arrival on kazoo's thread) and drop "
+        "(on its loop) with CLOCK_MONOTONIC, read from /v1/stats afterwards: p99 in ms.",
+        "",
+        "| sidecars | PUT sent -> dropped | floor set -> callback | ratio | sidecar's own cost: event -> dropped "
+        "| floor + that cost, / floor | ack -> dropped |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in data["results"]:
+        s, f = r["stamped"], r["floor"]
+        a, b, h = pct(s["sent_to_applied"], 99), pct(f["set_to_callback"], 99), pct(s["hop"], 99)
+        lines.append(
+            f"| {r['sidecars']} | {fmt(a)} | {fmt(b)} | {_ratio(a, b)} | {fmt(h)} | {_ratio(b + h, b)} | "
+            f"{fmt(pct(s['ack_to_applied'], 99))} |"
+        )
+    lines += [
+        "",
+        "Polled by the benchmark (one client polls every watcher in turn; resolution above):",
+        "",
         "| sidecars | sent -> dropped p99 | floor set -> callback p99 | ratio (like for like) "
         "| ack -> dropped p99 | ack -> dropped p99 / floor p99 (starts later: flattering) "
         "| floor ack -> callback p99 | ack -> dropped max |",

@@ -50,6 +50,13 @@ class _ServiceCollector(Collector):
             "Fills not installed because an invalidation overtook them",
             value=counters.refused_fills,
         )
+        events = svc.coord.key_events
+        yield CounterMetricFamily("zkcache_key_events", "Key watch events applied", value=events.count)
+        yield CounterMetricFamily(
+            "zkcache_key_event_delivery_seconds",
+            "Time from a key event's arrival on kazoo's thread to its entry dropped on the loop (sum)",
+            value=events.hop_seconds_total,
+        )
         yield GaugeMetricFamily("zkcache_entries", "Entries cached", value=len(svc.cache))
         yield GaugeMetricFamily("zkcache_bytes", "Bytes charged against max_bytes", value=svc.cache.bytes)
         yield GaugeMetricFamily("zkcache_max_bytes", "Configured byte bound", value=svc.config.max_bytes)

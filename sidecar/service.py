@@ -585,6 +585,15 @@ class CacheService:
             "writes": s.writes,
             "deletes": s.deletes,
             "writes_in_progress": len(self._writes),
+            "key_events": {
+                "count": self.coord.key_events.count,
+                "last_arrived_monotonic": self.coord.key_events.last_arrived,
+                "last_applied_monotonic": self.coord.key_events.last_applied,
+                "hop_ms_mean": round(
+                    1000 * self.coord.key_events.hop_seconds_total / max(self.coord.key_events.count, 1), 4
+                ),
+                "hop_ms_max": round(1000 * self.coord.key_events.hop_seconds_max, 4),
+            },
             "fills_in_flight": c.fills_in_flight,
             "origin": self.origin.name,
             "version": __version__,

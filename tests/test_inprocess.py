@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -214,3 +215,17 @@ async def test_a_write_costs_two_zookeeper_round_trips(service: CacheService, cl
     assert (await client.put("/v1/keys/rt", data=b"v2", headers={"If-Match": etag})).status == 200
     await eventually(lambda: "rt" in service.cache, what="the writer's background refill")
     assert sent == ["exists", "commit", "commit", "exists"]
+
+
+async def test_key_events_are_timed_from_kazoos_thread_to_the_drop(
+    service: CacheService, client: TestClient[Any, Any], other_client: KazooClient
+) -> None:
+    assert (await client.put("/v1/keys/ev", data=b"v1")).status == 200
+    await eventually(lambda: "ev" in service.cache, what="the writer's background refill")
+    before = service.coord.key_events.count
+    sent = time.monotonic()
+    await asyncio.to_thread(other_client.set, service.coord.layout.version_path("ev"), b'{"op":"test"}')
+    await eventually(lambda: "ev" not in service.cache, what="the watch event dropping the entry")
+    events = (await (await client.get("/v1/stats")).json())["key_events"]
+    assert events["count"] == before + 1
+    assert sent < events["last_arrived_monotonic"] <= events["last_applied_monotonic"] < time.monotonic()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import orjson
@@ -46,7 +47,7 @@ from .operations import (
 )
 from .session import ZkSession, ZkState
 
-__all__ = ["Coordinator", "Events", "KeyVersion"]
+__all__ = ["Coordinator", "EventDelivery", "Events", "KeyVersion"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,31 @@ class Events(Protocol):
     async def revalidate(self) -> None:
         """Same session, new connection: re-arm every cached key's watch and drop changed ones."""
         ...
+
+
+@dataclass(slots=True)
+class EventDelivery:
+    """How key watch events travel from kazoo's thread to the cache, on this process's clock.
+
+    ``arrived`` is stamped on kazoo's event thread as the notification comes
+    in, ``applied`` on the loop once the entry is dropped; both are
+    ``time.monotonic()`` (CLOCK_MONOTONIC, shared by every process of the
+    machine), so a benchmark can line them up with its own clock.
+    """
+
+    count: int = 0
+    last_arrived: float = 0.0
+    last_applied: float = 0.0
+    hop_seconds_total: float = 0.0
+    hop_seconds_max: float = 0.0
+
+    def record(self, arrived: float, applied: float) -> None:
+        """One event: arrived on kazoo's thread, applied on the loop."""
+        hop = applied - arrived
+        self.count += 1
+        self.last_arrived, self.last_applied = arrived, applied
+        self.hop_seconds_total += hop
+        self.hop_seconds_max = max(self.hop_seconds_max, hop)
 
 
 class Coordinator:
@@ -111,6 +137,7 @@ class Coordinator:
         self._prefix_seq: int | None = None
         self.applied_zxid = 0  # published in our member znode (invalidate --wait)
         self._rearm_tasks: set[asyncio.Task[None]] = set()
+        self.key_events = EventDelivery()
 
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> None:
@@ -266,12 +293,13 @@ class Coordinator:
         # kazoo thread. EventType.NONE (path None) is kazoo dropping watches on
         # SUSPENDED/LOST: the state listener handles that, not the key.
         if event.type != EventType.NONE and event.path:
-            bridge.post(self.zk.loop, self._on_version_event, event.path)
+            bridge.post(self.zk.loop, self._on_version_event, event.path, time.monotonic())
 
-    def _on_version_event(self, path: str) -> None:
+    def _on_version_event(self, path: str, arrived: float) -> None:
         key = self.layout.key_of_version_path(path)
         if key is not None:
             self._events.key_changed(key)
+            self.key_events.record(arrived, time.monotonic())
 
     def _ackreq_watch(self, event: WatchedEvent) -> None:
         if event.type != EventType.NONE:
