@@ -522,7 +522,7 @@ class CacheService:
         try:
             for i in range(0, len(keys), _REVALIDATE_BATCH):
                 batch = keys[i : i + _REVALIDATE_BATCH]
-                versions = await asyncio.gather(*(self.coord.watch_version(key, during_setup=True) for key in batch))
+                versions = await self.coord.watch_versions(batch)
                 for key, (version, writing) in zip(batch, versions, strict=True):
                     entry = self.cache.peek(key)
                     if entry is not None and (not tickets[key].valid or writing or entry.version != version):

@@ -179,19 +179,22 @@ class Coordinator:
                     log.debug("heartbeat failed: %s", exc)
 
     # -- key operations (request path; all async, none blocks the loop) ------
-    async def watch_version(self, key: str, *, during_setup: bool = False) -> KeyVersion:
+    async def watch_version(self, key: str) -> KeyVersion:
         """Arm the one-shot data watch on ``key``'s version znode; return its state.
 
         Version 0 when the key has never been written (an ``exists`` watch
-        still fires when the znode is created).  ``during_setup`` is for
-        revalidation, which runs before the session is declared ready.
+        still fires when the znode is created).
         """
-        if not during_setup:
-            self.require_usable()
+        self.require_usable()
         stat = await self.zk.exists(self.layout.version_path(key), watch=self._version_watch)
         if stat is None:
             return KeyVersion(0, False)
         return KeyVersion(int(stat.mzxid), stat.dataLength == 0)
+
+    async def watch_versions(self, keys: list[str]) -> list[KeyVersion]:
+        """:meth:`watch_version` for many keys at once (revalidation, before the session is ready)."""
+        stats = await self.zk.exists_many([self.layout.version_path(key) for key in keys], self._version_watch)
+        return [KeyVersion(0, False) if s is None else KeyVersion(int(s.mzxid), s.dataLength == 0) for s in stats]
 
     async def synced_version(self, key: str) -> int:
         """The key's version as of now, cluster-wide: ``sync`` then ``exists``.

@@ -223,6 +223,48 @@ class ZkSession:
         """``exists`` (arming a data watch if ``watch`` is given)."""
         return await self.call(self.client.exists_async(path, watch=watch), "exists")
 
+    async def exists_many(self, paths: list[str], watch: Callable[[Any], None]) -> list[ZnodeStat | None]:
+        """``exists`` with a watch on every path, pipelined, with one loop wake-up for the lot.
+
+        For re-arming thousands of watches at once: per-call futures, timers
+        and thread hops cost more than the requests themselves.  Bounded by
+        ``op_timeout`` as a whole; connection errors become
+        :class:`CoordinationError`, other errors are raised as they are.
+        """
+        if not paths:
+            return []
+        sent = time.monotonic()
+        results: list[Any] = [None] * len(paths)
+        remaining = [len(paths)]
+        done: asyncio.Future[None] = self.loop.create_future()
+
+        def collector(i: int) -> Callable[[Any], None]:
+            def collect(result: Any) -> None:
+                # kazoo's completion thread, one result at a time: no lock needed.
+                try:
+                    results[i] = result.get(block=False)
+                except Exception as exc:
+                    results[i] = exc
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    bridge.post(self.loop, _set_done, done)
+
+            return collect
+
+        for i, path in enumerate(paths):
+            self.client.exists_async(path, watch=watch).rawlink(collector(i))
+        try:
+            await asyncio.wait_for(asyncio.shield(done), self.op_timeout)
+        except TimeoutError:
+            raise CoordinationError(f"ZooKeeper exists x{len(paths)} timed out after {self.op_timeout:g}s") from None
+        for result in results:
+            if isinstance(result, CONNECTION_ERRORS):
+                raise CoordinationError(f"ZooKeeper exists failed: {type(result).__name__}") from result
+            if isinstance(result, Exception):
+                raise result
+        self.last_heard = max(self.last_heard, sent)
+        return results
+
     async def get(self, path: str, watch: Callable[[Any], None] | None = None) -> tuple[bytes, ZnodeStat]:
         """``getData`` (arming a data watch if ``watch`` is given)."""
         return await self.call(self.client.get_async(path, watch=watch), "get")  # type: ignore[no-any-return]
