@@ -206,18 +206,26 @@ class ZkSession:
             result = await asyncio.wait_for(bridge.wait(async_result, self.loop), self.op_timeout)
         except TimeoutError:
             raise CoordinationError(f"ZooKeeper {what} timed out after {self.op_timeout:g}s") from None
-        except CONNECTION_ERRORS as exc:
-            raise CoordinationError(f"ZooKeeper {what} failed: {type(exc).__name__}") from exc
-        except (NoAuthError, AuthFailedError) as exc:
-            self.last_heard = max(self.last_heard, sent)
-            raise ZkAccessDenied(
-                f"ZooKeeper refused {what}: {type(exc).__name__} (are zk_auth and the znodes' ACLs the same identity?)"
-            ) from exc
-        except KazooException:
-            self.last_heard = max(self.last_heard, sent)  # the server answered (NoNode, BadVersion...)
-            raise
+        except KazooException as exc:
+            error = self._translate(exc, what, sent)
+            if error is exc:
+                raise
+            raise error from exc
         self.last_heard = max(self.last_heard, sent)
         return result
+
+    def _translate(self, exc: BaseException, what: str, sent: float) -> BaseException:
+        # The one mapping of kazoo's errors: connection trouble -> CoordinationError,
+        # refused access -> ZkAccessDenied, ZooKeeper's own answers (NoNode,
+        # BadVersion...) unchanged; any answer from the server stamps last_heard.
+        if isinstance(exc, CONNECTION_ERRORS):
+            return CoordinationError(f"ZooKeeper {what} failed: {type(exc).__name__}")
+        self.last_heard = max(self.last_heard, sent)
+        if isinstance(exc, NoAuthError | AuthFailedError):
+            return ZkAccessDenied(
+                f"ZooKeeper refused {what}: {type(exc).__name__} (are zk_auth and the znodes' ACLs the same identity?)"
+            )
+        return exc
 
     async def exists(self, path: str, watch: Callable[[Any], None] | None = None) -> ZnodeStat | None:
         """``exists`` (arming a data watch if ``watch`` is given)."""
@@ -228,40 +236,20 @@ class ZkSession:
 
         For re-arming thousands of watches at once: per-call futures, timers
         and thread hops cost more than the requests themselves.  Bounded by
-        ``op_timeout`` as a whole; connection errors become
-        :class:`CoordinationError`, other errors are raised as they are.
+        ``op_timeout`` as a whole; errors are mapped as :meth:`call` maps them.
         """
-        if not paths:
-            return []
         sent = time.monotonic()
-        results: list[Any] = [None] * len(paths)
-        remaining = [len(paths)]
-        done: asyncio.Future[None] = self.loop.create_future()
-
-        def collector(i: int) -> Callable[[Any], None]:
-            def collect(result: Any) -> None:
-                # kazoo's completion thread, one result at a time: no lock needed.
-                try:
-                    results[i] = result.get(block=False)
-                except Exception as exc:
-                    results[i] = exc
-                remaining[0] -= 1
-                if remaining[0] == 0:
-                    bridge.post(self.loop, _set_done, done)
-
-            return collect
-
-        for i, path in enumerate(paths):
-            self.client.exists_async(path, watch=watch).rawlink(collector(i))
+        pending = bridge.wait_all([self.client.exists_async(path, watch=watch) for path in paths], self.loop)
         try:
-            await asyncio.wait_for(asyncio.shield(done), self.op_timeout)
+            results = await asyncio.wait_for(pending, self.op_timeout)
         except TimeoutError:
             raise CoordinationError(f"ZooKeeper exists x{len(paths)} timed out after {self.op_timeout:g}s") from None
         for result in results:
-            if isinstance(result, CONNECTION_ERRORS):
-                raise CoordinationError(f"ZooKeeper exists failed: {type(result).__name__}") from result
             if isinstance(result, Exception):
-                raise result
+                error = self._translate(result, "exists", sent)
+                if error is result:
+                    raise result
+                raise error from result
         self.last_heard = max(self.last_heard, sent)
         return results
 
