@@ -39,6 +39,7 @@ from kazoo.exceptions import (
 from .. import bridge
 from ..errors import CoordinationError, LockTimeout
 from .layout import Layout
+from .operations import set_version
 from .session import ZkSession
 
 __all__ = ["VersionConflict", "WriteLock", "acquire_write_lock"]
@@ -75,10 +76,7 @@ class WriteLock:
 
     async def mark_intent(self) -> None:
         """Put the version znode in intent now (for a lock taken with ``intent=False``)."""
-        try:
-            await self.zk.set(self.version_path, b"")
-        except NoNodeError:
-            await self.zk.create(self.version_path, b"", makepath=True)
+        await set_version(self.zk, self.version_path, b"")
         self.intent = True
 
     async def publish(self, note: bytes) -> int:
@@ -100,7 +98,7 @@ class WriteLock:
             if not isinstance(error, NoNodeError) or isinstance(results[0], NoNodeError):
                 raise CoordinationError(f"publishing {self.version_path}: {error!r}")
             self.held = False  # the lock node is gone: only the bump is left to do
-        return int((await self.zk.set(self.version_path, note)).mzxid)
+        return await set_version(self.zk, self.version_path, note)
 
     async def abandon(self, note: bytes | None) -> None:
         """Release without a new value: with ``note``, also clear the intent (nothing was written).

@@ -28,6 +28,7 @@ __all__ = [
     "list_members",
     "publish_invalidation",
     "read_version",
+    "set_version",
     "version_note",
 ]
 
@@ -74,8 +75,11 @@ async def bump_version(zk: ZkSession, layout: Layout, key: str, op: str, by: str
     that arms their watch.  Not idempotent across connection loss (a retried
     set bumps twice), which is harmless: a version only has to move forward.
     """
-    path = layout.version_path(key)
-    data = b"" if op == INTENT else version_note(op, by)
+    return await set_version(zk, layout.version_path(key), b"" if op == INTENT else version_note(op, by))
+
+
+async def set_version(zk: ZkSession, path: str, data: bytes) -> int:
+    """Set a version znode's data, creating it (and its bucket) if missing; return the new mzxid."""
     try:
         return int((await zk.set(path, data)).mzxid)
     except NoNodeError:
