@@ -38,6 +38,7 @@ __all__ = [
     "InvalidKey",
     "InvalidationNotPublished",
     "LockTimeout",
+    "MethodNotAllowed",
     "NotAcknowledged",
     "NotCached",
     "NotConnected",
@@ -84,6 +85,14 @@ class InvalidKey(BadRequest):
 
 class Unauthorized(SidecarError):
     status, problem, title = 401, "unauthorized", "Missing or wrong bearer token"
+
+
+class MethodNotAllowed(SidecarError):
+    status, problem, title = 405, "method-not-allowed", "Method not allowed on this resource"
+
+    def __init__(self, method: str, allow: str) -> None:
+        super().__init__(f"{method} is not supported here; use {allow}")
+        self.allow = allow  # the Allow header of the response
 
 
 class NotFound(SidecarError):

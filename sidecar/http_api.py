@@ -31,6 +31,7 @@ from .coordination import validate_key
 from .errors import (
     BadRequest,
     InvalidKey,
+    MethodNotAllowed,
     NotAcknowledged,
     NotCached,
     NotConnected,
@@ -68,12 +69,12 @@ def _problem_of(exc: SidecarError, path: str) -> web.Response:
     headers = {}
     if isinstance(exc, PreconditionFailed) and exc.current_version is not None:
         extra["current_version"] = exc.current_version
-        headers["ETag"] = f'"{exc.current_version}"'
+        headers["ETag"] = _etag(exc.current_version)
     if isinstance(exc, NotAcknowledged):
         extra["not_confirmed"], extra["acknowledged_by"] = exc.missing, exc.confirmed
     if isinstance(exc, LeaseGranted):
         extra["lease"] = exc.lease
-        headers["ETag"] = f'"{exc.lease}"'
+        headers["ETag"] = _etag(exc.lease)
     if isinstance(exc, MethodNotAllowed):
         headers["Allow"] = exc.allow
     resp = _problem(exc.status, exc.type_uri, exc.title, exc.detail, path, **extra)
@@ -178,7 +179,7 @@ async def get_key(service: CacheService, request: web.BaseRequest) -> web.Stream
 def _respond(request: web.BaseRequest, value: bytes, ctype: str, version: int | None, source: str) -> web.Response:
     if version is None:
         return web.Response(body=value, headers={"X-Cache": source, "Content-Type": ctype})
-    etag = f'"{version}"'
+    etag = _etag(version)
     inm = request.headers.get("If-None-Match")
     if inm is not None and etag in (t.strip() for t in inm.split(",")):
         return web.Response(status=304, headers={"X-Cache": source, "ETag": etag})
@@ -224,7 +225,7 @@ async def put_key(service: CacheService, request: web.BaseRequest) -> web.Stream
 
 
 def _server_timing(written: Written) -> str:
-    # Where a write's time went (lock, check, intent, origin, bump, release),
+    # Where a write's time went (check, lock, origin, publish),
     # for clients and the write benchmark: the standard Server-Timing header.
     return ", ".join(f"{phase};dur={ms:.3f}" for phase, ms in written.phases.items())
 
@@ -303,14 +304,6 @@ async def readyz(service: CacheService, request: web.BaseRequest) -> web.StreamR
 async def stats(service: CacheService, request: web.BaseRequest) -> web.StreamResponse:
     """GET /v1/stats: counters and state as JSON."""
     return web.Response(body=orjson.dumps(service.snapshot()), content_type="application/json")
-
-
-class MethodNotAllowed(SidecarError):
-    status, problem, title = 405, "method-not-allowed", "Method not allowed on this resource"
-
-    def __init__(self, method: str, allow: str) -> None:
-        super().__init__(f"{method} is not supported here; use {allow}")
-        self.allow = allow
 
 
 class Api:
