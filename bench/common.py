@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -230,6 +230,20 @@ def graceful_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def scenario_parser(doc: str | None, name: str, quick_help: str) -> argparse.ArgumentParser:
+    """The command line every scenario module shares: ``--quick`` and ``--out``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help=f"where {name}.json and .md go")
+    return parser
+
+
+def run_scenario(run: Callable[[bool, Path], str], args: argparse.Namespace) -> None:
+    """Run a scenario from its command line, stopping what it started on SIGTERM too."""
+    graceful_sigterm()
+    print(run(args.quick, args.out))
 
 
 # -- processes ----------------------------------------------------------------

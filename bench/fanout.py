@@ -43,6 +43,7 @@ from kazoo.client import KazooClient
 from sidecar.dev import LocalZooKeeper, SidecarProcess
 from sidecar.dev.process import die_with_parent
 
+from .common import run_scenario, scenario_parser
 from .write import (
     MS_HEADER,
     RawConn,
@@ -488,15 +489,13 @@ def run(quick: bool, out_dir: Path) -> str:
 
 def main() -> None:
     """``python -m bench.fanout [--quick] [--out DIR]``."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 and 5 sidecars, 60 writes each (a smoke run)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="where fanout.json and fanout.md go")
+    parser = scenario_parser(__doc__, "fanout", "2 and 5 sidecars, 60 writes each (a smoke run)")
     parser.add_argument("--floor-watcher", metavar="HOSTS", help=argparse.SUPPRESS)  # internal: one watcher process
     args = parser.parse_args()
     if args.floor_watcher:
         floor_watcher(args.floor_watcher, FLOOR_PATH)
         return
-    print(run(args.quick, args.out))
+    run_scenario(run, args)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ requests sent and misses unchanged.  Writes ``hit.json`` and ``hit.md`` to --out
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import io
@@ -53,7 +52,6 @@ from .common import (
     PinnedSidecar,
     cpu_note,
     fmt_ms,
-    graceful_sigterm,
     http_request,
     machine,
     machine_line,
@@ -63,7 +61,9 @@ from .common import (
     pinned,
     python_module,
     raw_response,
+    run_scenario,
     run_wrk,
+    scenario_parser,
     summarize_open_loop,
     uses_uvloop,
     wait_port,
@@ -510,12 +510,7 @@ def report(d: dict[str, Any]) -> str:
 
 def main() -> None:
     """``python -m bench.hit [--quick] [--out DIR]``."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 s cells (about 20 s in all) instead of 10 s")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="directory for hit.json and hit.md")
-    args = parser.parse_args()
-    graceful_sigterm()
-    print(run(args.quick, args.out))
+    run_scenario(run, scenario_parser(__doc__, "hit", "2 s cells (about 20 s in all) instead of 10 s").parse_args())
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ Writes ``memory.json`` and ``memory.md`` to --out.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import sqlite3
@@ -49,11 +48,12 @@ from .common import (
     CpuMeter,
     PinnedSidecar,
     cpu_note,
-    graceful_sigterm,
     http_request,
     machine,
     machine_line,
     proc_status_bytes,
+    run_scenario,
+    scenario_parser,
     uses_uvloop,
     write_results,
 )
@@ -360,12 +360,7 @@ def report(d: dict[str, Any]) -> str:
 
 def main() -> None:
     """``python -m bench.memory [--quick] [--out DIR]``."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="10,000 entries per size instead of 100,000")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="directory for memory.json and .md")
-    args = parser.parse_args()
-    graceful_sigterm()
-    print(run(args.quick, args.out))
+    run_scenario(run, scenario_parser(__doc__, "memory", "10,000 entries per size instead of 100,000").parse_args())
 
 
 if __name__ == "__main__":

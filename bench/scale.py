@@ -28,7 +28,6 @@ temporary directory; stops them at the end.  The key count grows in steps
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import itertools
@@ -47,6 +46,7 @@ from kazoo.client import KazooClient
 from sidecar.coordination.layout import Layout
 from sidecar.dev import LocalZooKeeper, SidecarProcess
 
+from .common import run_scenario, scenario_parser
 from .fanout import propagation_rounds
 from .write import (
     RawConn,
@@ -410,11 +410,7 @@ def run(quick: bool, out_dir: Path) -> str:
 
 def main() -> None:
     """``python -m bench.scale [--quick] [--out DIR]``."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="10^3 and 10^4 keys only (a smoke run)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="where scale.json and scale.md go")
-    args = parser.parse_args()
-    print(run(args.quick, args.out))
+    run_scenario(run, scenario_parser(__doc__, "scale", "10^3 and 10^4 keys only (a smoke run)").parse_args())
 
 
 if __name__ == "__main__":

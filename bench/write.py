@@ -30,7 +30,6 @@ client, SQLite preloading, result files) are also used by ``bench.fanout`` and
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import inspect
@@ -52,6 +51,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from bench.common import machine as machine_info
+from bench.common import run_scenario, scenario_parser
 from bench.common import write_results as write_outputs
 from sidecar.dev import LocalZooKeeper, SidecarProcess
 from sidecar.origins.sqlite import SqliteOrigin
@@ -942,11 +942,7 @@ def run(quick: bool, out_dir: Path) -> str:
 
 def main() -> None:
     """``python -m bench.write [--quick] [--out DIR]``."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer operations, shorter runs (a smoke run)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="where write.json and write.md go")
-    args = parser.parse_args()
-    print(run(args.quick, args.out))
+    run_scenario(run, scenario_parser(__doc__, "write", "fewer operations, shorter runs (a smoke run)").parse_args())
 
 
 if __name__ == "__main__":
