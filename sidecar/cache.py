@@ -48,13 +48,14 @@ class Entry:
     content_type: str
     version: int
     size: int = 0
+    filled: bool = False  # installed by the application (PUT ?fill=true), not read from the origin
 
     @classmethod
-    def make(cls, key: str, value: bytes, content_type: str, version: int) -> Entry:
+    def make(cls, key: str, value: bytes, content_type: str, version: int, *, filled: bool = False) -> Entry:
         """Build an entry charged for its key, value and fixed overhead."""
         size = len(value) + len(key.encode("utf-8", "surrogatepass")) + ENTRY_OVERHEAD
         # A handful of distinct content types across many entries: share them.
-        return cls(value, sys.intern(content_type), version, size)
+        return cls(value, sys.intern(content_type), version, size, filled)
 
 
 @dataclass(slots=True, eq=False)

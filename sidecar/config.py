@@ -265,6 +265,12 @@ class Config:
         _choice("eventual", "strong"),
         "default read consistency: eventual (hits served locally) or strong (ZooKeeper sync per read)",
     )
+    fills: str = _setting(
+        "auto",
+        _choice("auto", "allow"),
+        "cache-aside fills (PUT ?fill=true): auto (only with origin none) or allow (also over a read-through "
+        "origin; filled values then serve eventual reads, never strong ones)",
+    )
     lock_timeout: float = _setting(10.0, _positive_duration, "how long a write waits for the key's ZooKeeper lock")
     suspended_grace: float | None = _setting(
         None,

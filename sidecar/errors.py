@@ -10,6 +10,7 @@ one place (``cli.main``).
     ├── BadRequest                  400  bad-request
     │   └── InvalidKey              400  invalid-key
     ├── Unauthorized                401  unauthorized
+    ├── FillsNotAllowed             403  fills-not-allowed (PUT ?fill=true over a read-through origin)
     ├── NotFound                    404  not-found
     ├── PreconditionFailed          412  precondition-failed
     ├── PayloadTooLarge             413  payload-too-large
@@ -35,6 +36,7 @@ __all__ = [
     "BadRequest",
     "ConfigError",
     "CoordinationError",
+    "FillsNotAllowed",
     "InvalidKey",
     "InvalidationNotPublished",
     "LockTimeout",
@@ -85,6 +87,12 @@ class InvalidKey(BadRequest):
 
 class Unauthorized(SidecarError):
     status, problem, title = 401, "unauthorized", "Missing or wrong bearer token"
+
+
+class FillsNotAllowed(SidecarError):
+    """Cache-aside fills asked of a sidecar that reads through its origin (``fills = auto``)."""
+
+    status, problem, title = 403, "fills-not-allowed", "Cache-aside fills are off on this sidecar"
 
 
 class MethodNotAllowed(SidecarError):

@@ -45,6 +45,7 @@ from .config import Config
 from .coordination import Coordinator, InvalidationReceipt, VersionConflict, WriteLock, ZkState, validate_key
 from .errors import (
     CoordinationError,
+    FillsNotAllowed,
     InvalidationNotPublished,
     LockTimeout,
     NotAcknowledged,
@@ -52,6 +53,7 @@ from .errors import (
     PayloadTooLarge,
     PreconditionFailed,
     WriteOutcomeUncertain,
+    ZkAccessDenied,
 )
 from .origins import NoOrigin, Origin, OriginValue
 from .singleflight import Group
@@ -134,7 +136,10 @@ class CacheService:
         self._grace = config.effective_suspended_grace
         # A plain GET (no query) is served by the HTTP layer's short path.
         self.hit_path_plain = config.consistency == "eventual" and not isinstance(origin, NoOrigin)
-        self._disconnected_since: float | None = clock()
+        # Cache-aside fills: always with no origin; over a read-through origin
+        # only when allowed, since any local client could then cache bytes the
+        # origin never had (strong reads never serve those).
+        self.fills_allowed = isinstance(origin, NoOrigin) or config.fills == "allow"
         self.started_at = time.time()
         self.coord = Coordinator(
             hosts=config.zk,
@@ -196,69 +201,117 @@ class CacheService:
             return False
         if coord.ready:
             return True
-        since = self._disconnected_since
-        return coord.state is ZkState.SUSPENDED and since is not None and self._clock() - since <= self._grace
+        # The grace counts from the first loss of watches not yet repaired by
+        # a completed revalidation: a second loss during revalidation must not
+        # start it again for entries nobody re-checked.
+        since = coord.unwatched_since
+        return coord.state is ZkState.SUSPENDED and since is not None and time.monotonic() - since <= self._grace
 
     async def read_strong(self, key: str) -> tuple[Entry | Fetched, str]:
-        """A read never older than the last write acknowledged before it began.
+        """A read never older than any write or invalidation acknowledged before it began.
 
-        ``sync`` + ``exists`` on the key's version znode (one round trip via
-        the leader): the cached entry is served only if its version is still
-        current, otherwise the key is filled afresh, not through a flight that
-        may have started before this read.  Without a usable session the
-        origin itself is read (still strong: writes are acknowledged only after
-        the origin has them), or 503 with ``suspended_reads = fail``.
+        ``sync``, then ``exists`` on the key, the epoch and the prefix log
+        (one pipelined round trip via the leader); epoch or prefix entries not
+        applied here yet are applied first (:meth:`Coordinator.key_state`).
+        The cached entry is served only if it survived that and its version is
+        still current; otherwise the key is filled afresh, not through a
+        flight that may have started before this read.  Without a usable
+        session the origin itself is read (still strong: writes are
+        acknowledged only after the origin has them), or 503 with
+        ``suspended_reads = fail``.  Values installed by fills are never
+        served here over a read-through origin: the origin is the truth.
         """
         if not self.coord.usable:
             return await self._read_disconnected(key), "bypass"
-        current = await self.coord.synced_version(key)
+        try:
+            state = await self.coord.key_state(key, strong=True)
+        except CoordinationError as exc:
+            return await self._after_coordination_error(key, exc), "bypass"
         self.stats.strong_reads += 1
         entry = self.cache.get(key)
-        if entry is not None and entry.version == current:
+        if (
+            entry is not None
+            and entry.version == state.version
+            and not state.writing
+            and not (entry.filled and not isinstance(self.origin, NoOrigin))
+        ):
             self.stats.hits += 1
             return entry, "hit"
         self.stats.misses += 1
-        return await self._fill(key), "miss"
+        return await self._fill_or_bypass(key), "miss"
 
     async def lease(self, key: str) -> int:
-        """Cache-aside miss: arm the key's watch and return its version as the lease.
+        """Cache-aside miss: arm the key's watch and return its lease.
 
-        The application then loads the value from its own store and hands it
-        to :meth:`fill` with this lease.
+        The lease is the key's coverage version (:attr:`KeyState.lease`): it
+        moves with every write or invalidation of the key and with every
+        covering prefix or invalidate-all.  The application then loads the
+        value from its own store and hands it to :meth:`fill` with the lease.
         """
+        self._require_fills()
         self.coord.require_usable("leases need ZooKeeper")
         self.stats.misses += 1
-        return (await self.coord.watch_version(key)).version
+        return (await self.coord.key_state(key, watch=True)).lease
 
     async def fill(self, key: str, value: OriginValue, lease: int) -> int:
-        """Install a value the application loaded, if the key's version is still ``lease``.
+        """Install a value the application loaded, if the key's lease is still ``lease``.
 
         Nothing is written to the origin or to ZooKeeper.  Refused (412) when
-        the key was written or invalidated since the lease was handed out: the
-        application may have read its store before that write.  This is the
-        stale-set race of cache-aside caches, closed.
+        the key was written or invalidated since the lease was handed out, by
+        key, prefix or invalidate-all: the application may have read its
+        store before that.  This is the stale-set race of cache-aside caches,
+        closed.
         """
         validate_key(key)
         self._check_size(value)
+        self._require_fills()
         self.coord.require_usable("fills need ZooKeeper")
         ticket = self.cache.begin_fill(key)  # before the watch, as every fill
         try:
-            current, writing = await self.coord.watch_version(key)
-            if current != lease or writing:
-                raise PreconditionFailed(f'lease "{lease}" is stale: the key is at version "{current}"', current)
-            if not self.cache.install(ticket, Entry.make(key, value.value, value.content_type, current)):
+            state = await self.coord.key_state(key, watch=True)
+            if state.lease != lease or state.writing:
+                raise PreconditionFailed(
+                    f'lease "{lease}" is stale: the key was written or invalidated since (now "{state.lease}")',
+                    state.lease,
+                )
+            entry = Entry.make(key, value.value, value.content_type, state.version, filled=True)
+            if not self.cache.install(ticket, entry):
                 raise PreconditionFailed(f'the key was invalidated while installing lease "{lease}"', None)
             self.stats.fills += 1
-            return current
+            return state.version
         finally:
             self.cache.end_fill(ticket)
+
+    def _require_fills(self) -> None:
+        if not self.fills_allowed:
+            raise FillsNotAllowed(
+                "this sidecar reads through its origin; cache-aside fills are off (set fills = allow to enable)"
+            )
 
     async def fetch(self, key: str) -> Fetched:
         """Read ``key`` when :meth:`cached` had nothing to serve."""
         if not self.coord.usable:
             return await self._read_disconnected(key)
         self.stats.misses += 1
-        return await self._flights.do(key, lambda: self._fill(key))
+        try:
+            return await self._flights.do(key, lambda: self._fill(key))
+        except CoordinationError as exc:
+            return await self._after_coordination_error(key, exc)
+
+    async def _fill_or_bypass(self, key: str) -> Fetched:
+        try:
+            return await self._fill(key)
+        except CoordinationError as exc:
+            return await self._after_coordination_error(key, exc)
+
+    async def _after_coordination_error(self, key: str, exc: CoordinationError) -> Fetched:
+        # The connection dropped under a read: like any read while
+        # disconnected, it goes to the origin uncached (or fails, by policy).
+        # A refusal by ZooKeeper (ACLs) is a configuration error, not that.
+        if isinstance(exc, ZkAccessDenied):
+            raise exc
+        log.debug("read of %r lost ZooKeeper midway (%s); reading the origin uncached", key, exc)
+        return await self._read_disconnected(key)
 
     async def _fill(self, key: str) -> Fetched:
         ticket = self.cache.begin_fill(key)
@@ -542,10 +595,6 @@ class CacheService:
         """Any state change may have cost us watches: no fill begun before it may install."""
         self.cache.void_fills()
         self._flights.forget_all()
-        if state is ZkState.CONNECTED:
-            self._disconnected_since = None
-        elif self._disconnected_since is None:
-            self._disconnected_since = self._clock()
 
     # -- introspection ------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

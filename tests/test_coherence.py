@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
+from sidecar.dev import TcpProxy
 from sidecar.origins.sqlite import sqlite_path
 from tests.conftest import SidecarFactory, cachectl, cachectl_bytes, eventually, held_origin_put, member_ids
 
@@ -371,15 +372,91 @@ async def test_cache_aside_fill_under_a_stale_lease_is_refused(
 
 
 async def test_fill_mode_on_an_origin_backed_sidecar(sidecars: SidecarFactory, http: aiohttp.ClientSession) -> None:
-    a = sidecars("a")
+    """Hole 12: over a read-through origin, fills are off unless allowed, and
+    strong reads never serve a filled value (the origin is the truth)."""
+    plain = sidecars("plain")
+    async with http.get(f"{plain.url}/v1/keys/other?fill=true") as resp:
+        assert resp.status == 403 and (await resp.json(content_type=None))["type"].endswith("fills-not-allowed")
+    async with http.put(f"{plain.url}/v1/keys/other?fill=true", data=b"app", headers={"If-Match": '"0"'}) as resp:
+        assert resp.status == 403
+    assert plain.stats()["entries"] == 0
+
+    a = sidecars("a", fills="allow")
     await put(http, a.url, "f", b"in-origin")
     a_entries = a.stats()["entries"]
     async with http.get(f"{a.url}/v1/keys/other?fill=true") as resp:
-        assert resp.status == 404 and resp.headers["ETag"] == '"0"'  # never written: lease 0
-    async with http.put(f"{a.url}/v1/keys/other?fill=true", data=b"app", headers={"If-Match": '"0"'}) as resp:
+        assert resp.status == 404
+        lease = resp.headers["ETag"]
+    async with http.put(f"{a.url}/v1/keys/other?fill=true", data=b"app", headers={"If-Match": lease}) as resp:
         assert resp.status == 200
     assert (await get(http, a.url, "other"))[1:3] == ("hit", b"app")
     assert a.stats()["entries"] >= a_entries + 1
+    status, source, _, _ = await get(http, a.url, "other?consistency=strong")
+    assert (status, source) == (404, ""), "a strong read served bytes the origin never had"
+
+
+async def test_leases_are_refused_after_prefix_and_invalidate_all(
+    sidecars: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """Hole 1: a lease taken before an acknowledged prefix or invalidate-all
+    must not fill, though neither touches the key's own version znode."""
+    a, b = sidecars("a", origin="none"), sidecars("b", origin="none")
+    for body in ({"prefixes": ["user/"]}, {"all": True}):
+        async with http.get(f"{a.url}/v1/keys/user/1") as resp:
+            assert resp.status == 404
+            lease = resp.headers["ETag"]
+        async with http.post(f"{b.url}/v1/invalidate?wait=true", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+        async with http.put(f"{a.url}/v1/keys/user/1?fill=true", data=b"old-row", headers={"If-Match": lease}) as resp:
+            assert resp.status == 412, f"a lease older than {body} filled"
+            fresh = resp.headers["ETag"]
+        assert a.stats()["entries"] == 0
+        async with http.get(f"{a.url}/v1/keys/user/1") as resp:  # a new lease works
+            assert resp.status == 404 and resp.headers["ETag"] == fresh
+        async with http.put(f"{a.url}/v1/keys/user/1?fill=true", data=b"row", headers={"If-Match": fresh}) as resp:
+            assert resp.status == 200
+        async with http.post(f"{b.url}/v1/invalidate?wait=true", json={"keys": ["user/1"]}) as resp:
+            assert resp.status == 200
+    # A prefix that does not cover the key leaves its lease valid.
+    async with http.get(f"{a.url}/v1/keys/user/1") as resp:
+        lease = resp.headers["ETag"]
+    async with http.post(f"{b.url}/v1/invalidate?wait=true", json={"prefixes": ["order/"]}) as resp:
+        assert resp.status == 200
+    async with http.put(f"{a.url}/v1/keys/user/1?fill=true", data=b"row", headers={"If-Match": lease}) as resp:
+        assert resp.status == 200
+
+
+async def test_strong_reads_see_prefix_and_invalidate_all_at_once(
+    sidecars: SidecarFactory, http: aiohttp.ClientSession, sqlite_url: str, zk_server: Any
+) -> None:
+    """Hole 2: after a prefix or invalidate-all was accepted (202, no wait)
+    through A, a strong read on B never returns the value from before it.
+
+    B's link to ZooKeeper is slow (a proxy adds 0.3 s per packet), so B's
+    notification reaches it, but applying a prefix entry takes one more round
+    trip (reading the log): a strong read that only compares the key's
+    version would answer in between with the old value.
+    """
+    proxy = TcpProxy(zk_server.host, zk_server.port)
+    proxy.start()
+    try:
+        a, b = sidecars("a"), sidecars("b", zk=proxy.address, zk_session_timeout="8s")
+        for round_, body in enumerate(({"prefixes": ["s/"]}, {"all": True}) * 2):
+            await put(http, a.url, "s/1", b"old")
+            await get_hit(http, b.url, "s/1")
+            new = f"new-{round_}".encode()
+            db = sqlite3.connect(sqlite_path(sqlite_url))
+            db.execute("UPDATE kv SET value = ? WHERE key = ?", (new, "s/1"))
+            db.commit()
+            db.close()
+            proxy.delay(0.3)
+            async with http.post(f"{a.url}/v1/invalidate", json=body) as resp:
+                assert resp.status == 202
+            status, source, value, _ = await get(http, b.url, "s/1?consistency=strong")
+            proxy.delay(0)
+            assert (status, value) == (200, new), f"strong read after {body} returned {value!r} ({source})"
+    finally:
+        proxy.stop()
 
 
 async def test_invalidate_wait_returns_when_every_sidecar_applied_it(

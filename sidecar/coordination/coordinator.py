@@ -14,9 +14,19 @@ Session policy (documented in the README):
 * SUSPENDED: kazoo has dropped every watch; ``ready`` is False.
 * LOST: the session expired; flush, and on the next CONNECTED register the
   member znode again.
-* CONNECTED after SUSPENDED or LOST: the watches of cached keys are gone, so the
-  cache is flushed; the epoch and prefix-log watches are re-armed and the
-  member znode checked, then ``ready`` becomes True.
+* CONNECTED after SUSPENDED, same session: the watches of cached keys are
+  gone; the epoch and prefix-log watches are re-armed (applying what changed
+  meanwhile), every cached key is revalidated, then ``ready`` becomes True.
+* CONNECTED with a new session: flushed (at LOST); set up from scratch.
+
+Watches lost at time T stay lost until a setup completes: ``unwatched_since``
+is T through any number of reconnects and losses in between, so the grace
+during which cached values may still be served counts from the first loss.
+
+A namespace task that fails (a re-arm hit ConnectionLoss, a member znode
+write was refused) costs readiness, never the cache: the setup is retried
+with the baselines kept, which applies whatever was missed and revalidates.
+Only a lost session, an invalidate-all or a gap in the prefix log flush.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from .. import bridge
 from ..errors import CoordinationError, NotConnected
 from .layout import Layout
 from .lock import WriteLock, acquire_write_lock, release_leftover
+from .namespace import NamespaceWatches
 from .operations import (
     Acknowledgement,
     InvalidationReceipt,
@@ -47,7 +58,7 @@ from .operations import (
 )
 from .session import ZkSession, ZkState
 
-__all__ = ["Coordinator", "EventDelivery", "Events", "KeyVersion"]
+__all__ = ["Coordinator", "EventDelivery", "Events", "KeyState", "KeyVersion"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +68,24 @@ class KeyVersion(NamedTuple):
 
     version: int
     writing: bool
+
+
+class KeyState(NamedTuple):
+    """A key as seen by one check that also caught up on namespace invalidations.
+
+    ``lease`` is ``max(version, floor)``: it moves with every write or
+    invalidation of the key *and* with every covering prefix or
+    invalidate-all, so comparing leases catches all of them.
+    """
+
+    version: int
+    writing: bool
+    floor: int  # newest namespace invalidation covering the key, applied here
+
+    @property
+    def lease(self) -> int:
+        """The key's coverage version: what a cache-aside lease is."""
+        return max(self.version, self.floor)
 
 
 class Events(Protocol):
@@ -133,10 +162,17 @@ class Coordinator:
         self._session_id: int | None = None
         self._was_connected = False
         self._setup_task: asyncio.Task[None] | None = None
-        self._epoch_mzxid: int | None = None
-        self._prefix_seq: int | None = None
         self.applied_zxid = 0  # published in our member znode (invalidate --wait)
+        # Namespace re-arms (epoch, prefix log) and acknowledgements are kept
+        # apart: an acknowledgement waits for the re-arms, never for another
+        # acknowledgement (two of them waiting on each other deadlocked).
         self._rearm_tasks: set[asyncio.Task[None]] = set()
+        self._ack_tasks: set[asyncio.Task[None]] = set()
+        self.namespace = NamespaceWatches(self.zk, self.layout, events, self._spawn)
+        # monotonic time since which key watches may be missing (None: every
+        # cached key is watched). Set at the first loss, cleared only when a
+        # setup completes, so later losses do not restart the grace.
+        self.unwatched_since: float | None = time.monotonic()
         self.key_events = EventDelivery()
 
     # -- lifecycle ----------------------------------------------------------
@@ -148,7 +184,7 @@ class Coordinator:
     async def stop(self, timeout: float | None = None) -> None:
         """Leave the fleet: close the session (the member znode goes with it)."""
         self.ready = False
-        for task in [self._setup_task, self._heartbeat_task, *self._rearm_tasks]:
+        for task in [self._setup_task, self._heartbeat_task, *self._rearm_tasks, *self._ack_tasks]:
             if task is not None:
                 task.cancel()
         await self.zk.close(timeout)
@@ -196,20 +232,31 @@ class Coordinator:
         stats = await self.zk.exists_many([self.layout.version_path(key) for key in keys], self._version_watch)
         return [KeyVersion(0, False) if s is None else KeyVersion(int(s.mzxid), s.dataLength == 0) for s in stats]
 
-    async def synced_version(self, key: str) -> int:
-        """The key's version as of now, cluster-wide: ``sync`` then ``exists``.
+    async def key_state(self, key: str, *, watch: bool = False, strong: bool = False) -> KeyState:
+        """The key's version and its namespace floor, caught up with ZooKeeper.
 
-        Both requests go out back to back on this session; ZooKeeper answers a
-        session's requests in order, so the ``exists`` is served only after the
-        server caught up with the leader: about one round trip via the leader.
+        One pipelined round trip: [``sync``,] ``exists`` on the key (with its
+        watch if ``watch``), ``exists`` on the epoch and on the prefix log.
+        ZooKeeper answers a session's requests in order, so with ``strong``
+        everything is read after the server caught up with the leader.  If
+        the epoch or the prefix log moved past what this sidecar applied (a
+        notification still on its way), it is applied here first, so the
+        floor (and the cache) reflect every namespace invalidation committed
+        before the reads.
         """
         self.require_usable()
-        path = self.layout.version_path(key)
-        synced = self.zk.client.sync_async(path)
-        exists = self.zk.client.exists_async(path)
-        stat = await self.zk.call(exists, "exists")
-        await self.zk.call(synced, "sync")
-        return int(stat.mzxid) if stat else 0
+        client, layout = self.zk.client, self.layout
+        path = layout.version_path(key)
+        calls = [(client.sync_async(path), "sync")] if strong else []
+        calls += [
+            (client.exists_async(path, watch=self._version_watch if watch else None), "exists"),
+            (client.exists_async(layout.epoch), "exists"),
+            (client.exists_async(layout.prefixes), "exists"),
+        ]
+        stat, epoch, prefixes = (await self.zk.call_all(*calls))[-3:]
+        await self.namespace.catch_up(int(epoch.mzxid) if epoch else 0, int(prefixes.pzxid) if prefixes else 0)
+        version, writing = (int(stat.mzxid), stat.dataLength == 0) if stat else (0, False)
+        return KeyState(version, writing, self.namespace.floor.floor(key))
 
     async def read_version(self, key: str) -> int:
         """The key's current version as this session sees it, without a watch."""
@@ -306,22 +353,34 @@ class Coordinator:
 
     def _ackreq_watch(self, event: WatchedEvent) -> None:
         if event.type != EventType.NONE:
-            bridge.post(self.zk.loop, lambda: self._spawn(self._acknowledge()))
+            bridge.post(self.zk.loop, self._spawn_ack)
+
+    def _spawn_ack(self) -> None:
+        task = asyncio.ensure_future(self._acknowledge())
+        self._ack_tasks.add(task)
+        task.add_done_callback(self._ack_done)
+
+    def _ack_done(self, task: asyncio.Task[None]) -> None:
+        self._ack_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The waiter names us as not confirmed; the cache is as good as before.
+            log.warning("acknowledging an invalidation failed: %s", task.exception())
 
     async def _acknowledge(self) -> None:
         """Publish in our member znode the zxid up to which we applied every invalidation.
 
         The ``exists`` answer (mzxid Z) was sent by ZooKeeper after every
         notification for changes up to Z on this connection; once those events
-        are on the loop (``drain_events``) and any prefix-log re-read they
-        started has finished, everything up to Z is applied.
+        are on the loop (``drain_events``) and the prefix-log re-reads they
+        started have finished, everything up to Z is applied.  Only re-arm
+        tasks are waited for: other acknowledgements are not, or two of them
+        would wait for each other.
         """
         stat = await self.zk.exists(self.layout.ackreq, watch=self._ackreq_watch)
         applied = int(stat.mzxid) if stat else 0
         await self.zk.drain_events()
-        pending = [t for t in self._rearm_tasks if t is not asyncio.current_task()]
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        if self._rearm_tasks:
+            await asyncio.wait(list(self._rearm_tasks))
         if not self.ready:
             return  # not serving from a trusted cache: do not confirm
         self.applied_zxid = max(self.applied_zxid, applied)
@@ -335,44 +394,6 @@ class Coordinator:
             dict(self._member_info, session=f"0x{self.zk.session_id or 0:x}", applied_zxid=self.applied_zxid)
         )
 
-    def _epoch_watch(self, event: WatchedEvent) -> None:
-        if event.type != EventType.NONE:
-            bridge.post(self.zk.loop, self._on_epoch_event)
-
-    def _on_epoch_event(self) -> None:
-        self._events.flush("invalidate-all (epoch changed)")
-        self._spawn(self._arm_epoch())
-
-    def _prefix_watch(self, event: WatchedEvent) -> None:
-        if event.type != EventType.NONE:
-            bridge.post(self.zk.loop, lambda: self._spawn(self._arm_prefixes()))
-
-    async def _arm_epoch(self) -> None:
-        stat = await self.zk.exists(self.layout.epoch, watch=self._epoch_watch)
-        mzxid = int(stat.mzxid) if stat else 0
-        if self._epoch_mzxid is not None and mzxid != self._epoch_mzxid:
-            # After an epoch event this always holds, and the second flush is
-            # deliberate: fills begun between the event and this re-arm had no
-            # epoch watch to void them. It also catches a change missed while
-            # the connection was down (same-session reconnect).
-            self._events.flush("invalidate-all (epoch changed; watch re-armed)")
-        self._epoch_mzxid = mzxid
-
-    async def _arm_prefixes(self) -> None:
-        names = await self.zk.get_children(self.layout.prefixes, watch=self._prefix_watch)
-        entries = sorted(p for n in names if (p := self.layout.parse_prefix_entry(n)) is not None)
-        newest = entries[-1][0] if entries else -1
-        if self._prefix_seq is None:  # first look in this session: nothing cached yet
-            self._prefix_seq = newest
-            return
-        fresh = [(seq, prefix) for seq, prefix in entries if seq > self._prefix_seq]
-        if fresh and fresh[0][0] > self._prefix_seq + 1 and self._prefix_seq >= 0:
-            # Entries we never saw were trimmed: we cannot know their prefixes.
-            self._events.flush("prefix log truncated past what this sidecar applied")
-        elif fresh:
-            self._events.prefixes_invalidated([prefix for _, prefix in fresh])
-        self._prefix_seq = max(self._prefix_seq, newest)
-
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._rearm_tasks.add(task)
@@ -382,20 +403,27 @@ class Coordinator:
         self._rearm_tasks.discard(task)
         if task.cancelled() or task.exception() is None:
             return
-        # Without the epoch or prefix watch we would miss invalidations: stop
-        # trusting the cache and set the session up again from scratch.
-        log.warning("re-arming a namespace watch failed (%s); resetting", task.exception())
-        self.ready = False
-        self._events.flush("a namespace watch could not be re-armed")
+        # A namespace watch may be missing: stop serving from the cache and
+        # set the session up again with the baselines kept, which applies
+        # whatever was missed and revalidates every entry. The cache itself
+        # is still coherent up to the failure: flushing it would throw away
+        # what revalidation exists to keep.
+        log.warning("re-arming a namespace watch failed (%s); not ready until re-armed", task.exception())
+        self._not_ready()
         if self._setup_task is None or self._setup_task.done():
             self._setup_task = asyncio.ensure_future(self._retry_setup())
+
+    def _not_ready(self) -> None:
+        self.ready = False
+        if self.unwatched_since is None:
+            self.unwatched_since = time.monotonic()
 
     # -- session states -----------------------------------------------------
     def _on_state(self, state: ZkState) -> None:
         # On the loop (ZkSession posts it). Order matters: fills are voided
         # before anything else can run.
         self.state_generation += 1
-        self.ready = False
+        self._not_ready()
         if self._setup_task is not None:
             self._setup_task.cancel()
             self._setup_task = None
@@ -414,12 +442,10 @@ class Coordinator:
                 # what the epoch and the prefix log say now is the baseline.
                 if self._was_connected:
                     self._events.flush("new ZooKeeper session")
-                self._epoch_mzxid = None
-                self._prefix_seq = None
+                self.namespace.new_session()
             # Same session: the baselines stay, so an invalidate-all or prefix
             # entries published while we were away are applied here.
-            await self._arm_epoch()
-            await self._arm_prefixes()
+            await self.namespace.arm()
             ackreq = await self.zk.exists(self.layout.ackreq, watch=self._ackreq_watch)
             if not new_session:
                 # kazoo dropped every watch with the connection and does not
@@ -434,6 +460,7 @@ class Coordinator:
                 self.sessions += 1
             self._was_connected = True
             self.ready = True
+            self.unwatched_since = None
             log.info("ready: member %s in %s", self.member_id, self.layout.root)
         except asyncio.CancelledError:
             raise

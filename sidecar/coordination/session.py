@@ -214,6 +214,18 @@ class ZkSession:
         self.last_heard = max(self.last_heard, sent)
         return result
 
+    async def call_all(self, *calls: tuple[Any, str]) -> list[Any]:
+        """Await several kazoo ``*_async`` results sent back to back (a pipeline).
+
+        Every call is awaited before the first error is raised, so none is
+        left with an exception nobody retrieves.
+        """
+        results = await asyncio.gather(*(self.call(res, what) for res, what in calls), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
+
     def _translate(self, exc: BaseException, what: str, sent: float) -> BaseException:
         # The one mapping of kazoo's errors: connection trouble -> CoordinationError,
         # refused access -> ZkAccessDenied, ZooKeeper's own answers (NoNode,
@@ -260,6 +272,13 @@ class ZkSession:
     async def get_children(self, path: str, watch: Callable[[Any], None] | None = None) -> list[str]:
         """``getChildren`` (arming a child watch if ``watch`` is given)."""
         return await self.call(self.client.get_children_async(path, watch=watch), "get_children")  # type: ignore[no-any-return]
+
+    async def get_children_stat(
+        self, path: str, watch: Callable[[Any], None] | None = None
+    ) -> tuple[list[str], ZnodeStat]:
+        """``getChildren2``: the children and the parent's stat (``cversion``, ``pzxid``)."""
+        result = self.client.get_children_async(path, watch=watch, include_data=True)
+        return await self.call(result, "get_children")  # type: ignore[no-any-return]
 
     async def set(self, path: str, data: bytes, version: int = -1) -> ZnodeStat:
         """``setData``; ``version`` >= 0 makes it a compare-and-set."""
