@@ -11,17 +11,11 @@ Read (miss) protocol, per key::
     value = origin.get(key)               # 3. only now read the origin
     cache.install(ticket, value@version)  # 4. refused if 1..4 saw an invalidation
 
-Write protocol (PUT/DELETE), per key (``coordination.lock`` has the why)::
-
-    local asyncio lock -> [If-Match: read the version]
-    -> multi[create lock, version := intent]          (ZooKeeper round trip 1)
-    -> drop our own entry -> [If-None-Match: read the origin] -> origin write
-    -> multi[version := note, delete lock]            (ZooKeeper round trip 2)
-    -> drop our own entry -> refill in the background through the read protocol
-
-The writer does not cache the value it wrote: between its origin write and
-its version bump an outside writer (or, after a lost lock, another sidecar)
-may have written the origin again, and only a read after the bump can tell.
+The write protocol (PUT/DELETE) is one object, :class:`~sidecar.writes.WriteProtocol`.
+After a write the writer does not cache the value it wrote: between its origin
+write and its version bump an outside writer (or, after a lost lock, another
+sidecar) may have written the origin again, and only a read after the bump can
+tell; it refills through the read protocol instead.
 
 Serving policy by session state is in :meth:`CacheService.cached` and
 :meth:`CacheService.fetch`; the README's "Connection states" section is its
@@ -32,9 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,21 +34,19 @@ from typing import Any
 from . import __version__
 from .cache import CoherentCache, Entry
 from .config import Config
-from .coordination import Coordinator, InvalidationReceipt, VersionConflict, WriteLock, ZkState, validate_key
+from .coordination import Coordinator, InvalidationReceipt, ZkState, validate_key
 from .errors import (
     CoordinationError,
     FillsNotAllowed,
-    InvalidationNotPublished,
-    LockTimeout,
     NotAcknowledged,
     NotConnected,
     PayloadTooLarge,
     PreconditionFailed,
-    WriteOutcomeUncertain,
     ZkAccessDenied,
 )
 from .origins import NoOrigin, Origin, OriginValue
 from .singleflight import Group
+from .writes import WriteProtocol, Written
 
 __all__ = ["CacheService", "Fetched", "Stats", "Written"]
 
@@ -96,27 +86,6 @@ class Stats:
     flushes: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Written:
-    """A write's outcome: the new version, and where its time went (ms per phase)."""
-
-    version: int
-    phases: dict[str, float]
-
-
-class _Laps:
-    """Milliseconds per named phase, each from the end of the previous one."""
-
-    def __init__(self) -> None:
-        self.phases: dict[str, float] = {}
-        self._mark = time.perf_counter()
-
-    def __call__(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.phases[phase] = (now - self._mark) * 1000
-        self._mark = now
-
-
 class CacheService:
     """Coherent read-through / write-through cache for one sidecar."""
 
@@ -127,10 +96,6 @@ class CacheService:
         self.cache = CoherentCache(config.max_entries, config.max_bytes, config.ttl)
         self._clock = clock
         self._flights: Group[Fetched] = Group()
-        self._local_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-        # Keys whose lock node may still be held by this session after a failed
-        # release, with the version data to leave when releasing it.
-        self._leftover_locks: dict[str, bytes | None] = {}
         self._writes: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._grace = config.effective_suspended_grace
@@ -156,6 +121,7 @@ class CacheService:
             events=self,
             auth=config.zk_auth,
         )
+        self.writes = WriteProtocol(config, origin, self.coord, drop=self._drop_key, written=self._written)
 
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> None:
@@ -169,6 +135,7 @@ class CacheService:
         # Closing the session needs a moment of the budget; writes get the rest.
         if self._writes:
             await asyncio.wait(self._writes, timeout=max(0.0, deadline - loop.time() - 1.0))
+        await self.writes.janitor.stop(timeout=max(0.0, deadline - loop.time() - 1.0))
         for task in self._background:
             task.cancel()
         await self.coord.stop(timeout=max(0.1, deadline - loop.time()))
@@ -336,9 +303,9 @@ class CacheService:
     async def put(
         self, key: str, value: OriginValue, *, if_match: int | None = None, if_none_match: bool = False
     ) -> Written:
-        """Write-through; returns the new version. See the module docstring."""
+        """Write-through; returns the new version (``writes.WriteProtocol``)."""
         self._check_size(value)
-        return await self._shielded(self._write(key, value, if_match, if_none_match))
+        return await self._shielded(self.writes.write(key, value, if_match=if_match, if_none_match=if_none_match))
 
     def _check_size(self, value: OriginValue) -> None:
         if len(value.value) > self.config.max_value_bytes:
@@ -346,7 +313,7 @@ class CacheService:
 
     async def delete(self, key: str, *, if_match: int | None = None) -> Written:
         """Delete-through; the version bump is the tombstone. Returns it."""
-        return await self._shielded(self._write(key, None, if_match, False))
+        return await self._shielded(self.writes.write(key, None, if_match=if_match))
 
     async def _shielded(self, coro: Awaitable[Written]) -> Written:
         # Once the origin may have changed, the version bump must follow even
@@ -356,132 +323,12 @@ class CacheService:
         task.add_done_callback(self._writes.discard)
         return await asyncio.shield(task)
 
-    async def _write(self, key: str, value: OriginValue | None, if_match: int | None, if_none_match: bool) -> Written:
-        validate_key(key)
-        self.coord.require_usable("writes need ZooKeeper")
-        local = self._local_locks.get(key)
-        if local is None:
-            local = self._local_locks[key] = asyncio.Lock()
-        lap = _Laps()
-        async with local:
-            if key in self._leftover_locks:
-                # An earlier write's release failed; the node may still be ours.
-                await self.coord.release_leftover(key, self._leftover_locks[key])
-                del self._leftover_locks[key]
-            expected: int | None = None
-            if if_match is not None:
-                current, expected = await self.coord.read_version_for_cas(key)
-                if current != if_match:
-                    raise PreconditionFailed(f'If-Match "{if_match}" but the current version is "{current}"', current)
-            lap("check")
-            try:
-                # If-None-Match may still refuse after the lock: intent only once it cannot.
-                lock, generation = await self.coord.lock_for_write(
-                    key, self.config.lock_timeout, expected, intent=not if_none_match
-                )
-            except VersionConflict:
-                current = await self.coord.read_version(key)
-                raise PreconditionFailed(
-                    f'If-Match "{if_match}" but the current version is "{current}"', current
-                ) from None
-            except LockTimeout:
-                raise
-            except CoordinationError:
-                # The transaction may have landed before the connection broke.
-                self._leftover_locks[key] = self.coord.note("abort")
-                raise
-            lap("lock")
-            session = self.coord.zk.session_id
-            origin_touched = False
-            try:
-                if if_none_match:
-                    if await self.origin.get(key) is not None:
-                        raise PreconditionFailed("If-None-Match: * but the key has a value")
-                    await lock.mark_intent()
-                # Intent is published: no sidecar keeps or takes a copy from here on.
-                self._drop_key(key)
-                self.coord.check_lock(generation)  # last look before the origin changes
-                origin_touched = True
-                if value is None:
-                    await self.origin.delete(key)
-                else:
-                    await self.origin.put(key, value)
-            except BaseException:
-                # Nothing written: clear the intent. Origin write failed midway:
-                # keep it, so nobody caches a value of unknown age.
-                await self._abandon(key, lock, None if origin_touched else self.coord.note("abort"))
-                raise
-            lap("origin")
-            version = await self._publish(key, lock, "delete" if value is None else "put")
-            lap("publish")
-            if self.coord.zk.session_id != session:
-                # Our session expired while we held the lock (a partition
-                # longer than the session): another writer may have entered.
-                # The bump above still invalidated every cache; but claiming
-                # this write as version `version` could pair that ETag with
-                # another writer's value.
-                self._drop_key(key)
-                raise WriteOutcomeUncertain(
-                    "the origin was written, but this sidecar's ZooKeeper session expired while it held the "
-                    "key's lock; another write may have replaced it: read the key to see which won"
-                )
-            # Our own watch event may still be on its way (kazoo delivers it on
-            # another thread): drop now, so this sidecar never answers with the
-            # old value after acknowledging, and void fills that read it.
-            self._drop_key(key)
-        if value is None:
+    def _written(self, key: str, deleted: bool) -> None:
+        if deleted:
             self.stats.deletes += 1
         else:
             self.stats.writes += 1
             self._spawn(self._refill(key))
-        return Written(version, lap.phases)
-
-    async def _abandon(self, key: str, lock: WriteLock, note: bytes | None) -> None:
-        try:
-            await lock.abandon(note)
-        except Exception as exc:  # the write's own error matters more; retry on the next write
-            log.warning("key %r: releasing the write lock failed (%s); released on the next write", key, exc)
-            self._leftover_locks[key] = note
-
-    async def _publish(self, key: str, lock: WriteLock, op: str) -> int:
-        # The origin already has the new value: the fleet must be told. Retry
-        # until the lock timeout; past it, answer 503 and go on bumping in the
-        # background (a version only moves forward, so retries are harmless).
-        note = self.coord.note(op)
-        deadline = self._clock() + self.config.lock_timeout
-        backoff = 0.05
-        while True:
-            try:
-                return await lock.publish(note)
-            except CoordinationError as exc:
-                remaining = deadline - self._clock()
-                if remaining > 0:
-                    log.warning("key %r: publishing the new version failed (%s); retrying", key, exc)
-                    await asyncio.sleep(min(backoff, remaining))
-                    backoff = min(backoff * 2, 2.0)
-                    continue
-                log.error("key %r: origin written, version bump failed (%s); retrying in the background", key, exc)
-                if lock.held:
-                    self._leftover_locks[key] = note
-                self._spawn(self._bump_with_retry(key, op, deadline=None))
-                raise InvalidationNotPublished(
-                    "the origin has the new value but other sidecars were not told yet; "
-                    "this sidecar keeps retrying the invalidation in the background"
-                ) from exc
-
-    async def _bump_with_retry(self, key: str, op: str, deadline: float | None) -> int:
-        # While kazoo reconnects, each attempt waits in its queue (op_timeout).
-        backoff = 0.05
-        while True:
-            try:
-                return await self.coord.bump_version(key, op)
-            except CoordinationError as exc:
-                remaining = math.inf if deadline is None else deadline - self._clock()
-                if remaining <= 0:
-                    raise
-                log.warning("key %r: version bump failed (%s); retrying", key, exc)
-                await asyncio.sleep(min(backoff, remaining))
-                backoff = min(backoff * 2, 2.0)
 
     async def _refill(self, key: str) -> None:
         # "Update the local entry" after a write, through the read protocol
@@ -634,6 +481,7 @@ class CacheService:
             "writes": s.writes,
             "deletes": s.deletes,
             "writes_in_progress": len(self._writes),
+            "locks_being_released": len(self.writes.janitor),
             "key_events": {
                 "count": self.coord.key_events.count,
                 "last_arrived_monotonic": self.coord.key_events.last_arrived,

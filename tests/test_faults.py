@@ -10,6 +10,7 @@ import time
 import aiohttp
 import pytest
 from kazoo.client import KazooClient
+from kazoo.security import ACL, ANYONE_ID_UNSAFE, OPEN_ACL_UNSAFE, Permissions
 
 from sidecar.coordination import Layout
 from sidecar.dev import LocalZooKeeper, TcpProxy, free_port
@@ -337,3 +338,141 @@ async def test_version_bump_failing_after_the_origin_write(
     await eventually(lambda: a.is_ready() and b.is_ready(), timeout=20, what="both sidecars back")
     status, _, value, _ = await get_hit(http, b.url, "bump")  # cacheable again: the late bump cleared the intent
     assert (status, value) == (200, b"new")
+
+
+async def test_concurrent_acknowledged_invalidations_all_complete_and_the_sidecar_stops_cleanly(
+    sidecars: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """Hole 3: acknowledgements waited for each other, so concurrent ?wait=true
+    calls timed out (504) and a stop then took the whole shutdown timeout."""
+    nodes = [sidecars("a", shutdown_timeout="8s"), sidecars("b"), sidecars("c")]
+    await put(http, nodes[0].url, "ack/1", b"v")
+
+    async def invalidate(i: int) -> int:
+        body = [{"keys": ["ack/1"]}, {"prefixes": ["ack/"]}, {"all": True}][i % 3]
+        url = f"{nodes[i % 3].url}/v1/invalidate?wait=true&timeout=5"
+        async with http.post(url, json=body) as resp:
+            return resp.status
+
+    statuses = await asyncio.gather(*(invalidate(i) for i in range(13)))
+    assert statuses == [200] * 13, statuses
+    started = time.monotonic()
+    assert nodes[0].stop(timeout=15) == 0, "SIGTERM did not exit cleanly"
+    assert time.monotonic() - started < 5, "the stop waited for stuck acknowledgements"
+
+
+async def test_a_failed_acknowledgement_does_not_flush_the_cache(
+    zk_server: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession, namespace: str
+) -> None:
+    """Hole 7: any failed namespace task flushed everything. Here A cannot write
+    its member znode, so its acknowledgement fails: A is named as not having
+    confirmed, and keeps its cache (nothing about coherence was lost)."""
+    a, b = sidecars("a"), sidecars("b")
+    for key in ("keep/1", "keep/2"):
+        await put(http, b.url, key, b"v1")
+        await get_hit(http, a.url, key)
+    layout = Layout(f"/zkcache/{namespace}")
+    admin = KazooClient(hosts=zk_server.hosts)
+    await asyncio.to_thread(admin.start, 10)
+    try:
+        read_only = [ACL(Permissions.READ | Permissions.ADMIN, ANYONE_ID_UNSAFE)]  # ADMIN: to undo it
+        await asyncio.to_thread(admin.set_acls, layout.member_path("a"), read_only)
+        async with http.post(f"{b.url}/v1/invalidate?wait=true&timeout=2", json={"keys": ["other"]}) as resp:
+            assert resp.status == 504 and (await resp.json(content_type=None))["not_confirmed"] == ["a"]
+        stats = a.stats()
+        assert stats["flushes"] == 0 and stats["entries"] == 2, "a failed acknowledgement flushed the cache"
+        assert a.is_ready() and (await get(http, a.url, "keep/1"))[1] == "hit"
+        await asyncio.to_thread(admin.set_acls, layout.member_path("a"), OPEN_ACL_UNSAFE)
+        async with http.post(f"{b.url}/v1/invalidate?wait=true&timeout=5", json={"keys": ["keep/2"]}) as resp:
+            assert resp.status == 200
+        assert a.stats()["entries"] == 1
+    finally:
+        await asyncio.to_thread(admin.stop)
+        await asyncio.to_thread(admin.close)
+
+
+async def test_prefix_entries_trimmed_while_cut_off_flush_even_after_an_empty_first_look(
+    zk_server: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession, namespace: str, sqlite_url: str
+) -> None:
+    """Hole 9: A's first look at the prefix log found it empty; while A was cut
+    off, a prefix entry covering A's key came and was trimmed away. A cannot
+    know its prefix, so it must flush rather than keep serving the key."""
+    proxy = TcpProxy(zk_server.host, zk_server.port)
+    proxy.start()
+    admin = KazooClient(hosts=zk_server.hosts)
+    await asyncio.to_thread(admin.start, 10)
+    try:
+        a = sidecars("a", zk=proxy.address, zk_session_timeout="6s", suspended_grace="0s")
+        b = sidecars("b")
+        await put(http, b.url, "x/1", b"v1")
+        await get_hit(http, a.url, "x/1")
+        proxy.cut()
+        await eventually(lambda: not a.is_ready(), what="A noticing the partition")
+        change_origin_behind_the_cache(sqlite_url, "x/1", b"v2")
+        layout = Layout(f"/zkcache/{namespace}")
+        path = await asyncio.to_thread(admin.create, layout.prefix_entry_base("x/"), b"{}", sequence=True)
+        await asyncio.to_thread(admin.delete, path)  # trimmed before A saw it
+        proxy.heal()
+        a.wait_ready(20)
+        assert a.stats()["zookeeper"]["sessions"] == 1, "same session expected"
+        assert (await get(http, a.url, "x/1"))[2] == b"v2", "A kept a key whose prefix invalidation it never saw"
+    finally:
+        proxy.stop()
+        await asyncio.to_thread(admin.stop)
+        await asyncio.to_thread(admin.close)
+
+
+async def test_a_second_loss_during_revalidation_does_not_restart_the_grace(
+    zk_server: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """Hole 10: the grace counted from the latest loss, so entries never
+    re-checked since the first loss were served again after a second one."""
+    proxy = TcpProxy(zk_server.host, zk_server.port)
+    proxy.start()
+    try:
+        a = sidecars("a", zk=proxy.address, zk_session_timeout="9s", suspended_grace="2s")
+        b = sidecars("b")
+        await put(http, b.url, "g/1", b"v1")
+        await get_hit(http, a.url, "g/1")
+        proxy.cut()
+
+        async def past_grace() -> bool:
+            return (await get(http, a.url, "g/1"))[1] == "bypass"
+
+        await eventually(past_grace, what="A's grace running out")
+        await put(http, b.url, "g/1", b"v2")  # A cannot hear about this
+        proxy.delay(0.4)  # slow enough that revalidation is still under way below
+        proxy.heal()
+
+        def connected_not_ready() -> bool:
+            zk = a.stats()["zookeeper"]
+            return zk["state"] == "connected" and not zk["ready"]
+
+        await eventually(connected_not_ready, timeout=15, what="A reconnected and setting up")
+        proxy.cut()
+        await eventually(lambda: a.stats()["zookeeper"]["state"] == "suspended", what="A losing the link again")
+        _, source, value, _ = await get(http, a.url, "g/1")
+        assert source != "hit", f"served {value!r} from an entry not re-checked since the first loss"
+    finally:
+        proxy.stop()
+
+
+async def test_a_miss_in_flight_when_the_link_drops_reads_the_origin(
+    zk_server: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """Hole 11: with suspended_reads = origin, a miss whose exists was lost
+    with the connection answered 503 instead of reading the origin."""
+    proxy = TcpProxy(zk_server.host, zk_server.port)
+    proxy.start()
+    try:
+        a = sidecars("a", zk=proxy.address, zk_session_timeout="9s", suspended_reads="origin")
+        b = sidecars("b")
+        await put(http, b.url, "m/1", b"v1")
+        proxy.blackhole()  # the exists below goes out and is never answered
+        read = asyncio.ensure_future(get(http, a.url, "m/1"))
+        await eventually(lambda: a.stats()["fills_in_flight"] == 1, what="A's miss waiting on ZooKeeper")
+        proxy.cut()  # now the connection drops under it
+        status, source, value, _ = await asyncio.wait_for(read, 10)
+        assert (status, source, value) == (200, "bypass", b"v1")
+    finally:
+        proxy.stop()

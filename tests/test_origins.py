@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
 from pathlib import Path
 
+import pytest
+
+from sidecar.errors import OriginTimeout
 from sidecar.origins import OriginValue, open_origin
+from sidecar.origins.sqlite import SqliteOrigin
 
 
 async def test_many_sidecars_opening_one_new_sqlite_file_at_once(tmp_path: Path) -> None:
@@ -38,5 +43,24 @@ async def test_many_sidecars_opening_one_new_sqlite_file_at_once(tmp_path: Path)
     try:
         await origin.put("k", OriginValue(b"v", "text/plain"))
         assert (await origin.get("k")) == OriginValue(b"v", "text/plain")
+    finally:
+        await origin.close()
+
+
+async def test_a_sqlite_write_that_timed_out_never_lands_later(tmp_path: Path) -> None:
+    """Hole 6: a write queued behind a busy pool timed out, was answered 504,
+    and then ran anyway, after the writer had released the key's lock."""
+    origin = SqliteOrigin(f"sqlite:///{tmp_path / 'o.db'}", timeout=0.3, threads=1)
+    await origin.open()
+    try:
+        await origin.put("k", OriginValue(b"before"))
+        release = threading.Event()
+        blocker = origin._pool.submit(release.wait, 5)  # the one thread is busy
+        with pytest.raises(OriginTimeout):
+            await origin.put("k", OriginValue(b"late"))
+        release.set()
+        await asyncio.wrap_future(blocker)
+        await asyncio.to_thread(origin._pool.submit(lambda: None).result, 5)  # the pool drained
+        assert (await origin.get("k")) == OriginValue(b"before"), "a timed-out write landed afterwards"
     finally:
         await origin.close()

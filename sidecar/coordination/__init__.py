@@ -1,28 +1,29 @@
 """Everything that talks to ZooKeeper. Nothing outside this package imports kazoo."""
 
-from .coordinator import Coordinator, Events, KeyVersion
+from .coordinator import Coordinator, Events, KeyState, KeyVersion
 from .layout import MAX_KEY_BYTES, Layout, escape, unescape, validate_key
-from .lock import VersionConflict, WriteLock
+from .lock import LockLost, VersionConflict, WriteLock
 from .operations import (
-    INTENT,
     Acknowledgement,
     InvalidationReceipt,
     await_acknowledgement,
     list_members,
     publish_invalidation,
     read_version,
+    version_note,
 )
 from .session import ZkSession, ZkState
 
 __all__ = [
-    "INTENT",
     "MAX_KEY_BYTES",
     "Acknowledgement",
     "Coordinator",
     "Events",
     "InvalidationReceipt",
+    "KeyState",
     "KeyVersion",
     "Layout",
+    "LockLost",
     "VersionConflict",
     "WriteLock",
     "ZkSession",
@@ -34,4 +35,5 @@ __all__ = [
     "read_version",
     "unescape",
     "validate_key",
+    "version_note",
 ]

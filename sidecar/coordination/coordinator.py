@@ -44,13 +44,12 @@ from kazoo.protocol.states import EventType, WatchedEvent
 from .. import bridge
 from ..errors import CoordinationError, NotConnected
 from .layout import Layout
-from .lock import WriteLock, acquire_write_lock, release_leftover
+from .lock import WriteLock, acquire_write_lock
 from .namespace import NamespaceWatches
 from .operations import (
     Acknowledgement,
     InvalidationReceipt,
     await_acknowledgement,
-    bump_version,
     ensure_layout,
     publish_invalidation,
     read_version,
@@ -263,13 +262,9 @@ class Coordinator:
         self.require_usable()
         return await read_version(self.zk, self.layout, key)
 
-    async def bump_version(self, key: str, op: str) -> int:
-        """Publish a new version of ``key`` (fires every sidecar's watch)."""
-        return await bump_version(self.zk, self.layout, key, op, self.member_id)
-
-    def note(self, op: str) -> bytes:
+    def note(self, op: str, write_id: str = "") -> bytes:
         """A version znode's data for ``op`` by this member (see ``operations.version_note``)."""
-        return version_note(op, self.member_id)
+        return version_note(op, self.member_id, write_id)
 
     async def read_version_for_cas(self, key: str) -> tuple[int, int]:
         """``(version, data version)`` of ``key`` for a conditional write: ``(0, -1)`` if never written."""
@@ -287,7 +282,7 @@ class Coordinator:
         node is gone) makes :meth:`check_lock` fail.  Raises ``LockTimeout``,
         ``VersionConflict`` (``expected_data_version`` moved) or
         ``CoordinationError`` (the lock may then be held: see
-        :meth:`release_leftover`).
+        :meth:`adopt_lock`).
         """
         self.require_usable()
         generation = self.state_generation
@@ -296,10 +291,10 @@ class Coordinator:
         )
         return lock, generation
 
-    async def release_leftover(self, key: str, note: bytes | None) -> None:
-        """Release ``key``'s lock if an earlier, failed release left it held by this session."""
-        self.require_usable()
-        await release_leftover(self.zk, self.layout, key, note)
+    def adopt_lock(self, key: str, session: int | None) -> WriteLock:
+        """``key``'s lock as this session may hold it after a lock transaction of unknown outcome."""
+        layout = self.layout
+        return WriteLock(self.zk, layout.lock_path(key), layout.version_path(key), intent_version=None, session=session)
 
     def check_lock(self, generation: int) -> None:
         """Raise unless the session is usable and unchanged since ``generation``.

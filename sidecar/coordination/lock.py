@@ -39,10 +39,9 @@ from kazoo.exceptions import (
 from .. import bridge
 from ..errors import CoordinationError, LockTimeout
 from .layout import Layout
-from .operations import set_version
-from .session import ZkSession
+from .session import ZkSession, ZnodeStat
 
-__all__ = ["VersionConflict", "WriteLock", "acquire_write_lock"]
+__all__ = ["LockLost", "VersionConflict", "WriteLock", "acquire_write_lock"]
 
 log = logging.getLogger(__name__)
 
@@ -64,71 +63,148 @@ def _parent(path: str) -> str:
     return path.rsplit("/", 1)[0]
 
 
-class WriteLock:
-    """A key's write lock held by this session, with the key's version znode in intent."""
+class LockLost(Exception):
+    """The lock is no longer this session's: another writer may hold the key now."""
 
-    def __init__(self, zk: ZkSession, lock_path: str, version_path: str, *, intent: bool = True) -> None:
+
+class WriteLock:
+    """A key's write lock held by this session, with the key's version znode in intent.
+
+    Fencing: the lock is an ephemeral znode, so after a session expiry another
+    writer can hold the same path, and a multi cannot check an ephemeral's
+    owner.  What the multi *can* check is the version znode's data version,
+    which every writer moves when it takes the lock (the intent).  So every
+    release is ``multi[set or check <version> at the data version our intent
+    left, delete <lock>]``: it fails (and deletes nothing) once anyone else
+    has entered.  When it fails, or its reply was lost, :meth:`_reconcile`
+    reads what is there and decides from the owner and the data, never blindly.
+    """
+
+    def __init__(
+        self, zk: ZkSession, lock_path: str, version_path: str, *, intent_version: int | None, session: int | None
+    ) -> None:
         self.zk = zk
         self.lock_path = lock_path
         self.version_path = version_path
+        self.session = session  # the session that created the lock znode
         self.held = True
-        self.intent = intent  # the version znode says "write in progress"
+        # The version znode's data version right after our intent; None: no
+        # intent set yet (If-None-Match takes the lock alone first).
+        self.intent_version = intent_version
+
+    @property
+    def intent(self) -> bool:
+        """True once the version znode says "write in progress" for this write."""
+        return self.intent_version is not None
 
     async def mark_intent(self) -> None:
         """Put the version znode in intent now (for a lock taken with ``intent=False``)."""
-        await set_version(self.zk, self.version_path, b"")
-        self.intent = True
+        stat = await _set_or_create(self.zk, self.version_path, b"")
+        self.intent_version = int(stat.version)
 
     async def publish(self, note: bytes) -> int:
-        """Set the version znode to ``note`` and release, in one transaction; return the new version.
+        """Set the version znode to ``note`` and release, in one fenced transaction; return the new version.
 
-        Safe to call again after a connection error: if the lock is already
-        gone (an earlier attempt landed, or the session expired), the version
-        is bumped on its own; a version only has to move forward.
+        Safe to call again after a connection error (the reply may have been
+        lost with the transaction applied): the retry's fence fails, and the
+        reconciliation finds our note.  Raises :class:`LockLost` when another
+        writer entered after our session lost the lock.
         """
-        if self.held:
-            tx = self.zk.client.transaction()
-            tx.set_data(self.version_path, note)
-            tx.delete(self.lock_path)
-            results = await self.zk.commit(tx, "publish")
-            error = _failure(results)
-            if error is None:
-                self.held = False
-                return int(results[0].mzxid)
-            if not isinstance(error, NoNodeError) or isinstance(results[0], NoNodeError):
-                raise CoordinationError(f"publishing {self.version_path}: {error!r}")
-            self.held = False  # the lock node is gone: only the bump is left to do
-        return await set_version(self.zk, self.version_path, note)
+        for _ in range(5):
+            if self.held and self.intent_version is not None:
+                tx = self.zk.client.transaction()
+                tx.set_data(self.version_path, note, self.intent_version)
+                tx.delete(self.lock_path)
+                results = await self.zk.commit(tx, "publish")
+                if _failure(results) is None:
+                    self.held = False
+                    return int(results[0].mzxid)
+            mzxid = await self._reconcile(note)
+            if mzxid is not None:
+                return mzxid
+        raise CoordinationError(f"publishing {self.version_path}: the version znode kept changing")
 
     async def abandon(self, note: bytes | None) -> None:
         """Release without a new value: with ``note``, also clear the intent (nothing was written).
 
         Without ``note`` the intent stays, so no sidecar caches the key until
-        its next write: right when the origin write failed midway and its
-        outcome is unknown.
+        its next write or invalidation: right when the origin write failed
+        midway and its outcome is unknown.  Deletes the lock only while it is
+        still ours (see the class docstring); raises ``CoordinationError`` if
+        ZooKeeper cannot be reached.
         """
-        if not self.held:
-            return
-        tx = self.zk.client.transaction()
-        if note is not None and self.intent:
-            tx.set_data(self.version_path, note)
-        tx.delete(self.lock_path)
-        error = _failure(await self.zk.commit(tx, "unlock"))
-        if error is not None and not isinstance(error, NoNodeError):
-            raise CoordinationError(f"releasing {self.lock_path}: {error!r}")
+        for _ in range(5):
+            if not self.held:
+                return
+            if not await self._still_ours():
+                self.held = False  # gone with our session, or someone else's now
+                return
+            stat = await self.zk.exists(self.version_path)
+            expected = self.intent_version if self.intent_version is not None else (stat.version if stat else None)
+            tx = self.zk.client.transaction()
+            if stat is not None and expected is not None:
+                if note is not None and self.intent:
+                    tx.set_data(self.version_path, note, expected)
+                else:
+                    tx.check(self.version_path, expected)
+            tx.delete(self.lock_path)
+            if _failure(await self.zk.commit(tx, "unlock")) is None:
+                self.held = False
+                return
+            # The version znode moved under our lock (an invalidation keeps an
+            # intent but bumps it): take its new data version and try again.
+            if self.intent_version is not None and stat is not None:
+                fresh = await self.zk.exists(self.version_path)
+                self.intent_version = int(fresh.version) if fresh else None
+        raise CoordinationError(f"releasing {self.lock_path}: the version znode kept changing")
+
+    async def _still_ours(self) -> bool:
+        if self.session is None or self.zk.session_id != self.session:
+            return False
+        stat = await self.zk.exists(self.lock_path)
+        return stat is not None and stat.ephemeralOwner == self.session
+
+    async def _reconcile(self, note: bytes) -> int | None:
+        """After a failed or ambiguous publish: the new version if settled, ``None`` to try again."""
+        if self.held and await self._still_ours():
+            # Ours still; the version znode was bumped under our lock (an
+            # invalidation leaves an intent in place but moves it).
+            stat = await self.zk.exists(self.version_path)
+            if stat is None:
+                stat = await _set_or_create(self.zk, self.version_path, b"")
+            self.intent_version = int(stat.version)
+            return None
         self.held = False
+        try:
+            data, stat = await self.zk.get(self.version_path)
+        except NoNodeError:
+            return int((await _set_or_create(self.zk, self.version_path, note)).mzxid)
+        if data == note:
+            return int(stat.mzxid)  # our publish landed; its reply was lost
+        if data == b"" and await self.zk.exists(self.lock_path) is None:
+            # Still in intent and nobody holds the lock: ours (our session
+            # lost the lock before we published) or a dead writer's. The
+            # origin has our value: end the intent with our note.
+            try:
+                return int((await self.zk.set(self.version_path, note, stat.version)).mzxid)
+            except BadVersionError:
+                return None
+        raise LockLost(
+            f"{self.lock_path}: another writer entered after this session lost the lock; "
+            "the key was published by it or will be"
+        )
 
 
-async def release_leftover(zk: ZkSession, layout: Layout, key: str, note: bytes | None) -> None:
-    """Delete ``key``'s lock node if this session holds it: a release that failed earlier.
-
-    Callers hold the service's per-key ``asyncio.Lock``, so no write of this
-    sidecar is using the node meanwhile.
-    """
-    lock_path = layout.lock_path(key)
-    stat = await zk.exists(lock_path)
-    if stat is not None and stat.ephemeralOwner == zk.session_id:
-        await WriteLock(zk, lock_path, layout.version_path(key)).abandon(note)
+async def _set_or_create(zk: ZkSession, path: str, data: bytes) -> ZnodeStat:
+    try:
+        return await zk.set(path, data)
+    except NoNodeError:
+        pass
+    try:
+        _, stat = await zk.create(path, data, makepath=True)
+        return stat
+    except NodeExistsError:
+        return await zk.set(path, data)
 
 
 async def acquire_write_lock(
@@ -162,10 +238,14 @@ async def acquire_write_lock(
             tx.set_data(version_path, b"", -1 if expected_version is None else expected_version)
         elif intent:
             tx.create(version_path, b"")
+        session = zk.session_id
         results = await zk.commit(tx, "lock")
         error = _failure(results)
         if error is None:
-            return WriteLock(zk, lock_path, version_path, intent=intent)
+            # set_data answers the znode's stat; a create in a multi only its
+            # path, and a new znode's data version is 0.
+            intent_version = (int(results[1].version) if version_exists else 0) if intent else None
+            return WriteLock(zk, lock_path, version_path, intent_version=intent_version, session=session)
         if results[0] is error:  # the lock node
             if isinstance(error, NoNodeError):
                 await zk.ensure_path(_parent(lock_path))  # first lock in this bucket

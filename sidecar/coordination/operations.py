@@ -12,23 +12,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from kazoo.exceptions import NodeExistsError, NoNodeError
+from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
 
 from .layout import Layout
 from .session import ZkSession
 
 __all__ = [
-    "INTENT",
     "PREFIX_LOG_RETAIN",
     "Acknowledgement",
     "InvalidationReceipt",
     "await_acknowledgement",
-    "bump_version",
     "ensure_layout",
+    "invalidate_key",
     "list_members",
     "publish_invalidation",
     "read_version",
-    "set_version",
     "version_note",
 ]
 
@@ -57,38 +55,42 @@ async def read_version(zk: ZkSession, layout: Layout, key: str) -> int:
     return int(stat.mzxid) if stat else 0
 
 
-INTENT = "writing"
+def version_note(op: str, by: str, write_id: str = "") -> bytes:
+    """The data a version bump leaves: who did what (never empty: empty means intent).
+
+    ``write_id`` makes a writer's note unique, so that after a lost reply it
+    can tell whether its own publish landed.
+    """
+    return orjson.dumps({"op": op, "by": by, "write": write_id} if write_id else {"op": op, "by": by})
 
 
-def version_note(op: str, by: str) -> bytes:
-    """The data a version bump leaves for operators: who did what (never empty: empty means intent)."""
-    return orjson.dumps({"op": op, "by": by})
-
-
-async def bump_version(zk: ZkSession, layout: Layout, key: str, op: str, by: str) -> int:
+async def invalidate_key(zk: ZkSession, layout: Layout, key: str, by: str) -> int:
     """Give ``key`` a new version, firing every sidecar's watch on it; return it.
 
-    ``op == INTENT`` writes *empty* data: "a write is in progress; do not
-    cache this key".  Every other op writes a small JSON note (who did what,
-    for operators), which also clears an intent left by a writer that died.
-    Readers see the difference in ``stat.dataLength`` from the same ``exists``
-    that arms their watch.  Not idempotent across connection loss (a retried
-    set bumps twice), which is harmless: a version only has to move forward.
+    A live writer's intent (empty data while its lock znode exists) is kept:
+    the new version still fires every watch, and only that writer's publish
+    ends the intent; ending it here would let sidecars cache the old value
+    while its origin write is under way.  An intent whose lock is gone (its
+    writer died midway) is ended with a note.  Every set is conditional on
+    the data version just read, so a writer entering meanwhile is never
+    overwritten: the loop reads again.
     """
-    return await set_version(zk, layout.version_path(key), b"" if op == INTENT else version_note(op, by))
-
-
-async def set_version(zk: ZkSession, path: str, data: bytes) -> int:
-    """Set a version znode's data, creating it (and its bucket) if missing; return the new mzxid."""
-    try:
-        return int((await zk.set(path, data)).mzxid)
-    except NoNodeError:
-        pass
-    try:
-        _, stat = await zk.create(path, data, makepath=True)
-        return int(stat.mzxid)
-    except NodeExistsError:  # created concurrently (an invalidation): set it
-        return int((await zk.set(path, data)).mzxid)
+    path, note = layout.version_path(key), version_note("invalidate", by)
+    while True:
+        stat = await zk.exists(path)
+        if stat is None:
+            try:
+                _, created = await zk.create(path, note, makepath=True)
+                return int(created.mzxid)
+            except NodeExistsError:
+                continue
+        data = note
+        if stat.dataLength == 0 and await zk.exists(layout.lock_path(key)) is not None:
+            data = b""  # a live writer's intent: bump it, keep it
+        try:
+            return int((await zk.set(path, data, stat.version)).mzxid)
+        except BadVersionError:
+            continue
 
 
 @dataclass(slots=True)
@@ -148,7 +150,7 @@ async def publish_invalidation(
     receipt = InvalidationReceipt(all=everything)
     zxids: list[int] = []
     for key in dict.fromkeys(keys):
-        receipt.keys[key] = await bump_version(zk, layout, key, "invalidate", by)
+        receipt.keys[key] = await invalidate_key(zk, layout, key, by)
         zxids.append(receipt.keys[key])
     for prefix in dict.fromkeys(prefixes):
         path, stat = await zk.create(

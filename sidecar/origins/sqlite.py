@@ -93,6 +93,33 @@ class SqliteOrigin:
         except sqlite3.Error as exc:
             raise OriginUnavailable(f"{self.name}: {exc}") from exc
 
+    async def _write(self, fn: Callable[[sqlite3.Connection], object]) -> None:
+        """Run a write so that, when this returns or raises, it can no longer land.
+
+        A thread cannot be stopped, and ``wait_for`` only stops waiting: a
+        write that timed out in the queue would still run later, after the
+        writer released the key's lock, and overwrite a later writer's value.
+        So past the timeout a write that has not started is cancelled (nothing
+        written), and one that has started is waited for: its transaction
+        either commits or fails within SQLite's own ``busy_timeout``.
+        """
+        job = self._pool.submit(lambda: fn(self._conn()))
+        pending = asyncio.wrap_future(job)
+        try:
+            await asyncio.wait_for(asyncio.shield(pending), self._timeout)
+            return
+        except TimeoutError:
+            if job.cancel():
+                raise OriginTimeout(
+                    f"{self.name}: write not started within {self._timeout:g}s; nothing written"
+                ) from None
+        except sqlite3.Error as exc:
+            raise OriginUnavailable(f"{self.name}: {exc}") from exc
+        try:
+            await pending  # started: its real outcome, however late
+        except sqlite3.Error as exc:
+            raise OriginUnavailable(f"{self.name}: {exc}") from exc
+
     async def open(self) -> None:
         """Create the file and table if needed; fail early on a bad path."""
         await self._run(lambda c: None)
@@ -117,11 +144,11 @@ class SqliteOrigin:
                 (key, value.value, value.content_type, time.time()),
             )
 
-        await self._run(write)
+        await self._write(write)
 
     async def delete(self, key: str) -> None:
         """Delete ``key`` if present."""
-        await self._run(lambda c: c.execute("DELETE FROM kv WHERE key = ?", (key,)) and None)
+        await self._write(lambda c: c.execute("DELETE FROM kv WHERE key = ?", (key,)) and None)
 
     async def close(self) -> None:
         """Close every thread's connection and stop the pool."""

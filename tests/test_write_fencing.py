@@ -1,0 +1,125 @@
+"""The write protocol's fences (issue #10, holes 4, 5 and 8), on a real ZooKeeper.
+
+Hole 4 needs a reply that was lost with its transaction applied; a test cannot
+make ZooKeeper lose one, so it replays the call the way the retry loop does
+after such a loss, on the real lock objects, against a real server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from kazoo.client import KazooClient
+
+from sidecar.coordination import Layout, LockLost, ZkSession, version_note
+from sidecar.coordination.lock import acquire_write_lock
+from sidecar.dev import LocalZooKeeper, TcpProxy
+from sidecar.origins.sqlite import sqlite_path
+from tests.conftest import SidecarFactory, eventually, held_origin_put
+from tests.test_coherence import get, get_hit, put
+
+
+@pytest.fixture
+async def zk(zk_server: LocalZooKeeper) -> AsyncIterator[ZkSession]:
+    session = ZkSession(zk_server.hosts, 10.0)
+    await session.connect(10)
+    yield session
+    await session.close(5)
+
+
+async def test_a_retried_publish_never_deletes_another_writers_lock(
+    zk: ZkSession, zk_server: LocalZooKeeper, namespace: str
+) -> None:
+    """Hole 4: our publish landed but its reply was lost; meanwhile another
+    writer took the lock and set its intent. The retry must leave both alone."""
+    layout = Layout(f"/zkcache/{namespace}")
+    lock = await acquire_write_lock(zk, layout, "k", "a", timeout=5)
+    note = version_note("put", "a", "w-1")
+    await lock.publish(note)  # applied...
+    lock.held = True  # ...but, as far as the writer knows, its reply was lost
+
+    other = KazooClient(hosts=zk_server.hosts)
+    await asyncio.to_thread(other.start, 10)
+    try:
+        tx = other.transaction()
+        tx.create(layout.lock_path("k"), b"other", ephemeral=True)
+        tx.set_data(layout.version_path("k"), b"")
+        await asyncio.to_thread(tx.commit)
+        with pytest.raises(LockLost):
+            await lock.publish(note)  # the retry
+        stat = await asyncio.to_thread(other.exists, layout.lock_path("k"))
+        assert stat is not None and stat.ephemeralOwner == other.client_id[0], "the retry deleted another's lock"
+        data, _ = await asyncio.to_thread(other.get, layout.version_path("k"))
+        assert data == b"", "the retry wrote over another writer's intent"
+    finally:
+        await asyncio.to_thread(other.stop)
+        await asyncio.to_thread(other.close)
+
+
+async def test_a_retried_publish_whose_reply_was_lost_finds_its_own_note(zk: ZkSession, namespace: str) -> None:
+    layout = Layout(f"/zkcache/{namespace}")
+    lock = await acquire_write_lock(zk, layout, "k", "a", timeout=5)
+    note = version_note("put", "a", "w-2")
+    version = await lock.publish(note)
+    lock.held = True
+    assert await lock.publish(note) == version  # no second bump, no error
+
+
+async def test_an_invalidation_keeps_a_live_writers_intent(
+    sidecars: SidecarFactory, http: aiohttp.ClientSession, sqlite_url: str
+) -> None:
+    """Hole 8: an invalidation during A's write ended A's intent (empty data
+    became a note) while A's origin write was still pending, so B cached the
+    old value again."""
+    a = sidecars("a", origin_timeout="20s")
+    b = sidecars("b")
+    await put(http, a.url, "w", b"old")
+    db = sqlite3.connect(sqlite_path(sqlite_url), isolation_level=None, timeout=1)
+    db.execute("BEGIN IMMEDIATE")  # A's origin write waits on this lock
+    try:
+        write = asyncio.ensure_future(put(http, a.url, "w", b"new"))
+        await eventually(lambda: a.stats()["writes_in_progress"] == 1, what="A's write in progress")
+        await asyncio.sleep(0.2)  # A has its lock and intent (2 ms here): now invalidate
+        async with http.post(f"{b.url}/v1/invalidate?wait=true", json={"keys": ["w"]}) as resp:
+            assert resp.status == 200
+        status, _, value, _ = await get(http, b.url, "w")
+        assert (status, value) == (200, b"old")  # concurrent with the write: allowed
+        assert b.stats()["entries"] == 0, "B cached the key while a write of it was in progress"
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    assert (await write)[0] == 200
+    assert (await get_hit(http, b.url, "w"))[2] == b"new"
+
+
+async def test_a_lock_left_by_a_failed_publish_is_released_in_the_background(
+    zk_server: LocalZooKeeper, sidecars: SidecarFactory, upstream: str, http: aiohttp.ClientSession
+) -> None:
+    """Hole 5: A's publish failed (its link was cut past lock_timeout); its
+    session survived, and so did its lock, until A's next write of the key:
+    B's writes timed out meanwhile. Now A releases it as soon as it can."""
+    origin = upstream + "/kv"
+    proxy = TcpProxy(zk_server.host, zk_server.port)
+    proxy.start()
+    try:
+        a = sidecars("a", zk=proxy.address, origin=origin, zk_session_timeout="9s", lock_timeout="1s")
+        b = sidecars("b", origin=origin, lock_timeout="4s")
+        await put(http, a.url, "left", b"v1")
+        async with held_origin_put(http, upstream, "left") as until_held:
+            write = asyncio.ensure_future(put(http, a.url, "left", b"v2"))
+            await until_held()
+            proxy.cut()
+        status, body, _ = await write
+        assert status == 503 and body["type"].endswith("invalidation-not-published"), body
+        proxy.heal()
+        a.wait_ready(20)
+        assert a.stats()["zookeeper"]["sessions"] == 1, "same session expected"
+        status, body, _ = await put(http, b.url, "left", b"v3")
+        assert status == 200, f"B could not write: {body}"
+        assert (await get(http, a.url, "left"))[2] == b"v3"
+    finally:
+        proxy.stop()
