@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import sys
-import threading
 import time
 from pathlib import Path
-
-import pytest
 
 from sidecar.errors import OriginTimeout
 from sidecar.origins import OriginValue, open_origin
@@ -48,19 +46,42 @@ async def test_many_sidecars_opening_one_new_sqlite_file_at_once(tmp_path: Path)
 
 
 async def test_a_sqlite_write_that_timed_out_never_lands_later(tmp_path: Path) -> None:
-    """Hole 6: a write queued behind a busy pool timed out, was answered 504,
-    and then ran anyway, after the writer had released the key's lock."""
-    origin = SqliteOrigin(f"sqlite:///{tmp_path / 'o.db'}", timeout=0.3, threads=1)
+    """Hole 6: a write that had started kept running in its thread after
+    ``wait_for`` gave up (504), and committed after the writer had released
+    the key's lock. Now, when ``put`` returns or raises, the write can no
+    longer land: what the file holds then is final."""
+    path = tmp_path / "o.db"
+    origin = SqliteOrigin(f"sqlite:///{path}", timeout=0.3)
     await origin.open()
     try:
         await origin.put("k", OriginValue(b"before"))
-        release = threading.Event()
-        blocker = origin._pool.submit(release.wait, 5)  # the one thread is busy
-        with pytest.raises(OriginTimeout):
+        # A trigger that burns about a second of CPU inside the write's
+        # transaction: a write that has started and is slow, deterministically.
+        db = sqlite3.connect(path)
+        db.execute(
+            "CREATE TRIGGER slow AFTER UPDATE ON kv BEGIN "
+            "SELECT count(*) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+            "WHERE x < 3000000) SELECT x FROM c); END"
+        )
+        db.commit()
+        db.close()
+        try:
             await origin.put("k", OriginValue(b"late"))
-        release.set()
-        await asyncio.wrap_future(blocker)
-        await asyncio.to_thread(origin._pool.submit(lambda: None).result, 5)  # the pool drained
-        assert (await origin.get("k")) == OriginValue(b"before"), "a timed-out write landed afterwards"
+        except OriginTimeout:
+            pass
+        answered = await origin.get("k")
+        await asyncio.to_thread(origin._pool.shutdown, True)  # every thread has finished
+        final = await asyncio.to_thread(_read, path, "k")
+        expected = answered.value if answered is not None else None
+        assert final == expected, "the write landed after put() had answered"
     finally:
         await origin.close()
+
+
+def _read(path: Path, key: str) -> bytes | None:
+    db = sqlite3.connect(path)
+    try:
+        row = db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+    finally:
+        db.close()
