@@ -118,13 +118,22 @@ class LockJanitor:
         task.add_done_callback(lambda t: self._tasks.pop(key, None) if self._tasks.get(key) is t else None)
 
     async def _run(self, key: str, attempt: Callable[[], Any], what: str, published: bool) -> None:
-        backoff = 0.05
-        for n in range(1, self._attempts + 1):
+        backoff, n = 0.05, 0
+        while n < self._attempts:
+            # Only attempts ZooKeeper could answer count: a lock held through a
+            # long outage is still released once the ensemble is back.
             if self._coord.usable:
+                n += 1
                 try:
                     await attempt()
                 except LockLost as exc:
                     log.warning("%s: %s", what, exc)
+                    if published:  # our origin write may have landed after the other writer's
+                        try:
+                            await self._coord.invalidate(key)
+                        except CoordinationError as error:
+                            log.error("%s: invalidating after losing the lock failed: %s", what, error)
+                        self._on_published(key)
                     return
                 except CoordinationError as exc:
                     log.info("%s failed (attempt %d: %s); retrying", what, n, exc)
@@ -278,6 +287,11 @@ class WriteProtocol:
             try:
                 return await lock.publish(note)
             except LockLost as exc:
+                # Another writer entered after our session lost the lock, and
+                # our origin write may have landed after theirs: the fleet must
+                # still hear of it, or caches could keep their value forever.
+                # invalidate_key bumps the version and keeps a live intent.
+                await self._coord.invalidate(key)
                 self._drop(key)
                 raise WriteOutcomeUncertain(
                     "the origin was written, but this sidecar lost the key's lock before publishing and another "

@@ -426,6 +426,23 @@ async def test_leases_are_refused_after_prefix_and_invalidate_all(
         assert resp.status == 200
 
 
+async def test_a_lease_from_before_a_restart_is_refused_after_a_prefix_invalidation(
+    sidecars: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """Review finding: a new session takes the prefix log as its baseline
+    without applying it, so a lease handed out by the sidecar's previous life
+    survived a prefix invalidation published in between."""
+    a, b = sidecars("a", origin="none"), sidecars("b", origin="none")
+    async with http.get(f"{a.url}/v1/keys/user/9") as resp:
+        lease = resp.headers["ETag"]
+    a.stop()
+    async with http.post(f"{b.url}/v1/invalidate?wait=true", json={"prefixes": ["user/"]}) as resp:
+        assert resp.status == 200
+    a.start()
+    async with http.put(f"{a.url}/v1/keys/user/9?fill=true", data=b"old-row", headers={"If-Match": lease}) as resp:
+        assert resp.status == 412, "a lease older than a prefix invalidation filled after a restart"
+
+
 async def test_strong_reads_see_prefix_and_invalidate_all_at_once(
     sidecars: SidecarFactory, http: aiohttp.ClientSession, sqlite_url: str, zk_server: Any
 ) -> None:

@@ -51,6 +51,7 @@ from .operations import (
     InvalidationReceipt,
     await_acknowledgement,
     ensure_layout,
+    invalidate_key,
     publish_invalidation,
     read_version,
     version_note,
@@ -290,6 +291,10 @@ class Coordinator:
             self.zk, self.layout, key, self.member_id, timeout, expected_data_version, intent=intent
         )
         return lock, generation
+
+    async def invalidate(self, key: str) -> int:
+        """Bump ``key``'s version (keeping a live writer's intent): see ``operations.invalidate_key``."""
+        return await invalidate_key(self.zk, self.layout, key, self.member_id)
 
     def adopt_lock(self, key: str, session: int | None) -> WriteLock:
         """``key``'s lock as this session may hold it after a lock transaction of unknown outcome."""

@@ -111,7 +111,10 @@ class WriteLock:
         writer entered after our session lost the lock.
         """
         for _ in range(5):
-            if self.held and self.intent_version is not None:
+            # Only from the session that took the lock: kazoo sends requests
+            # made after an expiry on the next session, where our fence could
+            # pass over a writer that took the lock without an intent.
+            if self.held and self.intent_version is not None and self.zk.session_id == self.session:
                 tx = self.zk.client.transaction()
                 tx.set_data(self.version_path, note, self.intent_version)
                 tx.delete(self.lock_path)

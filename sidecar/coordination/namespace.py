@@ -205,7 +205,13 @@ class NamespaceWatches:
         names, stat = await self._zk.get_children_stat(self._layout.prefixes, watch=self._prefix_watch)
         first = not self.prefix_log.has_baseline
         advance = self.prefix_log.advance(names, int(stat.cversion), int(stat.pzxid))
-        if first or advance.stale:
+        if first:
+            # A new session's baseline: entries in it were never applied here,
+            # and a lease handed out before (another session, another life of
+            # this sidecar) may predate them. Refuse every such lease once.
+            self.floor.apply_epoch(int(stat.pzxid))
+            return
+        if advance.stale:
             return
         if advance.gap:
             self._events.flush("prefix log entries were trimmed before this sidecar saw them")
