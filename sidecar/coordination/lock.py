@@ -114,6 +114,8 @@ class WriteLock:
             # Only from the session that took the lock: kazoo sends requests
             # made after an expiry on the next session, where our fence could
             # pass over a writer that took the lock without an intent.
+            if self.zk.session_id is None:
+                raise CoordinationError("not connected to ZooKeeper")
             if self.held and self.intent_version is not None and self.zk.session_id == self.session:
                 tx = self.zk.client.transaction()
                 tx.set_data(self.version_path, note, self.intent_version)
@@ -162,7 +164,12 @@ class WriteLock:
         raise CoordinationError(f"releasing {self.lock_path}: the version znode kept changing")
 
     async def _still_ours(self) -> bool:
-        if self.session is None or self.zk.session_id != self.session:
+        current = self.zk.session_id
+        if current is None:
+            # Disconnected (kazoo forgets the id meanwhile): nothing is known
+            # yet, and "not ours" would give up a lock we may still hold.
+            raise CoordinationError("not connected to ZooKeeper")
+        if self.session is None or current != self.session:
             return False
         stat = await self.zk.exists(self.lock_path)
         return stat is not None and stat.ephemeralOwner == self.session
