@@ -170,13 +170,15 @@ def member_ids(zk: str, namespace: str) -> set[str]:
 
 
 @asynccontextmanager
-async def held_origin_put(http: aiohttp.ClientSession, upstream: str, key: str) -> AsyncIterator[Callable[[], Any]]:
-    """Make the upstream hold the next PUT of ``key`` *after* storing it.
+async def held_origin_put(
+    http: aiohttp.ClientSession, upstream: str, key: str, *, before: bool = False
+) -> AsyncIterator[Callable[[], Any]]:
+    """Make the upstream hold the next PUT of ``key`` *after* storing it (``before``: before storing it).
 
     Yields ``until_held()``, which waits until a PUT is being held; the PUT is
     released when the block ends.
     """
-    async with http.post(f"{upstream}/_control/hold-put/{key}"):
+    async with http.post(f"{upstream}/_control/hold-put/{key}" + ("?before=true" if before else "")):
         pass
 
     async def held() -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -19,7 +20,7 @@ from sidecar.coordination import Layout, LockLost, ZkSession, version_note
 from sidecar.coordination.lock import acquire_write_lock
 from sidecar.dev import LocalZooKeeper, TcpProxy
 from sidecar.origins.sqlite import sqlite_path
-from tests.conftest import SidecarFactory, eventually, held_origin_put
+from tests.conftest import SidecarFactory, eventually, held_origin_put, member_ids
 from tests.test_coherence import get, get_hit, put
 
 
@@ -123,3 +124,92 @@ async def test_a_lock_left_by_a_failed_publish_is_released_in_the_background(
         assert (await get(http, a.url, "left"))[2] == b"v3"
     finally:
         proxy.stop()
+
+
+async def _expire_a_during_its_origin_write(
+    http: aiohttp.ClientSession, a: Any, proxy: TcpProxy, zk_hosts: str, namespace: str
+) -> None:
+    proxy.cut()
+    await eventually(
+        lambda: "a" not in member_ids(zk_hosts, namespace), timeout=20, what="A's session expiring while cut off"
+    )
+
+
+async def test_a_writer_that_lost_its_lock_still_tells_the_fleet(
+    zk_server: LocalZooKeeper, sidecars: SidecarFactory, upstream: str, http: aiohttp.ClientSession, namespace: str
+) -> None:
+    """Review finding: A's session expired during its origin write; B wrote
+    and published; A's origin write then landed last. A cannot publish under
+    its lock any more (B's note is there), but the origin now holds A's value:
+    the fleet must still be told, or C serves B's value forever."""
+    origin = upstream + "/kv"
+    proxy = TcpProxy(zk_server.host, zk_server.port)
+    proxy.start()
+    try:
+        a = sidecars("a", zk=proxy.address, origin=origin, zk_session_timeout="4s", lock_timeout="1s")
+        b, c = sidecars("b", origin=origin), sidecars("c", origin=origin)
+        await put(http, b.url, "k", b"v0")
+        async with held_origin_put(http, upstream, "k", before=True) as until_held:
+            write = asyncio.ensure_future(put(http, a.url, "k", b"from-a"))
+            await until_held()
+            await _expire_a_during_its_origin_write(http, a, proxy, zk_server.hosts, namespace)
+            assert (await put(http, b.url, "k", b"from-b"))[0] == 200
+            assert (await get_hit(http, c.url, "k"))[2] == b"from-b"
+        status, body, _ = await write  # released: the origin now holds A's value
+        assert status == 503, body
+        proxy.heal()
+
+        async def c_serves_the_origin() -> bool:
+            return (await get(http, c.url, "k"))[2] == b"from-a"
+
+        await eventually(c_serves_the_origin, timeout=20, what="C serving the value the origin holds")
+    finally:
+        proxy.stop()
+
+
+async def test_an_expired_writer_never_deletes_a_lock_taken_without_intent(
+    zk_server: LocalZooKeeper, sidecars: SidecarFactory, upstream: str, http: aiohttp.ClientSession, namespace: str
+) -> None:
+    """Review finding: after A's session expired, B took the lock for an
+    If-None-Match write (lock alone, no intent yet). A's retried publish went
+    out on A's new session, passed the fence (the version had not moved) and
+    deleted B's lock."""
+    origin = upstream + "/kv"
+    proxy = TcpProxy(zk_server.host, zk_server.port)
+    proxy.start()
+    admin = KazooClient(hosts=zk_server.hosts)
+    await asyncio.to_thread(admin.start, 10)
+    try:
+        a = sidecars("a", zk=proxy.address, origin=origin, zk_session_timeout="4s", lock_timeout="1s")
+        b = sidecars("b", origin=origin)
+        lock_path = Layout(f"/zkcache/{namespace}").lock_path("n")
+        async with held_origin_put(http, upstream, "n", before=True) as until_held:
+            write = asyncio.ensure_future(put(http, a.url, "n", b"from-a"))
+            await until_held()
+            await _expire_a_during_its_origin_write(http, a, proxy, zk_server.hosts, namespace)
+            async with http.post(f"{upstream}/_control/hold/n"):  # B's If-None-Match read waits
+                pass
+            b_write = asyncio.ensure_future(put(http, b.url, "n", b"from-b", **{"If-None-Match": "*"}))
+
+            async def b_reading() -> bool:
+                async with http.get(f"{upstream}/_control/held/n") as resp:
+                    return bool((await resp.json())["held"])
+
+            await eventually(b_reading, what="B holding the lock and reading the origin")
+            b_lock = await asyncio.to_thread(admin.exists, lock_path)
+            assert b_lock is not None
+        await write
+        proxy.heal()
+        a.wait_ready(20)
+        await eventually(lambda: a.stats()["locks_being_released"] == 0, timeout=10, what="A's janitor done")
+        still = await asyncio.to_thread(admin.exists, lock_path)
+        assert still is not None and still.ephemeralOwner == b_lock.ephemeralOwner, "A deleted B's lock"
+        async with http.post(f"{upstream}/_control/release/n"):
+            pass
+        # B read the origin before A's late write landed: both orders are
+        # possible without a fencing token at the origin (README, Limits).
+        assert (await b_write)[0] in (200, 412)
+    finally:
+        proxy.stop()
+        await asyncio.to_thread(admin.stop)
+        await asyncio.to_thread(admin.close)

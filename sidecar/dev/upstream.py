@@ -21,6 +21,7 @@ from .process import die_with_parent, free_port
 STORE: dict[str, tuple[bytes, str]] = {}
 HOLD: set[str] = set()
 HOLD_PUT: dict[str, asyncio.Event] = {}  # one-shot: the next PUT of the key is held after storing
+HOLD_PUT_BEFORE: dict[str, asyncio.Event] = {}  # one-shot: ... held before storing (?before=true)
 HELD: dict[str, int] = {}
 RELEASE: dict[str, asyncio.Event] = {}
 MODE = {"mode": "ok"}
@@ -49,7 +50,13 @@ async def get(request: web.Request) -> web.Response:
 async def put(request: web.Request) -> web.Response:
     await _faults()
     key = request.match_info["key"]
-    STORE[key] = (await request.read(), request.headers.get("Content-Type", "application/octet-stream"))
+    body = await request.read()
+    early = HOLD_PUT_BEFORE.pop(key, None)
+    if early is not None:  # not stored yet: it lands when released (a late write)
+        HELD[f"put:{key}"] = 1
+        await early.wait()
+        HELD[f"put:{key}"] = 0
+    STORE[key] = (body, request.headers.get("Content-Type", "application/octet-stream"))
     release = HOLD_PUT.pop(key, None)
     if release is not None:  # stored, but the writer does not hear so yet
         HELD[f"put:{key}"] = 1
@@ -74,7 +81,8 @@ async def hold(request: web.Request) -> web.Response:
 
 async def hold_put(request: web.Request) -> web.Response:
     event = asyncio.Event()
-    HOLD_PUT[request.match_info["key"]] = event
+    holds = HOLD_PUT_BEFORE if request.query.get("before") == "true" else HOLD_PUT
+    holds[request.match_info["key"]] = event
     RELEASE["put:" + request.match_info["key"]] = event
     return web.Response(status=204)
 
