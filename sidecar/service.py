@@ -134,12 +134,18 @@ class CacheService:
         deadline = loop.time() + (timeout if timeout is not None else self.config.lock_timeout + 5.0)
         # Closing the session needs a moment of the budget; writes get the rest.
         if self._writes:
+            await asyncio.wait(self._writes, timeout=max(0.0, deadline - loop.time() - 1.5))
+        # The origin closes before the session does: a write still queued is
+        # cancelled and a running one finishes while this session still holds
+        # its lock, so no write lands after the lock is gone. Writes then
+        # release (or publish) on the open session.
+        await self.origin.close()
+        if self._writes:
             await asyncio.wait(self._writes, timeout=max(0.0, deadline - loop.time() - 1.0))
         await self.writes.janitor.stop(timeout=max(0.0, deadline - loop.time() - 1.0))
         for task in self._background:
             task.cancel()
         await self.coord.stop(timeout=max(0.1, deadline - loop.time()))
-        await self.origin.close()
 
     @property
     def ready(self) -> bool:
@@ -438,10 +444,14 @@ class CacheService:
         s.last_revalidation_seconds = elapsed
         log.info("revalidated %d cached entries in %.3fs; %d had changed", len(keys), elapsed, dropped)
 
-    def state_changed(self, state: ZkState) -> None:
-        """Any state change may have cost us watches: no fill begun before it may install."""
+    def void_fills(self) -> None:
+        """An invalidation is on its way (a prefix-log event): no fill begun before it may install."""
         self.cache.void_fills()
         self._flights.forget_all()
+
+    def state_changed(self, state: ZkState) -> None:
+        """Any state change may have cost us watches: no fill begun before it may install."""
+        self.void_fills()
 
     # -- introspection ------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

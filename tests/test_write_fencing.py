@@ -213,3 +213,15 @@ async def test_an_expired_writer_never_deletes_a_lock_taken_without_intent(
         proxy.stop()
         await asyncio.to_thread(admin.stop)
         await asyncio.to_thread(admin.close)
+
+
+async def test_a_lock_this_session_still_holds_is_reclaimed_by_its_next_write(zk: ZkSession, namespace: str) -> None:
+    """Review finding: when the janitor gives up (a long outage) the lock stays
+    with the live session, and every writer, this sidecar included, timed out
+    on the key. The session's next write of the key reclaims it."""
+    layout = Layout(f"/zkcache/{namespace}")
+    leftover = await acquire_write_lock(zk, layout, "r", "a", timeout=5)
+    assert leftover.held  # its release never got through
+    again = await acquire_write_lock(zk, layout, "r", "a", timeout=1)
+    await again.publish(version_note("put", "a", "w-3"))
+    assert await zk.exists(layout.lock_path("r")) is None

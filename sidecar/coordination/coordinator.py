@@ -97,6 +97,10 @@ class Events(Protocol):
 
     def flush(self, reason: str) -> None: ...
 
+    def void_fills(self) -> None:
+        """Void every fill in flight, keeping the entries (an invalidation is on its way)."""
+        ...
+
     def state_changed(self, state: ZkState) -> None: ...
 
     async def revalidate(self) -> None:
@@ -410,8 +414,11 @@ class Coordinator:
         # what revalidation exists to keep.
         log.warning("re-arming a namespace watch failed (%s); not ready until re-armed", task.exception())
         self._not_ready()
-        if self._setup_task is None or self._setup_task.done():
-            self._setup_task = asyncio.ensure_future(self._retry_setup())
+        # A setup under way may have read the namespace before the failed
+        # re-arm's change: start it over, or it could turn ready without it.
+        if self._setup_task is not None:
+            self._setup_task.cancel()
+        self._setup_task = asyncio.ensure_future(self._retry_setup())
 
     def _not_ready(self) -> None:
         self.ready = False

@@ -148,7 +148,9 @@ class WriteLock:
             expected = self.intent_version if self.intent_version is not None else (stat.version if stat else None)
             tx = self.zk.client.transaction()
             if stat is not None and expected is not None:
-                if note is not None and self.intent:
+                # Under our lock, empty data is our intent, also when we did not
+                # know our lock transaction landed (an adopted lock).
+                if note is not None and (self.intent or stat.dataLength == 0):
                     tx.set_data(self.version_path, note, expected)
                 else:
                     tx.check(self.version_path, expected)
@@ -249,6 +251,10 @@ async def acquire_write_lock(
         elif intent:
             tx.create(version_path, b"")
         session = zk.session_id
+        if session is None:
+            # kazoo would queue the request and send it on whatever session
+            # comes next, and the lock would not be known as ours.
+            raise CoordinationError("not connected to ZooKeeper")
         results = await zk.commit(tx, "lock")
         error = _failure(results)
         if error is None:
@@ -262,6 +268,8 @@ async def acquire_write_lock(
                 continue
             if not isinstance(error, NodeExistsError):
                 raise CoordinationError(f"lock {lock_path}: {error!r}")
+            if await _reclaim_own(zk, lock_path, version_path, session):
+                continue
             await _wait_for_release(zk, lock_path, deadline)
         elif isinstance(error, BadVersionError):
             raise VersionConflict(version_path)
@@ -277,6 +285,27 @@ async def acquire_write_lock(
             version_exists = True  # created meanwhile (an invalidation)
         else:
             raise CoordinationError(f"lock {lock_path}: {error!r}")
+
+
+async def _reclaim_own(zk: ZkSession, lock_path: str, version_path: str, session: int) -> bool:
+    """Delete a lock this very session holds from an earlier write whose release never got through.
+
+    Callers hold the service's per-key local lock, so no write of this
+    sidecar uses it.  Fenced like every release: if our session expired and
+    another writer entered meanwhile, its intent moved the version and the
+    delete does not happen.
+    """
+    lock = await zk.exists(lock_path)
+    if lock is None or lock.ephemeralOwner != session:
+        return lock is None  # gone meanwhile: try again; someone else's: wait for it
+    version = await zk.exists(version_path)
+    tx = zk.client.transaction()
+    if version is not None:
+        tx.check(version_path, version.version)
+    tx.delete(lock_path)
+    if _failure(await zk.commit(tx, "reclaim")) is None:
+        log.warning("%s: released a lock this session still held from an earlier write", lock_path)
+    return True
 
 
 async def _wait_for_release(zk: ZkSession, lock_path: str, deadline: float) -> None:

@@ -137,6 +137,8 @@ class NamespaceEvents(Protocol):
 
     def flush(self, reason: str) -> None: ...
 
+    def void_fills(self) -> None: ...
+
 
 class NamespaceWatches:
     """The epoch and prefix-log watches of one sidecar, and what it applied of them."""
@@ -198,7 +200,14 @@ class NamespaceWatches:
     # -- prefix log ---------------------------------------------------------
     def _prefix_watch(self, event: WatchedEvent) -> None:
         if event.type != EventType.NONE:
-            bridge.post(self._zk.loop, lambda: self._spawn(self.arm_prefixes()))
+            bridge.post(self._zk.loop, self._on_prefix_event)
+
+    def _on_prefix_event(self) -> None:
+        # Which prefixes is known only after re-reading the log (a round
+        # trip); a fill that began before the new entry must not install
+        # meanwhile, so every fill in flight is voided now.
+        self._events.void_fills()
+        self._spawn(self.arm_prefixes())
 
     async def arm_prefixes(self) -> None:
         """Watch the prefix log; apply entries new since the last read (flush on a gap)."""

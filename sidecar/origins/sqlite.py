@@ -152,7 +152,9 @@ class SqliteOrigin:
 
     async def close(self) -> None:
         """Close every thread's connection and stop the pool."""
-        await asyncio.to_thread(self._pool.shutdown, True)
+        # Queued calls are cancelled (a write must not land once its writer
+        # stopped waiting for it); running ones finish first.
+        await asyncio.to_thread(functools.partial(self._pool.shutdown, wait=True, cancel_futures=True))
         with self._conns_lock:
             for conn in self._conns:
                 conn.close()
