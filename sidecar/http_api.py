@@ -42,7 +42,7 @@ from .errors import (
     SidecarError,
     Unauthorized,
 )
-from .origins import DEFAULT_CONTENT_TYPE, NoOrigin, OriginValue
+from .origins import DEFAULT_CONTENT_TYPE, OriginValue
 from .service import CacheService, Fetched, Written
 
 __all__ = ["KEY_PREFIX", "Api", "make_server"]
@@ -122,7 +122,7 @@ def _consistency(request: web.BaseRequest, default: str) -> str:
 
 
 def _fill_mode(request: web.BaseRequest, service: CacheService) -> bool:
-    if isinstance(service.origin, NoOrigin):
+    if service.cache_aside:
         return True
     return bool(request.query_string) and request.query.get("fill") == "true"
 
@@ -297,7 +297,7 @@ async def healthz(service: CacheService, request: web.BaseRequest) -> web.Stream
 async def readyz(service: CacheService, request: web.BaseRequest) -> web.StreamResponse:
     """GET /readyz: 200 only while the ZooKeeper session is connected and set up."""
     if not service.ready:
-        raise NotConnected(service.coord.describe_state())
+        raise NotConnected(service.describe_state())
     return web.Response(body=b'{"status":"ready"}', content_type="application/json")
 
 

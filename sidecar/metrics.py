@@ -43,27 +43,27 @@ class _ServiceCollector(Collector):
         svc = self._service
         for name, doc in _COUNTERS.items():
             yield CounterMetricFamily(f"zkcache_{name}", doc, value=getattr(svc.stats, name))
-        counters = svc.cache.counters
+        counters = svc.cache_counters
         yield CounterMetricFamily("zkcache_evictions", "Entries evicted by the LRU bounds", value=counters.evictions)
         yield CounterMetricFamily(
             "zkcache_refused_fills",
             "Fills not installed because an invalidation overtook them",
             value=counters.refused_fills,
         )
-        events = svc.coord.key_events
+        events = svc.key_events
         yield CounterMetricFamily("zkcache_key_events", "Key watch events applied", value=events.count)
         yield CounterMetricFamily(
             "zkcache_key_event_delivery_seconds",
             "Time from a key event's arrival on kazoo's thread to its entry dropped on the loop (sum)",
             value=events.hop_seconds_total,
         )
-        yield GaugeMetricFamily("zkcache_entries", "Entries cached", value=len(svc.cache))
-        yield GaugeMetricFamily("zkcache_bytes", "Bytes charged against max_bytes", value=svc.cache.bytes)
+        yield GaugeMetricFamily("zkcache_entries", "Entries cached", value=svc.entries)
+        yield GaugeMetricFamily("zkcache_bytes", "Bytes charged against max_bytes", value=svc.bytes_cached)
         yield GaugeMetricFamily("zkcache_max_bytes", "Configured byte bound", value=svc.config.max_bytes)
         yield GaugeMetricFamily("zkcache_ready", "1 when the ZooKeeper session is usable", value=int(svc.ready))
         state = GaugeMetricFamily("zkcache_zookeeper_state", "ZooKeeper session state", labels=["state"])
         for candidate in ("connecting", "connected", "suspended", "lost"):
-            state.add_metric([candidate], int(svc.coord.state.value == candidate))
+            state.add_metric([candidate], int(svc.zookeeper_state == candidate))
         yield state
 
 

@@ -12,11 +12,15 @@ MODULES = [
     "sidecar.config",
     "sidecar.coordination",
     "sidecar.errors",
+    "sidecar.events",
     "sidecar.http_api",
     "sidecar.metrics",
     "sidecar.origins",
+    "sidecar.reads",
     "sidecar.service",
     "sidecar.singleflight",
+    "sidecar.stats",
+    "sidecar.writes",
     "sidecar.app",
 ]
 

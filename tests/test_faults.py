@@ -441,8 +441,8 @@ async def test_a_second_loss_during_revalidation_does_not_restart_the_grace(
 
         await eventually(past_grace, what="A's grace running out")
         await put(http, b.url, "g/1", b"v2")  # A cannot hear about this
-        proxy.delay(0.4)  # slow enough that revalidation is still under way below
         proxy.heal()
+        proxy.delay(0.4)  # after heal (which resets it): the setup is still under way below
 
         def connected_not_ready() -> bool:
             zk = a.stats()["zookeeper"]

@@ -84,13 +84,13 @@ async def test_watch_events_reach_the_service_on_the_loop_thread(
 ) -> None:
     loop_thread = threading.get_ident()
     seen: list[tuple[str, int]] = []
-    original = service.key_changed
+    original = service.events.key_changed
 
     def spy(key: str) -> None:
         seen.append((key, threading.get_ident()))
         original(key)
 
-    service.key_changed = spy  # type: ignore[method-assign]
+    service.events.key_changed = spy  # type: ignore[method-assign]
     assert (await client.put("/v1/keys/t/1", data=b"v1")).status == 200
     await eventually(lambda: "t/1" in service.cache, what="the writer's background refill")
     # Another party bumps the version znode directly, from another thread.
@@ -104,8 +104,8 @@ async def test_watch_events_reach_the_service_on_the_loop_thread(
 async def test_state_changes_are_applied_on_the_loop_thread(service: CacheService) -> None:
     loop_thread = threading.get_ident()
     seen: list[int] = []
-    original = service.state_changed
-    service.state_changed = lambda s: (seen.append(threading.get_ident()), original(s))  # type: ignore[method-assign,func-returns-value]
+    original = service.events.state_changed
+    service.events.state_changed = lambda s: (seen.append(threading.get_ident()), original(s))  # type: ignore[method-assign,func-returns-value]
     # Dropping the socket from under kazoo makes it SUSPENDED then CONNECTED.
     await asyncio.to_thread(service.coord.zk.client._connection._socket.shutdown, 2)
     await eventually(lambda: len(seen) >= 2 and service.ready, timeout=15, what="suspend and reconnect")

@@ -1,6 +1,6 @@
 """Everything that talks to ZooKeeper. Nothing outside this package imports kazoo."""
 
-from .coordinator import Coordinator, Events, KeyState, KeyVersion
+from .coordinator import Coordinator, EventDelivery, Events, KeyState, KeyVersion
 from .layout import MAX_KEY_BYTES, Layout, escape, unescape, validate_key
 from .lock import LockLost, VersionConflict, WriteLock
 from .operations import (
@@ -18,6 +18,7 @@ __all__ = [
     "MAX_KEY_BYTES",
     "Acknowledgement",
     "Coordinator",
+    "EventDelivery",
     "Events",
     "InvalidationReceipt",
     "KeyState",

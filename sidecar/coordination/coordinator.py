@@ -34,17 +34,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
-import orjson
-from kazoo.exceptions import NodeExistsError, NoNodeError
 from kazoo.protocol.states import EventType, WatchedEvent
 
 from .. import bridge
+from ..config import Config
 from ..errors import CoordinationError, NotConnected
 from .layout import Layout
 from .lock import WriteLock, acquire_write_lock
+from .membership import Membership
 from .namespace import NamespaceWatches
 from .operations import (
     Acknowledgement,
@@ -103,9 +104,31 @@ class Events(Protocol):
 
     def state_changed(self, state: ZkState) -> None: ...
 
-    async def revalidate(self) -> None:
-        """Same session, new connection: re-arm every cached key's watch and drop changed ones."""
+    async def revalidate(self, watch_versions: Callable[[list[str]], Awaitable[list[KeyVersion]]]) -> None:
+        """Same session, new connection: re-arm every cached key's watch (``watch_versions``), drop changed ones."""
         ...
+
+
+class _NoEvents:
+    """Until :meth:`Coordinator.attach`: events go nowhere (nothing is cached yet)."""
+
+    def key_changed(self, key: str) -> None:
+        pass
+
+    def prefixes_invalidated(self, prefixes: list[str]) -> None:
+        pass
+
+    def flush(self, reason: str) -> None:
+        pass
+
+    def void_fills(self) -> None:
+        pass
+
+    def state_changed(self, state: ZkState) -> None:
+        pass
+
+    async def revalidate(self, watch_versions: Callable[[list[str]], Awaitable[list[KeyVersion]]]) -> None:
+        pass
 
 
 @dataclass(slots=True)
@@ -144,7 +167,7 @@ class Coordinator:
         session_timeout: float,
         member_id: str,
         member_info: dict[str, Any],
-        events: Events,
+        events: Events | None = None,
         auth: str | None = None,
     ) -> None:
         self.layout = Layout(root)
@@ -155,8 +178,7 @@ class Coordinator:
         self.lease = session_timeout * 2 / 3
         self._heartbeat_interval = session_timeout / 3
         self._heartbeat_task: asyncio.Task[None] | None = None
-        self._member_info = member_info
-        self._events = events
+        self._events: Events = events or _NoEvents()
         self.zk = ZkSession(hosts, session_timeout, auth=auth, on_state=self._on_state)
         self.ready = False
         # Bumped on every session state change: a write that saw it move
@@ -166,18 +188,42 @@ class Coordinator:
         self._session_id: int | None = None
         self._was_connected = False
         self._setup_task: asyncio.Task[None] | None = None
-        self.applied_zxid = 0  # published in our member znode (invalidate --wait)
         # Namespace re-arms (epoch, prefix log) and acknowledgements are kept
         # apart: an acknowledgement waits for the re-arms, never for another
         # acknowledgement (two of them waiting on each other deadlocked).
         self._rearm_tasks: set[asyncio.Task[None]] = set()
-        self._ack_tasks: set[asyncio.Task[None]] = set()
-        self.namespace = NamespaceWatches(self.zk, self.layout, events, self._spawn)
+        self.namespace = NamespaceWatches(self.zk, self.layout, self._events, self._spawn)
+        self.membership = Membership(
+            self.zk, self.layout, member_id, member_info, ready=lambda: self.ready, rearms=self._rearm_tasks
+        )
         # monotonic time since which key watches may be missing (None: every
         # cached key is watched). Set at the first loss, cleared only when a
         # setup completes, so later losses do not restart the grace.
         self.unwatched_since: float | None = time.monotonic()
         self.key_events = EventDelivery()
+
+    @classmethod
+    def from_config(cls, config: Config, origin_name: str, software_version: str) -> Coordinator:
+        """The coordinator of a sidecar with these settings (events: :meth:`attach`)."""
+        return cls(
+            hosts=config.zk,
+            root=config.namespace_root,
+            session_timeout=config.zk_session_timeout,
+            member_id=config.member_id,
+            member_info={
+                "member_id": config.member_id,
+                "address": str(config.listen),
+                "started_at": time.time(),
+                "version": software_version,
+                "origin": origin_name,
+            },
+            auth=config.zk_auth,
+        )
+
+    def attach(self, events: Events) -> None:
+        """Send ZooKeeper's events to ``events`` (before :meth:`start`)."""
+        self._events = events
+        self.namespace.attach(events)
 
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> None:
@@ -188,9 +234,10 @@ class Coordinator:
     async def stop(self, timeout: float | None = None) -> None:
         """Leave the fleet: close the session (the member znode goes with it)."""
         self.ready = False
-        for task in [self._setup_task, self._heartbeat_task, *self._rearm_tasks, *self._ack_tasks]:
+        for task in [self._setup_task, self._heartbeat_task, *self._rearm_tasks]:
             if task is not None:
                 task.cancel()
+        self.membership.stop()
         await self.zk.close(timeout)
 
     @property
@@ -355,49 +402,6 @@ class Coordinator:
             self._events.key_changed(key)
             self.key_events.record(arrived, time.monotonic())
 
-    def _ackreq_watch(self, event: WatchedEvent) -> None:
-        if event.type != EventType.NONE:
-            bridge.post(self.zk.loop, self._spawn_ack)
-
-    def _spawn_ack(self) -> None:
-        task = asyncio.ensure_future(self._acknowledge())
-        self._ack_tasks.add(task)
-        task.add_done_callback(self._ack_done)
-
-    def _ack_done(self, task: asyncio.Task[None]) -> None:
-        self._ack_tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # The waiter names us as not confirmed; the cache is as good as before.
-            log.warning("acknowledging an invalidation failed: %s", task.exception())
-
-    async def _acknowledge(self) -> None:
-        """Publish in our member znode the zxid up to which we applied every invalidation.
-
-        The ``exists`` answer (mzxid Z) was sent by ZooKeeper after every
-        notification for changes up to Z on this connection; once those events
-        are on the loop (``drain_events``) and the prefix-log re-reads they
-        started have finished, everything up to Z is applied.  Only re-arm
-        tasks are waited for: other acknowledgements are not, or two of them
-        would wait for each other.
-        """
-        stat = await self.zk.exists(self.layout.ackreq, watch=self._ackreq_watch)
-        applied = int(stat.mzxid) if stat else 0
-        await self.zk.drain_events()
-        if self._rearm_tasks:
-            await asyncio.wait(list(self._rearm_tasks))
-        if not self.ready:
-            return  # not serving from a trusted cache: do not confirm
-        self.applied_zxid = max(self.applied_zxid, applied)
-        try:
-            await self.zk.set(self.layout.member_path(self.member_id), self._member_data())
-        except NoNodeError:
-            pass  # registration (with the current value) is under way
-
-    def _member_data(self) -> bytes:
-        return orjson.dumps(
-            dict(self._member_info, session=f"0x{self.zk.session_id or 0:x}", applied_zxid=self.applied_zxid)
-        )
-
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._rearm_tasks.add(task)
@@ -453,15 +457,14 @@ class Coordinator:
             # Same session: the baselines stay, so an invalidate-all or prefix
             # entries published while we were away are applied here.
             await self.namespace.arm()
-            ackreq = await self.zk.exists(self.layout.ackreq, watch=self._ackreq_watch)
+            ackreq = await self.membership.watch_requests()
             if not new_session:
                 # kazoo dropped every watch with the connection and does not
                 # restore them: re-arm and check each cached key before serving.
-                await self._events.revalidate()
+                await self._events.revalidate(self.watch_versions)
             # Empty or just revalidated, with every watch armed: everything up
             # to the ackreq version read above is applied.
-            self.applied_zxid = max(self.applied_zxid, int(ackreq.mzxid) if ackreq else 0)
-            await self._register_member()
+            await self.membership.register(applied=ackreq)
             self._session_id = self.zk.session_id
             if new_session:
                 self.sessions += 1
@@ -479,28 +482,3 @@ class Coordinator:
         await asyncio.sleep(0.5)
         if self.state is ZkState.CONNECTED and not self.ready:
             await self._setup_session()
-
-    async def _register_member(self) -> None:
-        path = self.layout.member_path(self.member_id)
-        data = self._member_data()
-        for _ in range(3):
-            try:
-                await self.zk.create(path, data, ephemeral=True)
-                return
-            except NodeExistsError:
-                stat = await self.zk.exists(path)
-                if stat is not None and stat.ephemeralOwner == self.zk.session_id:
-                    await self.zk.set(path, data)  # ours: refresh applied_zxid
-                    return
-                # A previous life of this member id (a restarted pod) whose
-                # session has not expired yet: take the name over.
-                log.warning(
-                    "member %s exists from session 0x%x; replacing it",
-                    self.member_id,
-                    stat.ephemeralOwner if stat else 0,
-                )
-                try:
-                    await self.zk.delete(path)
-                except NoNodeError:
-                    pass
-        raise CoordinationError(f"could not register member {self.member_id}")

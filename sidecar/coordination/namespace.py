@@ -158,6 +158,10 @@ class NamespaceWatches:
         self.prefix_log = PrefixLog()
         self._epoch_mzxid: int | None = None
 
+    def attach(self, events: NamespaceEvents) -> None:
+        """Send what the watches report to ``events``."""
+        self._events = events
+
     def new_session(self) -> None:
         """A new session: the cache was flushed, so what ZooKeeper says now is the baseline."""
         self._epoch_mzxid = None
