@@ -37,7 +37,7 @@ WRITES = ("put", "cas", "delete")
 class Op:
     """One client operation as the client saw it."""
 
-    kind: str  # read | strong_read | put | cas | delete | invalidate
+    kind: str  # read | strong_read | put | cas | delete | invalidate | fill
     key: str
     start: float
     end: float

@@ -171,23 +171,25 @@ async def _client(
         value = f"c{n}-{i}".encode()
         kw: dict[str, Any] = {}
         kind, method, expect = "read", "GET", None
-        if roll < 0.35:
+        if roll < 0.30:
             pass
-        elif roll < 0.55:
+        elif roll < 0.48:
             kind, url = "strong_read", url + "?consistency=strong"
-        elif roll < 0.77:
+        elif roll < 0.68:
             kind, method, kw = "put", "PUT", {"data": value}
-        elif roll < 0.87:
+        elif roll < 0.78:
             kind, method = "cas", "PUT"
             status, _, headers = await _guarded(http, "GET", url + "?consistency=strong")
             etag = headers.get("ETag") if headers is not None else None
             expect = int(etag.strip('"')) if etag and status in (200, 404) else 0
             kw = {"data": value, "headers": {"If-Match": f'"{expect}"'}}
-        elif roll < 0.92:
+        elif roll < 0.83:
             kind, method = "delete", "DELETE"
+        elif roll < 0.90:
+            kind, method, url, kw = _invalidation(rng, base, key)
         else:
-            kind, method, url = "invalidate", "POST", f"{base}/v1/invalidate"
-            kw = {"json": {"keys": [key]}}
+            await _lease_fill(http, url, ops, n)
+            continue
         start = time.monotonic()
         status, body, headers = await _guarded(http, method, url, **kw)
         end = time.monotonic()
@@ -204,6 +206,37 @@ async def _client(
             if status not in (200, 404):
                 op.outcome = "unknown"
         ops.append(op)
+
+
+def _invalidation(rng: random.Random, base: str, key: str) -> tuple[str, str, str, dict[str, Any]]:
+    """An invalidation of every kind: the key, a covering prefix or everything; acknowledged or not."""
+    body = rng.choice([{"keys": [key]}, {"prefixes": [key[:1]]}, {"prefixes": [key]}, {"all": True}])
+    wait = "?wait=true&timeout=2" if rng.random() < 0.5 else ""
+    return "invalidate", "POST", f"{base}/v1/invalidate{wait}", {"json": body}
+
+
+async def _lease_fill(http: aiohttp.ClientSession, url: str, ops: list[Op], n: int) -> None:
+    """Cache-aside: a lease on a miss, the application's own read (here: strong), a fill under the lease.
+
+    The strong read is recorded as a read; the fill is judged through what
+    later reads return (a fill installed under a stale lease would serve a
+    superseded value past the window).
+    """
+    start = time.monotonic()
+    status, _, headers = await _guarded(http, "GET", url + "?fill=true")
+    if status != 404 or headers is None or "ETag" not in headers:
+        return  # a hit, or no lease (not ready): nothing to fill
+    lease = headers["ETag"]
+    key = url.rsplit("/v1/keys/", 1)[1]
+    read_start = time.monotonic()
+    status, body, headers = await _guarded(http, "GET", url + "?consistency=strong")
+    read = Op("strong_read", key, read_start, time.monotonic(), "ok" if status in (200, 404) else "unknown", client=n)
+    read.value = body if status == 200 else None
+    ops.append(read)
+    if status != 200:
+        return
+    status, _, _ = await _guarded(http, "PUT", url + "?fill=true", data=body, headers={"If-Match": lease})
+    ops.append(Op("fill", key, start, time.monotonic(), "ok" if status == 200 else "fail", value=body, client=n))
 
 
 async def _guarded(http: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> tuple[int, bytes, Any]:
@@ -283,6 +316,7 @@ def run_scenario(name: str, base_dir: Path, seconds: float = 8.0, clients: int =
                     "namespace": "checker",
                     "zk_session_timeout": f"{SESSION:g}s",
                     "lock_timeout": f"{SESSION * 3:g}s",
+                    "fills": "allow",
                     "log_level": "info",
                 },
             )
