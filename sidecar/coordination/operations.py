@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
 
+from ..errors import CoordinationError
 from .layout import Layout
 from .session import ZkSession
 
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 # (it sees a gap in the sequence) flushes everything instead.
 PREFIX_LOG_RETAIN = 1000
 _TRIM_EVERY = 100
+# A key written without pause moves under a conditional set; each try is one
+# round trip, and any try that lands is enough.
+_INVALIDATE_ATTEMPTS = 20
 
 
 async def ensure_layout(zk: ZkSession, layout: Layout) -> None:
@@ -76,7 +80,7 @@ async def invalidate_key(zk: ZkSession, layout: Layout, key: str, by: str) -> in
     overwritten: the loop reads again.
     """
     path, note = layout.version_path(key), version_note("invalidate", by)
-    while True:
+    for _ in range(_INVALIDATE_ATTEMPTS):
         stat = await zk.exists(path)
         if stat is None:
             try:
@@ -91,6 +95,7 @@ async def invalidate_key(zk: ZkSession, layout: Layout, key: str, by: str) -> in
             return int((await zk.set(path, data, stat.version)).mzxid)
         except BadVersionError:
             continue
+    raise CoordinationError(f"invalidating {key!r}: its version znode kept changing ({_INVALIDATE_ATTEMPTS} tries)")
 
 
 @dataclass(slots=True)
