@@ -89,7 +89,8 @@ class ReadProtocol:
 
         Connected: any cached entry, as long as ZooKeeper answered within
         ``lease + grace``.  Disconnected: for ``suspended_grace`` seconds after
-        the connection was lost.  So no hit is served more than
+        the first loss of watches that no completed revalidation has repaired
+        (``Coordinator.unwatched_since``).  So no hit is served more than
         ``2/3 * session timeout + grace`` (at most one session timeout) after
         this sidecar last heard from ZooKeeper.
         """
