@@ -49,6 +49,7 @@ class Reply:
     status: int
     headers: dict[str, str]
     body: bytes
+    sent: float = 0.0  # time.monotonic() just before the request went out
 
     @property
     def source(self) -> str:
@@ -86,10 +87,12 @@ def request(
     """One request on a fresh loopback connection (cheap, and no state shared between threads)."""
     conn = http.client.HTTPConnection("127.0.0.1", base_port, timeout=timeout)
     try:
+        conn.connect()
+        sent = time.monotonic()
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
         data = resp.read()
-        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data, sent)
     finally:
         conn.close()
 
@@ -116,7 +119,6 @@ class Cluster:
         self.sqlite_path = sqlite_path
         self.proxies = proxies
         self.sidecars = sidecars
-        self.restarts = 0  # of the whole cluster by restore(): a wedged sidecar
         self._admin = KazooClient(hosts=zk_hosts)
         self._admin.start(15)
 
@@ -188,6 +190,22 @@ class Cluster:
         """Add ``seconds`` of latency to every chunk between sidecar ``i`` and ZooKeeper."""
         self.proxies[i].delay(seconds)
 
+    def zookeeper(self, i: int) -> dict[str, Any]:
+        """What sidecar ``i`` says of its ZooKeeper session (``/v1/stats``: state, ready, sessions)."""
+        return self.stats(i)["zookeeper"]  # type: ignore[no-any-return]
+
+    def repairs(self, i: int) -> int:
+        """Revalidations completed plus sessions set up by sidecar ``i`` (``/v1/stats``).
+
+        Either one ends a loss of watches: entries re-checked, or none left.
+        """
+        stats = self.stats(i)
+        return int(stats["revalidation"]["count"]) + int(stats["zookeeper"]["sessions"])
+
+    def stats(self, i: int) -> dict[str, Any]:
+        """``/v1/stats`` of sidecar ``i``."""
+        return self.call(i, "GET", "/v1/stats").json()  # type: ignore[no-any-return]
+
     def connections(self, i: int) -> int:
         """Connections the proxy of sidecar ``i`` has forwarded so far."""
         return self.proxies[i].connections
@@ -215,7 +233,6 @@ class Cluster:
             self.wait_ready(i)
         if self._acknowledging(probe_key):
             return
-        self.restarts += 1
         for proc in self.sidecars:
             proc.stop()
         for proc in self.sidecars:

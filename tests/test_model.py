@@ -8,10 +8,10 @@ origin.  No mocks.  The cluster is started once per test function; every
 example uses keys of its own (a fresh key prefix) and ends with every link
 healed and every sidecar ready (:meth:`CoherenceModel.teardown`).
 
-Sidecar settings keep the model simple: a 4 s session, ``suspended_grace =
-0s`` (a sidecar that is not ready never serves a cached value: it reads the
-origin, ``X-Cache: bypass``), ``lock_timeout = 2s``, and fills allowed over
-the read-through origin.
+Sidecar settings: a 4 s session, ``suspended_grace = 1s`` (a cut-off
+sidecar may serve what it cached for one second after its first loss of
+watches that no completed revalidation repaired, then reads the origin),
+``lock_timeout = 2s``, and fills allowed over the read-through origin.
 
 **Rules** (keys ``u/a``, ``u/b``, ``o/a``, ``o/c`` under the example's
 prefix, so the prefixes ``u/``, ``o/`` and the example's own prefix cover
@@ -28,16 +28,23 @@ a row for each key, and an example may start with every cache warm):
   the application reads the origin right then, and later installs exactly
   that value with ``PUT ?fill=true`` and ``If-Match: "<lease>"``;
   ``stale_set_race`` does lease, another application's update and
-  acknowledged invalidation, and the fill, in that order;
+  acknowledged invalidation, maybe a restart of the leasing sidecar, and the
+  fill, in that order;
 * ``read``: eventual or strong, on one sidecar or on all three at once;
-* ``cut_link``, ``heal_link`` (optionally only after ZooKeeper expired the
-  session), ``heal_then_cut_again`` (a second cut while the sidecar is
-  reconnecting and revalidating), ``restart_sidecar``; at most one link is
-  cut at a time; an example may also run with one slow link throughout
-  (latency on every packet: its sidecar hears of changes late);
+* ``cut_link`` (once per example), ``heal_link`` (optionally only after
+  ZooKeeper expired the session), ``heal_then_cut_again`` (a second cut while
+  the sidecar is reconnecting and revalidating), ``restart_sidecar`` (once
+  per example: processes are slow to start); an
+  example may also run with one slow link throughout (latency on every
+  packet: its sidecar hears of changes late);
+  ``second_loss_during_revalidation`` (instead of ``cut_link``): a cached
+  key, a cut, an update and invalidation elsewhere, a slow heal cut again
+  while the sidecar revalidates, and a read just after the first cut's grace;
 * ``concurrent_wait_invalidations`` (4 to 6 clients sending ``?wait=true``
-  invalidations back to back, at once),
-  ``write_racing_invalidation``, ``write_racing_strong_read``.
+  invalidations back to back, at once, every link up and fast),
+  ``write_racing_invalidation``, ``write_racing_strong_read``,
+  ``invalidation_then_strong_read`` (a strong read on a sidecar whose slow
+  link has not told it of the invalidation answered just before).
 
 **The model** knows the origin exactly (every write goes through the test),
 every value ever written per key, the key's current version when it can be
@@ -58,8 +65,11 @@ known, and per sidecar and key how fresh an eventual read must be:
 What every answer is checked against:
 
 * no read returns a value that was never written to the key;
-* a sidecar that is not ready (its link cut) reads the origin: its value is
-  the origin's, whatever the consistency level;
+* a sidecar that is not ready (its link cut) serves the origin's value on
+  strong reads, and on eventual reads too once ``GRACE`` has passed since
+  its first loss of watches not repaired by a completed revalidation (the
+  model counts from when the cut was seen, and from a second cut only if
+  the sidecar's stats show a revalidation or new session since the heal);
 * a strong read returns the origin's value once every origin change of the
   key was followed by an acknowledged (200 or 202) write or invalidation of
   any kind covering it; racing a write, the value before or after it;
@@ -74,7 +84,7 @@ What every answer is checked against:
   412 exactly as the model's version and origin say.
 
 Profiles: ``ZKCACHE_MODEL_PROFILE=ci`` (default: 20 programs of up to 25
-steps, about 30 to 90 s here) or ``soak`` (ten times the programs).
+steps, about 60 to 120 s here) or ``soak`` (ten times the programs).
 
 Reading a failure: Hypothesis prints the shrunk program (shrinking is capped,
 so it may keep a few steps that do not matter), and every failed check
@@ -172,9 +182,22 @@ WAIT_TIMEOUT_CUT = 0.5  # ... while one is cut: it answers 504 (or 200 once the 
 # Added per chunk, each way, on a slow link: well above a client's reaction
 # time (a few ms), so its sidecar reliably hears of changes after the client.
 SLOW_LINK_LATENCY = 0.02
+# suspended_grace of every sidecar: a cut-off sidecar may serve what it has
+# cached for this long after its first loss of watches that no completed
+# revalidation has repaired, and must read the origin after that.
+GRACE = 1.0
+# Latency on a link while its sidecar sets its session up again in
+# `second_loss_during_revalidation`: each round trip then takes 2 * this, so
+# the second cut reliably lands after the handshake and before revalidation ends.
+SETUP_LATENCY = 0.15
 CONCURRENT_WAIT_TIMEOUT = 5
-CONCURRENT_REPEATS = 20
+CONCURRENT_REPEATS = 12
 TRAIL_LINES = 60  # of the example's trail attached to a failure
+# The expensive steps, per example: a heal waits for kazoo's reconnect backoff
+# (up to a second; heal_then_cut_again adds second cuts), a restart for a new
+# process (about 0.6 s; stale_set_race may restart too).
+CUTS_PER_EXAMPLE = 1
+RESTARTS_PER_EXAMPLE = 1
 
 sidecar_ids = st.integers(0, N - 1)
 keys = st.sampled_from(KEYS)
@@ -219,7 +242,7 @@ def _sidecar_settings() -> dict[str, str]:
     """What every sidecar of the model runs with (see the module docstring)."""
     chosen = {
         "zk_session_timeout": "4s",
-        "suspended_grace": "0s",
+        "suspended_grace": f"{GRACE:g}s",
         "suspended_reads": "origin",
         "lock_timeout": "2s",
         "shutdown_timeout": "5s",
@@ -275,6 +298,11 @@ class CoherenceModel(RuleBasedStateMachine):
         self.version: dict[str, int | None] = dict.fromkeys(KEYS, 0)  # 0: never written
         self.open_leases: list[Lease] = []
         self.cut: int | None = None  # the sidecar whose link is cut (at most one)
+        # Per sidecar: the latest time at which its first loss of watches not
+        # yet repaired (by a completed revalidation) can have happened; it
+        # may serve cached entries until GRACE after that (see `check_eventual`).
+        self.lost_watches_at: dict[int, float | None] = dict.fromkeys(range(N))
+        self.cuts = self.restarts = 0  # rules that may run only so often (see CUTS_PER_EXAMPLE)
         self.slow: int | None = None  # the sidecar whose link has added latency
         self._values = itertools.count(1)
         self.trail: list[str] = []  # rules and HTTP exchanges of this example (see `step`)
@@ -421,9 +449,14 @@ class CoherenceModel(RuleBasedStateMachine):
         value = self.value_of(i, k, reply, "eventual read")
         expected = self.origin[k]
         if not self.ready(i):
+            lost = self.lost_watches_at[i]
+            assert lost is not None, f"sidecar {i} is cut off, but the model has no time for its loss"
+            if reply.sent <= lost + GRACE:
+                return  # within the grace: whatever it had cached (any value ever written)
             assert value == expected, (
-                f"sidecar {i} is cut off (no grace) but served {value!r} for {k!r}; the origin has {expected!r} "
-                f"({reply!r})"
+                f"sidecar {i} is cut off and its grace ({GRACE:g}s) ran out {reply.sent - lost - GRACE:.3f}s before "
+                f"this read (counted from its first loss of watches not repaired since), but it served {value!r} "
+                f"for {k!r}; the origin has {expected!r} ({reply!r})"
             )
             return
         state = self.fresh[i, k]
@@ -566,7 +599,10 @@ class CoherenceModel(RuleBasedStateMachine):
         reply = self.call(i, "GET", f"/v1/keys/{self.key(k)}?fill=true")
         lease = Lease(i, k)
         if not self.ready(i):
-            assert reply.status == 503, f"a lease from cut-off sidecar {i}: {reply!r}"
+            if reply.status == 200:  # a hit within the grace
+                self.check_eventual(i, k, reply)
+            else:
+                assert reply.status == 503, f"a lease from cut-off sidecar {i}: {reply!r}"
             return lease
         if reply.status == 200:
             self.check_eventual(i, k, reply)
@@ -603,19 +639,46 @@ class CoherenceModel(RuleBasedStateMachine):
             # sidecar may now serve the older value on eventual reads.
             self.fresh[i, k] = Fresh.ANY
 
-    @rule(i=sidecar_ids, k=keys, scope=scopes, via=sidecar_ids)
+    @rule(i=sidecar_ids, k=keys, scope=scopes, via=sidecar_ids, restart=st.sampled_from([False, True]))
     @step
-    def stale_set_race(self, i: int, k: str, scope: str, via: int) -> None:
+    def stale_set_race(self, i: int, k: str, scope: str, via: int, restart: bool) -> None:
         """The cache-aside race of the README, in its worst order.
 
         Application A misses on sidecar ``i`` (a lease) and reads the row;
         application B updates the row and invalidates it (``scope``,
         ``?wait=true``) through sidecar ``via``; A then fills the row it read.
-        The fill must be refused once the invalidation was acknowledged.
+        The fill must be refused once the invalidation was acknowledged, also
+        when A's sidecar restarted in between (``restart``): the lease was
+        handed out by its previous life.
         """
         lease = self.take_lease(i=i, k=k)
         self.outside_write_and_invalidate(k=k, change="put", scope=scope, wait=True, via=via, read_back=False)
+        if restart and self.ready(i):
+            self.cluster.restart(i)
         self.fill(lease=lease)
+
+    @precondition(lambda self: self.cut is None)
+    @rule(k=rt_keys, scope=scopes, via=sidecar_ids, reader=sidecar_ids)
+    @step
+    def invalidation_then_strong_read(self, k: str, scope: str, via: int, reader: int) -> None:
+        """A strong read that begins as soon as an invalidation was published, on a sidecar not told yet.
+
+        ``reader`` caches ``k``; another application updates ``k`` and
+        invalidates it (``scope``, no wait) through ``via``; the application
+        then reads ``k`` strongly on ``reader``, whose link is slow for this
+        rule, so the invalidation's notification is still on its way (or its
+        prefix-log entries are still being read) when the read begins.
+        """
+        reader = reader if reader != via else (via + 1) % N
+        self.read(k=k, where=reader, strong=False)  # cached there now
+        if self.slow != reader:
+            self.cluster.slow(reader, SLOW_LINK_LATENCY)
+        try:
+            self.outside_write_and_invalidate(k=k, change="put", scope=scope, wait=False, via=via, read_back=False)
+            self.check_strong(reader, k, self.get_call(reader, k, strong=True)())
+        finally:
+            if self.slow != reader:
+                self.cluster.slow(reader, 0.0)
 
     @rule(k=rt_keys, where=st.sampled_from([None, 0, 1, 2]), strong=st.booleans())
     @step
@@ -629,13 +692,26 @@ class CoherenceModel(RuleBasedStateMachine):
             else:
                 self.check_eventual(i, k, reply)
 
-    @precondition(lambda self: self.cut is None)
+    @precondition(lambda self: self.cut is None and self.cuts < CUTS_PER_EXAMPLE)
     @rule(i=sidecar_ids)
     @step
     def cut_link(self, i: int) -> None:
         """Partition sidecar ``i`` from ZooKeeper (connections reset, new ones refused)."""
-        self.cluster.cut(i)
+        self.cut_off(i)
+        self.cuts += 1
+
+    def cut_off(self, i: int, repairs: int | None = None) -> None:
+        """Cut sidecar ``i``'s link: a first loss, or (``repairs`` counted before a heal) a second one.
+
+        The sidecar's grace counts from its first loss that no completed
+        revalidation (or new session) has repaired: a second cut restarts
+        it only if the sidecar finished one since the heal.
+        """
+        self.cluster.cut(i)  # returns once the sidecar said it is not ready: its loss happened before now
+        now = time.monotonic()
         self.cut = i
+        if self.lost_watches_at[i] is None or (repairs is not None and self.cluster.repairs(i) > repairs):
+            self.lost_watches_at[i] = now
 
     @precondition(lambda self: self.cut is not None)
     @rule(after_expiry=st.integers(0, 5).map(lambda n: n == 5))  # one in six: it costs a session timeout
@@ -651,6 +727,7 @@ class CoherenceModel(RuleBasedStateMachine):
         self.heal(i)
         self.cluster.wait_ready(i)
         self.cut = None
+        self.lost_watches_at[i] = None  # ready: watches armed, entries re-checked
 
     @precondition(lambda self: self.cut is not None)
     @rule(pause=st.sampled_from([0.0, 0.002, 0.005, 0.01, 0.03]))
@@ -659,22 +736,53 @@ class CoherenceModel(RuleBasedStateMachine):
         """Heal, and cut again ``pause`` seconds after the sidecar reconnected (during its revalidation)."""
         i = self.cut
         assert i is not None
-        before = self.cluster.connections(i)
+        before, repairs = self.cluster.connections(i), self.cluster.repairs(i)
         self.heal(i)
         wait_until(lambda: self.cluster.connections(i) > before, timeout=5, what=f"sidecar {i} reconnecting")
         time.sleep(pause)
-        self.cluster.cut(i)
+        self.cut_off(i, repairs)
 
-    @precondition(lambda self: self.cut is None)
+    @precondition(lambda self: self.cut is None and self.cuts < CUTS_PER_EXAMPLE)
+    @rule(i=sidecar_ids, k=rt_keys, scope=scopes, via=sidecar_ids)
+    @step
+    def second_loss_during_revalidation(self, i: int, k: str, scope: str, via: int) -> None:
+        """A rolling restart's worst order for sidecar ``i`` (which caches ``k``).
+
+        Its link is cut; another application updates ``k`` and invalidates it
+        (``scope``, no wait) through another sidecar; the link comes back
+        slow, and is cut again once the sidecar has reconnected but before
+        its revalidation ended.  Its grace still counts from the first cut:
+        a read just after that runs out must return the origin's value.
+        """
+        via = via if via != i else (i + 1) % N
+        self.read(k=k, where=i, strong=False)  # cached there now
+        self.cut_link(i=i)
+        self.outside_write_and_invalidate(k=k, change="put", scope=scope, wait=False, via=via, read_back=False)
+        repairs = self.cluster.repairs(i)
+        self.cluster.heal(i)
+        self.cluster.slow(i, SETUP_LATENCY)
+
+        def setting_up() -> bool:
+            zk = self.cluster.zookeeper(i)
+            return zk["state"] == "connected" and not zk["ready"]
+
+        wait_until(setting_up, timeout=10, interval=0.005, what=f"sidecar {i} reconnected and setting up")
+        self.cut_off(i, repairs)
+        lost = self.lost_watches_at[i]
+        assert lost is not None
+        self.trail.append(f"  cut again {time.monotonic() - lost:.3f}s into the grace")
+        time.sleep(max(0.0, lost + GRACE + 0.05 - time.monotonic()))
+        self.read(k=k, where=i, strong=False)
+
+    @precondition(lambda self: self.cut is None and self.restarts < RESTARTS_PER_EXAMPLE)
     @rule(i=sidecar_ids)
     @step
     def restart_sidecar(self, i: int) -> None:
         """SIGTERM sidecar ``i``, start it again, wait until ready (an empty cache, a new session)."""
         self.cluster.restart(i)
+        self.restarts += 1
 
-    # Every link up; and no slow one, where each confirmation costs several
-    # delayed round trips (the repeats would take seconds).
-    @precondition(lambda self: self.cut is None and self.slow is None)
+    @precondition(lambda self: self.cut is None)
     @rule(specs=st.lists(st.tuples(scopes, keys, sidecar_ids), min_size=4, max_size=6))
     @step
     def concurrent_wait_invalidations(self, specs: list[tuple[str, str, int]]) -> None:
@@ -701,7 +809,15 @@ class CoherenceModel(RuleBasedStateMachine):
             return run
 
         clients = [client(via, body) for (_, _, via), (body, _) in zip(specs, bodies, strict=True)]
-        answers = self.parallel(clients)
+        if self.slow is not None:
+            # Each confirmation costs a slow link several delayed round trips:
+            # the repeats would take seconds.  Fast for the burst only.
+            self.cluster.slow(self.slow, 0.0)
+        try:
+            answers = self.parallel(clients)
+        finally:
+            if self.slow is not None:
+                self.cluster.slow(self.slow, SLOW_LINK_LATENCY)
         failed = [(n, r) for n, replies in enumerate(answers) for r in replies if r.status != 200]
         assert not failed, (
             f"{len(specs)} clients sending ?wait=true invalidations at once, every sidecar connected: "
