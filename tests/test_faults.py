@@ -476,3 +476,53 @@ async def test_a_miss_in_flight_when_the_link_drops_reads_the_origin(
         assert (status, source, value) == (200, "bypass", b"v1")
     finally:
         proxy.stop()
+
+
+async def test_a_fill_in_flight_when_a_prefix_invalidation_arrives_is_never_installed(
+    zk_server: LocalZooKeeper, sidecars: SidecarFactory, upstream: str, http: aiohttp.ClientSession
+) -> None:
+    """Which prefixes a prefix-log event names is known only after re-reading
+    the log, a round trip later.  A fill that read the origin before the
+    invalidation and ends within that round trip must not be installed: the
+    event itself voids every fill in flight.
+
+    B's link has one second of latency each way, so B hears of the event one
+    second after it was published and applies it two seconds after that; the
+    fill ends in between.
+    """
+    origin = upstream + "/kv"
+    proxy = TcpProxy(zk_server.host, zk_server.port)
+    proxy.start()
+    try:
+        a = sidecars("a", origin=origin)
+        b = sidecars("b", origin=origin, zk=proxy.address, zk_session_timeout="30s")
+        await put(http, a.url, "pv/1", b"v1")
+        await get_hit(http, a.url, "pv/1")  # A's post-write refill is done: only B reads below
+        proxy.delay(1.0)
+        async with http.post(f"{upstream}/_control/hold/pv/1"):
+            pass
+        reader = asyncio.create_task(get(http, b.url, "pv/1"))  # a miss: watch armed, origin read held (v1)
+
+        async def held() -> bool:
+            async with http.get(f"{upstream}/_control/held/pv/1") as resp:
+                return bool((await resp.json())["held"] == 1)
+
+        await eventually(held, timeout=15, what="B's origin read being held")
+        async with http.put(f"{origin}/pv/1", data=b"v2"):  # another application, behind the caches
+            pass
+        applied = b.stats()["invalidations_received"]
+        published = time.monotonic()
+        async with http.post(a.url + "/v1/invalidate", json={"prefixes": ["pv/"]}) as resp:
+            assert resp.status == 202
+        await asyncio.sleep(max(0.0, published + 1.5 - time.monotonic()))  # B has the event, not the entries
+        async with http.post(f"{upstream}/_control/release/pv/1"):
+            pass
+        status, source, value, _ = await reader
+        assert (status, source, value) == (200, "miss", b"v1")  # it began before the invalidation: allowed
+        status, source, value, _ = await get(http, b.url, "pv/1", headers={"Cache-Control": "only-if-cached"})
+        assert b.stats()["invalidations_received"] == applied, (
+            "B applied the prefix entry already: the test's timing did not hold (a loaded machine?)"
+        )
+        assert status == 504, f"B installed {value!r}, read before the prefix invalidation it had been told of"
+    finally:
+        proxy.stop()
