@@ -13,6 +13,11 @@ invalidation of its key is never installed":
    it, besides dropping the entry;
 3. :meth:`CoherentCache.install` refuses a voided ticket.
 
+``on_vacated(key)`` is called whenever a key is left with neither an entry
+nor a fill in flight (evicted, expired, dropped, or a fill that installed
+nothing ended), so that its ZooKeeper watch can go too: the watches a
+sidecar holds then stay bounded by what it caches.
+
 Because the ticket exists before the watch is armed, it does not matter whether
 kazoo delivers the watch event to the loop before or after the completion of the
 ``exists`` call that armed it: either way the event is processed on the loop
@@ -80,6 +85,7 @@ class _BoundedMixin:
 
     max_entries: int
     counters: CacheCounters
+    on_removed: Callable[[str], None]  # an entry left on the cache's own account
 
     def __setitem__(self, key: Any, value: Any) -> None:
         super().__setitem__(key, value)  # type: ignore[misc]
@@ -90,6 +96,7 @@ class _BoundedMixin:
         # cachetools calls popitem only to make room: that is an eviction.
         item = super().popitem()  # type: ignore[misc]
         self.counters.evictions += 1
+        self.on_removed(item[0])
         return item  # type: ignore[no-any-return]
 
 
@@ -98,7 +105,12 @@ class _LRU(_BoundedMixin, cachetools.LRUCache[str, Entry]):
 
 
 class _TTLLRU(_BoundedMixin, cachetools.TTLCache[str, Entry]):
-    pass
+    def expire(self, time: float | None = None) -> list[tuple[str, Entry]]:
+        # cachetools expires entries inside its own operations: report each.
+        expired: list[tuple[str, Entry]] = super().expire(time)
+        for key, _ in expired:
+            self.on_removed(key)
+        return expired
 
 
 def _entry_size(entry: Entry) -> int:
@@ -114,8 +126,10 @@ class CoherentCache:
         max_bytes: int,
         ttl: float = 0.0,
         timer: Callable[[], float] = time.monotonic,
+        on_vacated: Callable[[str], None] | None = None,
     ) -> None:
         self.counters = CacheCounters()
+        self.on_vacated: Callable[[str], None] = on_vacated or _ignore
         data: _LRU | _TTLLRU
         if ttl > 0:
             data = _TTLLRU(maxsize=max_bytes, ttl=ttl, timer=timer, getsizeof=_entry_size)
@@ -123,6 +137,7 @@ class CoherentCache:
             data = _LRU(maxsize=max_bytes, getsizeof=_entry_size)
         data.max_entries = max_entries
         data.counters = self.counters
+        data.on_removed = self._removed
         self._data = data
         self._fills: dict[str, list[FillTicket]] = {}
 
@@ -177,6 +192,8 @@ class CoherentCache:
             return
         if not tickets:
             del self._fills[ticket.key]
+            if ticket.key not in self._data:
+                self.on_vacated(ticket.key)
 
     def install(self, ticket: FillTicket, entry: Entry) -> bool:
         """Cache ``entry`` for the ticket's key unless the ticket was voided."""
@@ -196,6 +213,8 @@ class CoherentCache:
             ticket.valid = False
         dropped = self._data.pop(key, None) is not None
         self.counters.invalidated_entries += dropped
+        if dropped:
+            self._removed(key)
         return dropped
 
     def invalidate_prefixes(self, prefixes: Sequence[str]) -> int:
@@ -211,19 +230,32 @@ class CoherentCache:
         doomed = [k for k in list(self._data.keys()) if k.startswith(starts)]
         for key in doomed:
             self._data.pop(key, None)
+            self._removed(key)
         self.counters.invalidated_entries += len(doomed)
         return len(doomed)
 
     def invalidate_all(self) -> int:
         """Drop every entry and void every fill in flight."""
         self.void_fills()
-        n = len(self._data)
+        doomed = list(self._data.keys())
         self._data.clear()
-        self.counters.invalidated_entries += n
-        return n
+        for key in doomed:
+            self._removed(key)
+        self.counters.invalidated_entries += len(doomed)
+        return len(doomed)
 
     def void_fills(self) -> None:
         """Void every fill in flight but keep the entries (a watch may have been lost)."""
         for tickets in self._fills.values():
             for ticket in tickets:
                 ticket.valid = False
+
+    def _removed(self, key: str) -> None:
+        # An entry left (dropped, evicted, expired); a fill in flight still
+        # needs the key's watch, and its end reports the key instead.
+        if key not in self._fills:
+            self.on_vacated(key)
+
+
+def _ignore(key: str) -> None:
+    pass

@@ -58,6 +58,16 @@ class _ServiceCollector(Collector):
             value=events.hop_seconds_total,
         )
         yield GaugeMetricFamily("zkcache_entries", "Entries cached", value=svc.entries)
+        yield GaugeMetricFamily(
+            "zkcache_key_watches",
+            "Key watches this sidecar may hold in ZooKeeper (entries + fills in flight at most)",
+            value=svc.key_watches,
+        )
+        yield CounterMetricFamily(
+            "zkcache_watch_removals",
+            "removeWatches requests sent for keys no longer cached",
+            value=svc.watch_removals,
+        )
         yield GaugeMetricFamily("zkcache_bytes", "Bytes charged against max_bytes", value=svc.bytes_cached)
         yield GaugeMetricFamily("zkcache_max_bytes", "Configured byte bound", value=svc.config.max_bytes)
         yield GaugeMetricFamily("zkcache_ready", "1 when the ZooKeeper session is usable", value=int(svc.ready))

@@ -156,7 +156,13 @@ class ReadProtocol:
         self._require_fills()
         self._coord.require_usable("leases need ZooKeeper")
         self._stats.misses += 1
-        return (await self._coord.key_state(key, watch=True)).lease
+        # A ticket only to count as a fill in flight: the watch armed here is
+        # removed when the lease is handed out (the fill arms its own).
+        ticket = self._cache.begin_fill(key)
+        try:
+            return (await self._coord.key_state(key, watch=True)).lease
+        finally:
+            self._cache.end_fill(ticket)
 
     async def fill(self, key: str, value: OriginValue, lease: int) -> int:
         """Install a value the application loaded, if the key's lease is still ``lease``.

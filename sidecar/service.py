@@ -54,6 +54,8 @@ class CacheService:
         self.cache_aside = isinstance(origin, NoOrigin)
         self.coord = coord or Coordinator.from_config(config, origin.name, __version__)
         self.coord.attach(self.events)
+        # A key left with no entry and no fill gives up its ZooKeeper watch.
+        self.cache.on_vacated = self.coord.release_watch
         self.reads = ReadProtocol(config, origin, self.cache, self.coord, self.stats, flights)
         self.writes = WriteProtocol(config, origin, self.coord, drop=self.events.drop_key, written=self._written)
         # The read protocol's public surface, as the HTTP layer calls it.
@@ -110,6 +112,16 @@ class CacheService:
     def cache_counters(self) -> CacheCounters:
         """Evictions, invalidated entries and refused fills (metrics)."""
         return self.cache.counters
+
+    @property
+    def key_watches(self) -> int:
+        """Key watches this sidecar may hold in ZooKeeper: at most entries + fills in flight (metrics)."""
+        return len(self.coord.key_watches)
+
+    @property
+    def watch_removals(self) -> int:
+        """removeWatches requests sent for keys the cache no longer holds (metrics)."""
+        return self.coord.key_watches.removals
 
     @property
     def entries(self) -> int:
@@ -199,6 +211,8 @@ class CacheService:
                 "silence_seconds": round(self.coord.silence(), 3),
                 "session": f"0x{self.coord.zk.session_id or 0:x}",
                 "sessions": self.coord.sessions,
+                "key_watches": self.key_watches,
+                "watch_removals": self.watch_removals,
             },
             "entries": len(c),
             "bytes": c.bytes,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.cache import ENTRY_OVERHEAD, CoherentCache, Entry
+from sidecar.cache import ENTRY_OVERHEAD, CoherentCache, Entry, FillTicket
 
 
 def entry(key: str, size: int = 10, version: int = 1) -> Entry:
@@ -141,3 +141,58 @@ def test_many_prefixes_in_one_pass() -> None:
     assert cache.invalidate_prefixes(["a/", "c/", "zz"]) == 2
     assert cache.install(ticket, entry("c/2")) is False
     assert {k for k in ("a/1", "b/1", "c/1", "d/1") if k in cache} == {"b/1", "d/1"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["begin", "install", "end", "inv", "prefix", "all", "tick", "get"]),
+            st.sampled_from(["a1", "a2", "b1", "b2", "c1"]),
+        ),
+        max_size=60,
+    ),
+    st.booleans(),
+)
+def test_on_vacated_reports_exactly_the_keys_left_with_no_entry_and_no_fill(
+    ops: list[tuple[str, str]], ttl: bool
+) -> None:
+    """A ledger fed by ``begin_fill`` and ``on_vacated`` equals the keys with an entry or a fill, always.
+
+    Never reported while an entry or a fill still needs the key's watch;
+    always reported once neither is left (evictions with three entries at
+    most, TTL expiry, every kind of invalidation, fills ending either way).
+    """
+    now = [0.0]
+    watched: set[str] = set()
+    cache = CoherentCache(max_entries=3, max_bytes=10**6, ttl=5 if ttl else 0, timer=lambda: now[0])
+    tickets: list[FillTicket] = []
+
+    def vacated(key: str) -> None:
+        assert key not in cache and not any(t.key == key for t in tickets), f"{key} reported while still needed"
+        watched.discard(key)
+
+    cache.on_vacated = vacated
+    for op, key in ops:
+        if op == "begin":
+            watched.add(key)  # a fill arms the key's watch
+            tickets.append(cache.begin_fill(key))
+        elif op in ("install", "end") and tickets:
+            ticket = tickets.pop(0)
+            if op == "install":
+                cache.install(ticket, entry(ticket.key))
+            cache.end_fill(ticket)
+        elif op == "inv":
+            cache.invalidate(key)
+        elif op == "prefix":
+            cache.invalidate_prefixes([key[0]])
+        elif op == "all":
+            cache.invalidate_all()
+        elif op == "tick":
+            now[0] += 3
+        elif op == "get":
+            cache.get(key)
+        needed = {k for k in ("a1", "a2", "b1", "b2", "c1") if cache.peek(k) is not None} | {t.key for t in tickets}
+        assert needed <= watched, f"watch released while needed: {needed - watched}"
+        # (An expired entry stays in cachetools, and needed, until it is expired for real: then reported.)
+        assert watched == needed, f"never reported as vacated: {watched - needed}"

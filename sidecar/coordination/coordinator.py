@@ -43,6 +43,7 @@ from kazoo.protocol.states import EventType, WatchedEvent
 from .. import bridge
 from ..config import Config
 from ..errors import CoordinationError, NotConnected
+from .key_watches import KeyWatches
 from .layout import Layout
 from .lock import WriteLock, acquire_write_lock
 from .membership import Membership
@@ -201,6 +202,9 @@ class Coordinator:
         # setup completes, so later losses do not restart the grace.
         self.unwatched_since: float | None = time.monotonic()
         self.key_events = EventDelivery()
+        # Key watches we may hold; the cache reports vacated keys through
+        # `release_watch`, so they stay bounded by what it holds.
+        self.key_watches = KeyWatches(self.zk, self.layout.version_path, self._version_watch)
 
     @classmethod
     def from_config(cls, config: Config, origin_name: str, software_version: str) -> Coordinator:
@@ -273,14 +277,22 @@ class Coordinator:
         still fires when the znode is created).
         """
         self.require_usable()
-        stat = await self.zk.exists(self.layout.version_path(key), watch=self._version_watch)
+        self.key_watches.arming([key])
+        try:
+            stat = await self.zk.exists(self.layout.version_path(key), watch=self._version_watch)
+        finally:
+            self.key_watches.armed([key])
         if stat is None:
             return KeyVersion(0, False)
         return KeyVersion(int(stat.mzxid), stat.dataLength == 0)
 
     async def watch_versions(self, keys: list[str]) -> list[KeyVersion]:
         """:meth:`watch_version` for many keys at once (revalidation, before the session is ready)."""
-        stats = await self.zk.exists_many([self.layout.version_path(key) for key in keys], self._version_watch)
+        self.key_watches.arming(keys)
+        try:
+            stats = await self.zk.exists_many([self.layout.version_path(key) for key in keys], self._version_watch)
+        finally:
+            self.key_watches.armed(keys)
         return [KeyVersion(0, False) if s is None else KeyVersion(int(s.mzxid), s.dataLength == 0) for s in stats]
 
     async def key_state(self, key: str, *, watch: bool = False, strong: bool = False) -> KeyState:
@@ -298,16 +310,26 @@ class Coordinator:
         self.require_usable()
         client, layout = self.zk.client, self.layout
         path = layout.version_path(key)
-        calls = [(client.sync_async(path), "sync")] if strong else []
-        calls += [
-            (client.exists_async(path, watch=self._version_watch if watch else None), "exists"),
-            (client.exists_async(layout.epoch), "exists"),
-            (client.exists_async(layout.prefixes), "exists"),
-        ]
-        stat, epoch, prefixes = (await self.zk.call_all(*calls))[-3:]
+        if watch:
+            self.key_watches.arming([key])
+        try:
+            calls = [(client.sync_async(path), "sync")] if strong else []
+            calls += [
+                (client.exists_async(path, watch=self._version_watch if watch else None), "exists"),
+                (client.exists_async(layout.epoch), "exists"),
+                (client.exists_async(layout.prefixes), "exists"),
+            ]
+            stat, epoch, prefixes = (await self.zk.call_all(*calls))[-3:]
+        finally:
+            if watch:
+                self.key_watches.armed([key])
         await self.namespace.catch_up(int(epoch.mzxid) if epoch else 0, int(prefixes.pzxid) if prefixes else 0)
         version, writing = (int(stat.mzxid), stat.dataLength == 0) if stat else (0, False)
         return KeyState(version, writing, self.namespace.floor.floor(key))
+
+    def release_watch(self, key: str) -> None:
+        """The cache holds nothing for ``key`` any more: remove its watch (``KeyWatches.vacated``)."""
+        self.key_watches.vacated(key)
 
     async def read_version(self, key: str) -> int:
         """The key's current version as this session sees it, without a watch."""
@@ -399,6 +421,7 @@ class Coordinator:
     def _on_version_event(self, path: str, arrived: float) -> None:
         key = self.layout.key_of_version_path(path)
         if key is not None:
+            self.key_watches.fired(key)  # first: dropping the entry must not remove a watch that is gone
             self._events.key_changed(key)
             self.key_events.record(arrived, time.monotonic())
 
@@ -435,6 +458,8 @@ class Coordinator:
         # before anything else can run.
         self.state_generation += 1
         self._not_ready()
+        if state is not ZkState.CONNECTED:
+            self.key_watches.connection_lost()  # before any flush below reports vacated keys
         if self._setup_task is not None:
             self._setup_task.cancel()
             self._setup_task = None
