@@ -5,8 +5,9 @@
 Starts ZooKeeper and one sidecar that reaches it through a TCP proxy, fills the
 sidecar's cache with N keys (rows written straight into the SQLite origin, then
 read through the sidecar), cuts the proxy until the sidecar notices, heals it,
-and reports what the sidecar measured: the time to re-arm N watches and compare
-N versions (pipelined ``exists`` calls), and the time from healing to ``/readyz``.
+and reports what the sidecar measured: the time to hand N watches back with
+``setWatches`` (the server fires for keys changed since the loss and re-arms the
+rest), and the time from healing to ``/readyz``.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def main() -> None:
         f"({time.strftime('%Y-%m-%d')}; `python -m bench.revalidation --keys {args.keys}`)\n\n"
         "| measurement | value |\n|---|---|\n"
         f"| entries revalidated | {reval['entries']} (dropped {reval['dropped']}) |\n"
-        f"| re-arm + compare, measured by the sidecar | {reval['seconds'] * 1000:.0f} ms "
+        f"| restore (setWatches), measured by the sidecar | {reval['seconds'] * 1000:.0f} ms "
         f"({reval['seconds'] / max(reval['entries'], 1) * 1e6:.1f} us per key) |\n"
         f"| heal -> /readyz 200 (includes kazoo's reconnect backoff) | {ready_after * 1000:.0f} ms |\n"
         f"| filling the cache through the sidecar, for scale | {filled:.1f} s ({args.keys / filled:.0f} misses/s) |"

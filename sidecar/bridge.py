@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-__all__ = ["KazooAsyncResult", "post", "wait", "wait_all"]
+__all__ = ["KazooAsyncResult", "post", "wait"]
 
 T = TypeVar("T")
 
@@ -68,39 +68,4 @@ def wait(result: KazooAsyncResult, loop: asyncio.AbstractEventLoop | None = None
             post(loop, _settle, fut, True, value)
 
     result.rawlink(on_complete)
-    return fut
-
-
-def wait_all(
-    results: list[KazooAsyncResult], loop: asyncio.AbstractEventLoop | None = None
-) -> asyncio.Future[list[Any]]:
-    """One future for many kazoo results: each value, or its exception as a value, in order.
-
-    The loop is woken once, when the last result completes: for thousands of
-    pipelined requests, a future and a loop hop each would cost more than
-    the requests themselves.
-    """
-    loop = loop or asyncio.get_running_loop()
-    fut: asyncio.Future[list[Any]] = loop.create_future()
-    values: list[Any] = [None] * len(results)
-    remaining = [len(results)]
-    if not results:
-        fut.set_result(values)
-        return fut
-
-    def collector(i: int) -> Callable[[KazooAsyncResult], None]:
-        def collect(res: KazooAsyncResult) -> None:
-            # kazoo's completion thread runs callbacks one at a time: no lock.
-            try:
-                values[i] = res.get(block=False)
-            except Exception as exc:
-                values[i] = exc
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                post(loop, _settle, fut, True, values)
-
-        return collect
-
-    for i, result in enumerate(results):
-        result.rawlink(collector(i))
     return fut

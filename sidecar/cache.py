@@ -26,6 +26,7 @@ after step 1 and voids the ticket.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +36,8 @@ from typing import Any
 import cachetools
 
 __all__ = ["ENTRY_OVERHEAD", "CacheCounters", "CoherentCache", "Entry", "FillTicket"]
+
+log = logging.getLogger(__name__)
 
 # Bytes charged per entry on top of key and value, so that max_bytes bounds
 # the process's memory and not just the payload. `python -m bench.memory`
@@ -193,7 +196,7 @@ class CoherentCache:
         if not tickets:
             del self._fills[ticket.key]
             if ticket.key not in self._data:
-                self.on_vacated(ticket.key)
+                self._vacated(ticket.key)
 
     def install(self, ticket: FillTicket, entry: Entry) -> bool:
         """Cache ``entry`` for the ticket's key unless the ticket was voided."""
@@ -230,6 +233,7 @@ class CoherentCache:
         doomed = [k for k in list(self._data.keys()) if k.startswith(starts)]
         for key in doomed:
             self._data.pop(key, None)
+        for key in doomed:  # after every drop: reporting must not stand between a key and its drop
             self._removed(key)
         self.counters.invalidated_entries += len(doomed)
         return len(doomed)
@@ -254,7 +258,13 @@ class CoherentCache:
         # An entry left (dropped, evicted, expired); a fill in flight still
         # needs the key's watch, and its end reports the key instead.
         if key not in self._fills:
+            self._vacated(key)
+
+    def _vacated(self, key: str) -> None:
+        try:
             self.on_vacated(key)
+        except Exception:  # a watch left behind costs memory in ZooKeeper; a broken cache costs coherence
+            log.exception("reporting %r as vacated failed", key)
 
 
 def _ignore(key: str) -> None:

@@ -1,4 +1,4 @@
-"""What ZooKeeper's events do to the cache, and revalidation after a reconnect.
+"""What ZooKeeper's events do to the cache, and the restore of its watches after a reconnect.
 
 :class:`CacheEvents` is the :class:`~sidecar.coordination.Events` listener of
 the coordinator: every call comes on the event loop.  It is also the one
@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from .cache import CoherentCache
-from .coordination import KeyVersion, ZkState
+from .coordination import ZkState
 from .singleflight import Group
 from .stats import Stats
 
@@ -30,10 +30,6 @@ if TYPE_CHECKING:
 __all__ = ["CacheEvents"]
 
 log = logging.getLogger(__name__)
-
-# exists() calls in flight at once while revalidating: enough to fill the
-# pipe to ZooKeeper, few enough not to flood its request queue.
-_REVALIDATE_BATCH = 1000
 
 
 class CacheEvents:
@@ -79,36 +75,31 @@ class CacheEvents:
         log.info("flushing the cache: %s", reason)
         self.drop_all()
 
-    async def revalidate(self, watch_versions: Callable[[list[str]], Awaitable[list[KeyVersion]]]) -> None:
-        """Re-arm the watch of every cached key and drop those whose version moved.
+    async def restore(self, restore_watches: Callable[[dict[str, int]], Awaitable[None]]) -> None:
+        """Hand back every cached key's watch after a reconnect; the keys that changed meanwhile are dropped.
 
         Runs while the sidecar is not ready (no hit is served, no fill
-        installs).  Each check takes a fill ticket before arming the watch, as
-        a fill does, so an event that arrives meanwhile still drops the entry.
-        The ``exists`` calls are pipelined in batches on the one connection.
+        installs).  ``restore_watches`` (``Coordinator.restore_watches``)
+        returns once ZooKeeper's events for the keys changed since the loss
+        are applied here: those entries are gone, the others are watched
+        again.  Each key holds a fill ticket meanwhile, so that none is
+        reported vacated (its watch removed) while its watch is being restored.
         """
         started = time.monotonic()
-        keys = self.cache.keys()
-        tickets = {key: self.cache.begin_fill(key) for key in keys}
-        dropped = 0
+        versions = {key: entry.version for key in self.cache.keys() if (entry := self.cache.peek(key)) is not None}
+        tickets = [self.cache.begin_fill(key) for key in versions]
         try:
-            for i in range(0, len(keys), _REVALIDATE_BATCH):
-                batch = keys[i : i + _REVALIDATE_BATCH]
-                versions = await watch_versions(batch)
-                for key, (version, writing) in zip(batch, versions, strict=True):
-                    entry = self.cache.peek(key)
-                    if entry is not None and (not tickets[key].valid or writing or entry.version != version):
-                        self.drop_key(key)
-                        dropped += 1
+            await restore_watches(versions)
         finally:
-            for ticket in tickets.values():
+            for ticket in tickets:
                 self.cache.end_fill(ticket)
+        dropped = sum(1 for key in versions if key not in self.cache)
         elapsed = time.monotonic() - started
         s = self.stats
         s.revalidations += 1
-        s.last_revalidation_entries, s.last_revalidation_dropped = len(keys), dropped
+        s.last_revalidation_entries, s.last_revalidation_dropped = len(versions), dropped
         s.last_revalidation_seconds = elapsed
-        log.info("revalidated %d cached entries in %.3fs; %d had changed", len(keys), elapsed, dropped)
+        log.info("restored the watches of %d cached entries in %.3fs; %d had changed", len(versions), elapsed, dropped)
 
     def void_fills(self) -> None:
         """An invalidation is on its way (a prefix-log event): no fill begun before it may install."""

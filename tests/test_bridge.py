@@ -51,21 +51,3 @@ def test_post_to_a_closed_loop_is_dropped() -> None:
     loop = asyncio.new_event_loop()
     loop.close()
     bridge.post(loop, lambda: None)  # no exception: shutdown races are normal
-
-
-async def test_wait_all_keeps_order_and_hands_errors_back_as_values(handler: SequentialThreadingHandler) -> None:
-    results = [AsyncResult(handler) for _ in range(3)]
-    fut = bridge.wait_all(results)
-    loop_thread = threading.get_ident()
-    seen: list[int] = []
-    fut.add_done_callback(lambda f: seen.append(threading.get_ident()))
-    # Completed out of order, from other threads: the list still follows the requests.
-    threading.Thread(target=results[2].set, args=("c",)).start()
-    threading.Thread(target=results[0].set_exception, args=(KeyError("a"),)).start()
-    await asyncio.sleep(0.05)
-    assert not fut.done(), "settled before the last result"
-    threading.Thread(target=results[1].set, args=("b",)).start()
-    values = await asyncio.wait_for(fut, 5)
-    assert isinstance(values[0], KeyError) and values[1:] == ["b", "c"]
-    assert seen == [loop_thread]
-    assert await bridge.wait_all([]) == []

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from sidecar.coordination import Layout
-from sidecar.dev import LocalZooKeeper, SidecarProcess
+from sidecar.dev import LocalZooKeeper, SidecarProcess, TcpProxy
 from sidecar.dev.zookeeper import four_letter
 from tests.conftest import SidecarFactory, eventually
 from tests.test_coherence import get, get_hit, put
@@ -132,3 +132,102 @@ async def test_a_lease_that_is_never_filled_leaves_no_watch(
     ) as resp:
         assert resp.status == 200
     await settled(zk_server, a, namespace, version_paths(namespace, ["lease/0"]))
+
+
+def packets_received(zk: LocalZooKeeper) -> int:
+    for line in four_letter(zk.host, zk.port, "mntr").splitlines():
+        name, _, value = line.partition("\t")
+        if name == "zk_packets_received":
+            return int(value)
+    raise AssertionError("mntr has no zk_packets_received")
+
+
+async def only_if_cached(http: aiohttp.ClientSession, sidecar: SidecarProcess, key: str) -> tuple[int, bytes]:
+    status, _, value, _ = await get(http, sidecar.url, key, headers={"Cache-Control": "only-if-cached"})
+    return status, value
+
+
+async def test_a_reconnect_restores_every_watch_in_one_go_and_drops_exactly_what_changed(
+    zk_private: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession, namespace: str
+) -> None:
+    """Same session, new connection: setWatches, not one exists per cached key.
+
+    500 keys cached on A; 10 change while A is cut off.  After the heal A
+    serves the 490 others from its cache (watched again: a later write still
+    reaches it) and the 10 from the origin, and ZooKeeper received a few
+    dozen packets for all of it, not 500.
+    """
+    proxy = TcpProxy(zk_private.host, zk_private.port)
+    proxy.start()
+    try:
+        a = sidecars("a", zk=proxy.address, zk_session_timeout="20s")
+        b = sidecars("b", zk=zk_private.hosts)
+        keys = [f"r/{i:03d}" for i in range(500)]
+        for batch in range(0, len(keys), 50):
+            replies = await asyncio.gather(*(put(http, b.url, k, b"v1") for k in keys[batch : batch + 50]))
+            assert {r[0] for r in replies} == {200}
+        for batch in range(0, len(keys), 50):
+            await asyncio.gather(*(get(http, a.url, k) for k in keys[batch : batch + 50]))
+        assert a.stats()["entries"] == 500
+        changed, kept = keys[:10], keys[10:]
+
+        proxy.cut()
+        await eventually(lambda: not a.is_ready(), what="A noticing the cut")
+        for key in changed:
+            assert (await put(http, b.url, key, b"v2"))[0] == 200
+        before = packets_received(zk_private)
+        proxy.heal()
+        a.wait_ready(20)
+        sent = packets_received(zk_private) - before
+        assert a.stats()["zookeeper"]["sessions"] == 1, "the session was expected to survive"
+
+        for key in changed:
+            assert (await only_if_cached(http, a, key))[0] == 504, f"A kept {key}, changed while it was away"
+            assert (await get(http, a.url, key))[2] == b"v2"
+        for key in kept:
+            assert await only_if_cached(http, a, key) == (200, b"v1"), f"A lost {key}, which did not change"
+        assert sent < 60, f"ZooKeeper received {sent} packets while A reconnected with 500 cached keys"
+        await settled(zk_private, a, namespace, version_paths(namespace, keys))
+        assert (await put(http, b.url, kept[-1], b"v3"))[0] == 200  # the restored watch works
+        await sees(http, a, kept[-1], b"v3")
+    finally:
+        proxy.stop()
+
+
+async def test_a_second_loss_during_the_restore_still_drops_what_changed_before_it(
+    zk_private: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """The restore counts from the first loss: a change made during the first
+    cut must still be found after a second cut that interrupted the restore
+    (the second connection's replies carry zxids past that change)."""
+    proxy = TcpProxy(zk_private.host, zk_private.port)
+    proxy.start()
+    try:
+        a = sidecars("a", zk=proxy.address, zk_session_timeout="20s")
+        b = sidecars("b", zk=zk_private.hosts)
+        for key in ("s/1", "s/2", "s/3"):
+            assert (await put(http, b.url, key, b"v1"))[0] == 200
+            await get_hit(http, a.url, key)
+        proxy.cut()
+        await eventually(lambda: not a.is_ready(), what="A noticing the first cut")
+        assert (await put(http, b.url, "s/1", b"v2"))[0] == 200  # during the first cut
+        proxy.heal()
+        proxy.delay(0.3)  # after heal (which resets it): the setup takes several slow round trips
+
+        def setting_up() -> bool:
+            zk = a.stats()["zookeeper"]
+            return zk["state"] == "connected" and not zk["ready"]
+
+        await eventually(setting_up, timeout=15, what="A reconnected and setting up")
+        await asyncio.sleep(0.7)  # a few of the setup's round trips (with their zxids) are through
+        proxy.cut()
+        await eventually(lambda: a.stats()["zookeeper"]["state"] == "suspended", what="A losing the link again")
+        assert (await put(http, b.url, "s/2", b"v2"))[0] == 200  # during the second cut
+        proxy.heal()
+        a.wait_ready(20)
+        assert a.stats()["zookeeper"]["sessions"] == 1, "the session was expected to survive"
+        assert (await only_if_cached(http, a, "s/1"))[0] == 504, "A kept s/1, changed during the first cut"
+        assert (await only_if_cached(http, a, "s/2"))[0] == 504, "A kept s/2, changed during the second cut"
+        assert await only_if_cached(http, a, "s/3") == (200, b"v1")
+    finally:
+        proxy.stop()

@@ -16,16 +16,21 @@ Session policy (documented in the README):
   member znode again.
 * CONNECTED after SUSPENDED, same session: the watches of cached keys are
   gone; the epoch and prefix-log watches are re-armed (applying what changed
-  meanwhile), every cached key is revalidated, then ``ready`` becomes True.
+  meanwhile), the cached keys' watches are handed back with ``setWatches``
+  relative to the zxid of the first unrepaired loss (the server fires at
+  once for every key changed since, and re-arms the rest: a round trip per
+  128 KB of paths, not one per key), then ``ready`` becomes True.
 * CONNECTED with a new session: flushed (at LOST); set up from scratch.
 
 Watches lost at time T stay lost until a setup completes: ``unwatched_since``
 is T through any number of reconnects and losses in between, so the grace
-during which cached values may still be served counts from the first loss.
+during which cached values may still be served counts from the first loss;
+likewise the restore's zxid is that of the first loss (a later one would
+include replies read on a connection that held no key watches).
 
 A namespace task that fails (a re-arm hit ConnectionLoss, a member znode
 write was refused) costs readiness, never the cache: the setup is retried
-with the baselines kept, which applies whatever was missed and revalidates.
+with the baselines kept, which applies whatever was missed and restores.
 Only a lost session, an invalidate-all or a gap in the prefix log flush.
 """
 
@@ -43,6 +48,7 @@ from kazoo.protocol.states import EventType, WatchedEvent
 from .. import bridge
 from ..config import Config
 from ..errors import CoordinationError, NotConnected
+from .kazoo_watches import set_watches_async
 from .key_watches import KeyWatches
 from .layout import Layout
 from .lock import WriteLock, acquire_write_lock
@@ -105,8 +111,8 @@ class Events(Protocol):
 
     def state_changed(self, state: ZkState) -> None: ...
 
-    async def revalidate(self, watch_versions: Callable[[list[str]], Awaitable[list[KeyVersion]]]) -> None:
-        """Same session, new connection: re-arm every cached key's watch (``watch_versions``), drop changed ones."""
+    async def restore(self, restore_watches: Callable[[dict[str, int]], Awaitable[None]]) -> None:
+        """Same session, new connection: hand back every cached key's watch (``restore_watches``)."""
         ...
 
 
@@ -128,7 +134,7 @@ class _NoEvents:
     def state_changed(self, state: ZkState) -> None:
         pass
 
-    async def revalidate(self, watch_versions: Callable[[list[str]], Awaitable[list[KeyVersion]]]) -> None:
+    async def restore(self, restore_watches: Callable[[dict[str, int]], Awaitable[None]]) -> None:
         pass
 
 
@@ -201,6 +207,9 @@ class Coordinator:
         # cached key is watched). Set at the first loss, cleared only when a
         # setup completes, so later losses do not restart the grace.
         self.unwatched_since: float | None = time.monotonic()
+        # The zxid up to which this sidecar received every key event before
+        # its first loss not yet repaired (None: nothing to restore).
+        self._restore_zxid: int | None = None
         self.key_events = EventDelivery()
         # Key watches we may hold; the cache reports vacated keys through
         # `release_watch`, so they stay bounded by what it holds.
@@ -277,23 +286,42 @@ class Coordinator:
         still fires when the znode is created).
         """
         self.require_usable()
-        self.key_watches.arming([key])
-        try:
-            stat = await self.zk.exists(self.layout.version_path(key), watch=self._version_watch)
-        finally:
-            self.key_watches.armed([key])
+        stat = await self.zk.exists_armed(
+            self.layout.version_path(key), self._version_watch, lambda request: self.key_watches.arming([key], request)
+        )
         if stat is None:
             return KeyVersion(0, False)
         return KeyVersion(int(stat.mzxid), stat.dataLength == 0)
 
-    async def watch_versions(self, keys: list[str]) -> list[KeyVersion]:
-        """:meth:`watch_version` for many keys at once (revalidation, before the session is ready)."""
-        self.key_watches.arming(keys)
-        try:
-            stats = await self.zk.exists_many([self.layout.version_path(key) for key in keys], self._version_watch)
-        finally:
-            self.key_watches.armed(keys)
-        return [KeyVersion(0, False) if s is None else KeyVersion(int(s.mzxid), s.dataLength == 0) for s in stats]
+    async def restore_watches(self, versions: dict[str, int]) -> None:
+        """Re-arm the watches of cached keys (key -> cached version) after a reconnect, in one go.
+
+        ``setWatches`` relative to the zxid of the first loss not yet
+        repaired: every change of a watched key up to it was notified on the
+        lost connection (ZooKeeper sends a watch event before any reply with
+        a later zxid); for every change after it the server fires now
+        (NodeDataChanged, NodeDeleted; NodeCreated for keys cached at
+        version 0, watched with an exist watch), before its reply.  Returns
+        once those events are on the loop, so changed keys are dropped by then.
+        """
+        zxid = self._restore_zxid
+        if zxid is None or not versions:
+            return  # no connection lost since the last setup: the server still holds them
+        path = self.layout.version_path
+        data = [k for k in versions if versions[k]]
+        exist = [k for k in versions if not versions[k]]
+        results = set_watches_async(
+            self.zk.client,
+            zxid,
+            data=[path(k) for k in data],
+            exist=[path(k) for k in exist],
+            watcher=self._version_watch,
+        )
+        # The batches go out back to back and are answered in order: the last
+        # reply ends the arm of every key.
+        self.key_watches.arming(versions, results[-1])
+        await self.zk.call_all(*((result, "setWatches") for result in results))
+        await self.zk.drain_events()
 
     async def key_state(self, key: str, *, watch: bool = False, strong: bool = False) -> KeyState:
         """The key's version and its namespace floor, caught up with ZooKeeper.
@@ -310,19 +338,16 @@ class Coordinator:
         self.require_usable()
         client, layout = self.zk.client, self.layout
         path = layout.version_path(key)
+        calls = [(client.sync_async(path), "sync")] if strong else []
+        armed = client.exists_async(path, watch=self._version_watch if watch else None)
         if watch:
-            self.key_watches.arming([key])
-        try:
-            calls = [(client.sync_async(path), "sync")] if strong else []
-            calls += [
-                (client.exists_async(path, watch=self._version_watch if watch else None), "exists"),
-                (client.exists_async(layout.epoch), "exists"),
-                (client.exists_async(layout.prefixes), "exists"),
-            ]
-            stat, epoch, prefixes = (await self.zk.call_all(*calls))[-3:]
-        finally:
-            if watch:
-                self.key_watches.armed([key])
+            self.key_watches.arming([key], armed)
+        calls += [
+            (armed, "exists"),
+            (client.exists_async(layout.epoch), "exists"),
+            (client.exists_async(layout.prefixes), "exists"),
+        ]
+        stat, epoch, prefixes = (await self.zk.call_all(*calls))[-3:]
         await self.namespace.catch_up(int(epoch.mzxid) if epoch else 0, int(prefixes.pzxid) if prefixes else 0)
         version, writing = (int(stat.mzxid), stat.dataLength == 0) if stat else (0, False)
         return KeyState(version, writing, self.namespace.floor.floor(key))
@@ -458,8 +483,12 @@ class Coordinator:
         # before anything else can run.
         self.state_generation += 1
         self._not_ready()
-        if state is not ZkState.CONNECTED:
+        if state is ZkState.CONNECTED:
+            self.key_watches.connected()
+        else:
             self.key_watches.connection_lost()  # before any flush below reports vacated keys
+            if self._restore_zxid is None:
+                self._restore_zxid = self.zk.loss_zxid
         if self._setup_task is not None:
             self._setup_task.cancel()
             self._setup_task = None
@@ -485,9 +514,9 @@ class Coordinator:
             ackreq = await self.membership.watch_requests()
             if not new_session:
                 # kazoo dropped every watch with the connection and does not
-                # restore them: re-arm and check each cached key before serving.
-                await self._events.revalidate(self.watch_versions)
-            # Empty or just revalidated, with every watch armed: everything up
+                # restore them: hand them back before serving.
+                await self._events.restore(self.restore_watches)
+            # Empty or just restored, with every watch armed: everything up
             # to the ackreq version read above is applied.
             await self.membership.register(applied=ackreq)
             self._session_id = self.zk.session_id
@@ -496,6 +525,7 @@ class Coordinator:
             self._was_connected = True
             self.ready = True
             self.unwatched_since = None
+            self._restore_zxid = None
             log.info("ready: member %s in %s", self.member_id, self.layout.root)
         except asyncio.CancelledError:
             raise

@@ -101,6 +101,9 @@ class ZkSession:
         # dead link is only noticed here (see Coordinator's heartbeat).
         self.last_heard = float("-inf")  # time.monotonic()
         self._on_state = on_state
+        # The zxid of the last reply read before the latest connection loss:
+        # every event for a change up to it was read before that reply.
+        self.loss_zxid = 0
         self._connected_waiters: list[asyncio.Future[None]] = []
         # Reconnect forever with capped backoff: the sidecar outlives outages.
         # Commands kazoo retries itself (client.retry) use the same cap but give
@@ -179,9 +182,13 @@ class ZkSession:
     # -- state --------------------------------------------------------------
     def _kazoo_listener(self, kstate: str) -> None:
         # Runs on kazoo's connection thread: never block, never touch state here.
-        bridge.post(self.loop, self._apply_state, _KAZOO_STATES[kstate])
+        # On a loss, last_zxid is still the dead connection's last reply: read
+        # it now, before any reply on the next connection moves it.
+        bridge.post(self.loop, self._apply_state, _KAZOO_STATES[kstate], int(self.client.last_zxid or 0))
 
-    def _apply_state(self, state: ZkState) -> None:
+    def _apply_state(self, state: ZkState, last_zxid: int = 0) -> None:
+        if state is not ZkState.CONNECTED:
+            self.loss_zxid = last_zxid
         self.state = state
         log.info("zookeeper session state: %s (session 0x%x)", state.value, self.session_id or 0)
         if state is ZkState.CONNECTED:
@@ -243,27 +250,13 @@ class ZkSession:
         """``exists`` (arming a data watch if ``watch`` is given)."""
         return await self.call(self.client.exists_async(path, watch=watch), "exists")
 
-    async def exists_many(self, paths: list[str], watch: Callable[[Any], None]) -> list[ZnodeStat | None]:
-        """``exists`` with a watch on every path, pipelined, with one loop wake-up for the lot.
-
-        For re-arming thousands of watches at once: per-call futures, timers
-        and thread hops cost more than the requests themselves.  Bounded by
-        ``op_timeout`` as a whole; errors are mapped as :meth:`call` maps them.
-        """
-        sent = time.monotonic()
-        pending = bridge.wait_all([self.client.exists_async(path, watch=watch) for path in paths], self.loop)
-        try:
-            results = await asyncio.wait_for(pending, self.op_timeout)
-        except TimeoutError:
-            raise CoordinationError(f"ZooKeeper exists x{len(paths)} timed out after {self.op_timeout:g}s") from None
-        for result in results:
-            if isinstance(result, Exception):
-                error = self._translate(result, "exists", sent)
-                if error is result:
-                    raise result
-                raise error from result
-        self.last_heard = max(self.last_heard, sent)
-        return results
+    async def exists_armed(
+        self, path: str, watch: Callable[[Any], None], armed: Callable[[Any], None]
+    ) -> ZnodeStat | None:
+        """``exists`` with a watch; ``armed(request)`` is called with kazoo's request as soon as it is queued."""
+        request = self.client.exists_async(path, watch=watch)
+        armed(request)
+        return await self.call(request, "exists")
 
     async def get(self, path: str, watch: Callable[[Any], None] | None = None) -> tuple[bytes, ZnodeStat]:
         """``getData`` (arming a data watch if ``watch`` is given)."""

@@ -1,0 +1,107 @@
+"""The key-watch ledger against a real ZooKeeper, in-process (``sidecar/coordination/key_watches.py``).
+
+The orders that a review found and the HTTP tests cannot steer: kazoo's
+event thread behind its reply thread, and a mass removal while ZooKeeper
+stalls.  The judge is the server's own watch list (``wchc``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from kazoo.client import KazooClient
+from kazoo.protocol.states import Callback
+
+from sidecar.coordination import Coordinator
+from sidecar.dev import LocalZooKeeper
+from sidecar.dev.zookeeper import four_letter
+from tests.conftest import eventually
+
+pytestmark = pytest.mark.slow
+
+
+def server_watches(zk: LocalZooKeeper, coord: Coordinator) -> set[str]:
+    session = f"0x{coord.zk.session_id:x}"
+    paths: set[str] = set()
+    current = None
+    for line in four_letter(zk.host, zk.port, "wchc").splitlines():
+        if line.startswith("0x"):
+            current = line.strip()
+        elif current == session and line.strip().startswith(coord.layout.versions):
+            paths.add(line.strip())
+    return paths
+
+
+async def started(zk: LocalZooKeeper, namespace: str) -> Coordinator:
+    coord = Coordinator(
+        hosts=zk.hosts, root=f"/zkcache/{namespace}", session_timeout=10, member_id="kw", member_info={}
+    )
+    coord.start()
+    await eventually(lambda: coord.ready, timeout=15, what="the coordinator ready")
+    return coord
+
+
+@pytest.fixture
+async def coord(zk_private: LocalZooKeeper, namespace: str) -> AsyncIterator[Coordinator]:
+    c = await started(zk_private, namespace)
+    yield c
+    await c.stop(5)
+
+
+async def test_an_event_that_reaches_the_loop_after_a_newer_arm_does_not_unlist_the_key(
+    zk_private: LocalZooKeeper, coord: Coordinator
+) -> None:
+    """kazoo delivers events and replies on two threads: the reply of a new
+    arm can reach the loop before an event the server sent earlier.  The key
+    must stay listed (the server holds the new watch), so that its removal is sent."""
+    admin = KazooClient(hosts=zk_private.hosts)
+    await asyncio.to_thread(admin.start, 10)
+    try:
+        key = "race/1"
+        path = coord.layout.version_path(key)
+        await asyncio.to_thread(admin.create, path, b"n", makepath=True)
+        await coord.watch_version(key)  # watch W1
+        gate = threading.Event()
+        coord.zk.client.handler.dispatch_callback(Callback("hold", gate.wait, (10,)))  # event thread held
+        await asyncio.to_thread(admin.set, path, b"m")  # W1 fires; its event waits behind the gate
+        await coord.watch_version(key)  # W2, set after the fire; its reply is not held
+        gate.set()
+        await coord.zk.drain_events()
+        assert path in server_watches(zk_private, coord)
+        assert key in coord.key_watches, "the ledger forgot a watch the server holds"
+        coord.release_watch(key)
+        await eventually(lambda: path not in server_watches(zk_private, coord), what="the watch removed")
+    finally:
+        await asyncio.to_thread(admin.stop)
+        await asyncio.to_thread(admin.close)
+
+
+async def test_removing_thousands_of_watches_while_zookeeper_stalls_never_blocks_the_loop(
+    zk_private: LocalZooKeeper, coord: Coordinator
+) -> None:
+    """An invalidate-all of a large cache vacates every key at once.  Sent
+    one by one from the loop, each removal writes a byte to kazoo's wake-up
+    socket, which fills (and blocks the loop) once kazoo's connection thread
+    stops draining it: here ZooKeeper is paused."""
+    keys = [f"mass/{i:05d}" for i in range(30000)]
+    coord._restore_zxid = 0  # restore_watches arms every key in one setWatches (exist watches)
+    await coord.restore_watches(dict.fromkeys(keys, 0))
+    coord._restore_zxid = None
+    await eventually(lambda: len(server_watches(zk_private, coord)) == 30000, what="30,000 watches armed")
+    zk_private.pause()
+    try:
+        began = time.monotonic()
+        for key in keys:
+            coord.release_watch(key)
+        elapsed = time.monotonic() - began
+        assert elapsed < 0.5, f"vacating 30,000 keys held the loop {elapsed:.1f}s while ZooKeeper stalled"
+    finally:
+        zk_private.resume()
+    await eventually(
+        lambda: not server_watches(zk_private, coord), timeout=15, what="every watch removed after ZooKeeper resumed"
+    )
+    assert len(coord.key_watches) == 0
