@@ -105,3 +105,30 @@ async def test_removing_thousands_of_watches_while_zookeeper_stalls_never_blocks
         lambda: not server_watches(zk_private, coord), timeout=15, what="every watch removed after ZooKeeper resumed"
     )
     assert len(coord.key_watches) == 0
+
+
+async def test_an_arm_ends_once_even_when_kazoo_runs_its_callbacks_again(coord: Coordinator) -> None:
+    """kazoo re-runs every callback of a completed result whenever another is
+    linked to it (the bridge links one after the ledger).  Counted twice, one
+    finished arm would hide another still in flight: an event arriving then
+    would unlist a key whose new watch the server is about to hold."""
+    kw, handler = coord.key_watches, coord.zk.client.handler
+    in_flight, finished = handler.async_result(), handler.async_result()
+    kw.arming(["k"], in_flight)  # A1: its reply is still to come
+    kw.arming(["k"], finished)  # A2
+    finished.set(None)
+    finished.rawlink(lambda _: None)  # what the bridge does: kazoo runs the ledger's callback again
+    # Arms end in order through kazoo's threads: once a later one has ended, A2's callbacks have run.
+    marker = handler.async_result()
+    kw.arming(["marker"], marker)
+    marker.set(None)
+
+    def marker_ended() -> bool:
+        kw.fired("marker")
+        return "marker" not in kw
+
+    await eventually(marker_ended, what="a later arm ending")
+    kw.fired("k")  # the old watch fires while A1 is in flight
+    assert "k" in kw, "one arm counted twice: the ledger forgot the watch A1 is setting"
+    in_flight.set(None)
+    await eventually(lambda: (kw.fired("k"), "k" not in kw)[1], what="A1 ending")

@@ -36,6 +36,7 @@ runs on the event loop.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -51,6 +52,25 @@ from .session import ZkSession, ZkState
 __all__ = ["KeyWatches"]
 
 log = logging.getLogger(__name__)
+
+
+def _once(fn: Callable[[], None]) -> Callable[[Any], None]:
+    """A kazoo ``rawlink`` callback that runs ``fn`` only the first time.
+
+    kazoo 2.11 runs *every* callback of a completed result again whenever
+    another one is linked to it (``AsyncResult.rawlink``), and the bridge
+    links one after us: without this an arm could end twice.  Callbacks run
+    on kazoo's single completion thread, so a plain flag is enough.
+    """
+    done = False
+
+    def run(_: Any) -> None:
+        nonlocal done
+        if not done:
+            done = True
+            fn()
+
+    return run
 
 
 class KeyWatches:
@@ -97,12 +117,12 @@ class KeyWatches:
             self._queue.pop(key, None)  # a removal not sent yet would go out after this arm
         loop, handler = self._zk.loop, self._zk.client.handler
 
-        def replied(_: Any) -> None:
+        def replied() -> None:
             # kazoo's completion thread. Events the server sent before this
             # reply are already on the event thread's queue: go behind them.
             handler.dispatch_callback(Callback("armed", bridge.post, (loop, self._armed, keys)))
 
-        result.rawlink(replied)
+        result.rawlink(_once(replied))
 
     def _armed(self, keys: list[str]) -> None:
         for key in keys:
@@ -153,7 +173,7 @@ class KeyWatches:
                 continue
             self._in_flight += 1
             self.removals += 1
-            result.rawlink(lambda r: bridge.post(self._zk.loop, self._removed, r))
+            result.rawlink(_once(functools.partial(bridge.post, self._zk.loop, self._removed, result)))
 
     def _removed(self, result: Any) -> None:
         self._in_flight -= 1
