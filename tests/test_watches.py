@@ -14,7 +14,7 @@ import pytest
 from sidecar.coordination import Layout
 from sidecar.dev import LocalZooKeeper, SidecarProcess, TcpProxy
 from sidecar.dev.zookeeper import four_letter
-from tests.conftest import SidecarFactory, eventually
+from tests.conftest import SidecarFactory, eventually, member_ids
 from tests.test_coherence import get, get_hit, put
 
 pytestmark = pytest.mark.slow
@@ -229,5 +229,61 @@ async def test_a_second_loss_during_the_restore_still_drops_what_changed_before_
         assert (await only_if_cached(http, a, "s/1"))[0] == 504, "A kept s/1, changed during the first cut"
         assert (await only_if_cached(http, a, "s/2"))[0] == 504, "A kept s/2, changed during the second cut"
         assert await only_if_cached(http, a, "s/3") == (200, b"v1")
+    finally:
+        proxy.stop()
+
+
+async def test_after_a_session_expiry_the_new_session_keeps_exactly_the_unchanged_entries(
+    zk_private: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession, namespace: str
+) -> None:
+    """A partition longer than the session timeout: A's session expires while
+    B writes some keys and invalidates a prefix (acknowledged: A is no longer
+    a member).  A's new session restores its watches by zxid and applies the
+    prefix log from the baseline it kept: it drops exactly what changed,
+    keeps the rest, and refuses a lease it handed out before the expiry."""
+    proxy = TcpProxy(zk_private.host, zk_private.port)
+    proxy.start()
+    try:
+        a = sidecars("a", zk=proxy.address, zk_session_timeout="2s", fills="allow")
+        b = sidecars("b", zk=zk_private.hosts)
+        keys = [f"e/{i:03d}" for i in range(200)] + [f"pfx/{i}" for i in range(5)]
+        for key in keys:
+            assert (await put(http, b.url, key, b"v1"))[0] == 200
+        for key in keys:
+            assert (await get(http, a.url, key))[0] == 200
+        assert a.stats()["entries"] == len(keys)
+        status, _, _, headers = await get(http, a.url, "pfx/lease?fill=true")  # a cache-aside lease
+        assert status == 404
+        lease = headers["ETag"]
+        first_session = a.stats()["zookeeper"]["session"]
+
+        proxy.cut()
+        await eventually(
+            lambda: "a" not in member_ids(zk_private.hosts, namespace),
+            timeout=15,
+            interval=0.2,
+            what="ZooKeeper expiring A's session",
+        )
+        changed = keys[:7]
+        for key in changed:
+            assert (await put(http, b.url, key, b"v2"))[0] == 200
+        async with http.post(b.url + "/v1/invalidate?wait=true", json={"prefixes": ["pfx/"]}) as resp:
+            assert resp.status == 200  # A is not a member any more: not waited for
+        proxy.heal()
+        await eventually(
+            lambda: a.stats()["zookeeper"]["sessions"] == 2 and a.is_ready(), timeout=20, what="A's new session"
+        )
+        assert a.stats()["zookeeper"]["session"] != first_session
+        for key in changed + [k for k in keys if k.startswith("pfx/")]:
+            assert (await only_if_cached(http, a, key))[0] == 504, f"A kept {key}, changed or invalidated meanwhile"
+        kept = [k for k in keys[7:] if not k.startswith("pfx/")]
+        for key in kept:
+            assert await only_if_cached(http, a, key) == (200, b"v1"), f"A lost {key}, which did not change"
+        assert a.stats()["flushes"] == 0
+        async with http.put(a.url + "/v1/keys/pfx/lease?fill=true", data=b"old", headers={"If-Match": lease}) as resp:
+            assert resp.status == 412, "a lease from before the expiry survived a prefix invalidation"
+        await settled(zk_private, a, namespace, version_paths(namespace, kept))
+        assert (await put(http, b.url, kept[0], b"v3"))[0] == 200  # restored in the new session, and working
+        await sees(http, a, kept[0], b"v3")
     finally:
         proxy.stop()

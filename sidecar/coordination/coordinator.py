@@ -5,22 +5,23 @@ The :class:`Coordinator` turns ZooKeeper into four kinds of calls on an
 
 * ``key_changed(key)``: the key's version znode changed (one-shot data watch);
 * ``prefixes_invalidated([prefix, ...])``: new entries in the prefix log;
-* ``flush(reason)``: everything must go (epoch bumped, prefix log truncated
-  past what we applied, session lost, or watches lost on reconnect);
+* ``flush(reason)``: everything must go (epoch bumped, or prefix log
+  truncated past what we applied);
 * ``state_changed(state)``: the session state moved.
 
 Session policy (documented in the README):
 
 * SUSPENDED: kazoo has dropped every watch; ``ready`` is False.
-* LOST: the session expired; flush, and on the next CONNECTED register the
-  member znode again.
+* LOST: the session expired; nothing is served from the cache, and on the
+  next CONNECTED (a new session) the member znode is registered again and
+  the cached keys' watches are restored as after a reconnect.
 * CONNECTED after SUSPENDED, same session: the watches of cached keys are
   gone; the epoch and prefix-log watches are re-armed (applying what changed
   meanwhile), the cached keys' watches are handed back with ``setWatches``
   relative to the zxid of the first unrepaired loss (the server fires at
   once for every key changed since, and re-arms the rest: a round trip per
   128 KB of paths, not one per key), then ``ready`` becomes True.
-* CONNECTED with a new session: flushed (at LOST); set up from scratch.
+* CONNECTED with a new session after LOST: the same, plus the member znode.
 
 Watches lost at time T stay lost until a setup completes: ``unwatched_since``
 is T through any number of reconnects and losses in between, so the grace
@@ -31,7 +32,7 @@ include replies read on a connection that held no key watches).
 A namespace task that fails (a re-arm hit ConnectionLoss, a member znode
 write was refused) costs readiness, never the cache: the setup is retried
 with the baselines kept, which applies whatever was missed and restores.
-Only a lost session, an invalidate-all or a gap in the prefix log flush.
+Only an invalidate-all or a gap in the prefix log flush; a lost session does not.
 """
 
 from __future__ import annotations
@@ -492,8 +493,8 @@ class Coordinator:
         if self._setup_task is not None:
             self._setup_task.cancel()
             self._setup_task = None
-        if state is ZkState.LOST:
-            self._events.flush("zookeeper session expired")
+        # LOST keeps the cache (nothing is served from it until a new session
+        # has restored its watches, as after any reconnect).
         self._events.state_changed(state)
         if state is ZkState.CONNECTED:
             self._setup_task = asyncio.ensure_future(self._setup_session())
@@ -502,19 +503,20 @@ class Coordinator:
         try:
             await ensure_layout(self.zk, self.layout)
             new_session = self.zk.session_id != self._session_id
-            if new_session:
-                # Nothing cached survives a session (LOST flushed already):
-                # what the epoch and the prefix log say now is the baseline.
-                if self._was_connected:
-                    self._events.flush("new ZooKeeper session")
+            if not self._was_connected:
+                # The first session: nothing is cached, and what the epoch and
+                # the prefix log say now is the baseline.
                 self.namespace.new_session()
-            # Same session: the baselines stay, so an invalidate-all or prefix
-            # entries published while we were away are applied here.
+            # A later connection, in this session or a new one (after LOST):
+            # the baselines stay, so an invalidate-all or prefix entries
+            # published while we were away are applied here.
             await self.namespace.arm()
             ackreq = await self.membership.watch_requests()
-            if not new_session:
+            if self._was_connected:
                 # kazoo dropped every watch with the connection and does not
-                # restore them: hand them back before serving.
+                # restore them: hand them back before serving.  ZooKeeper
+                # checks them against the zxid, not the session, so a new
+                # session keeps the unchanged entries too.
                 await self._events.restore(self.restore_watches)
             # Empty or just restored, with every watch armed: everything up
             # to the ackreq version read above is applied.
