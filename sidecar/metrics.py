@@ -31,7 +31,7 @@ _COUNTERS = {
     "deletes": "Delete-through DELETEs acknowledged",
     "invalidations_received": "Invalidation events applied from ZooKeeper",
     "invalidations_published": "Invalidation requests published by this sidecar",
-    "flushes": "Whole-cache flushes (invalidate-all, session loss, reconnect)",
+    "flushes": "Whole-cache flushes (invalidate-all, a gap in the prefix log, ZooKeeper's history going back)",
 }
 
 

@@ -7,9 +7,11 @@ list of the watches each session holds (``wchc``), not the sidecar's count.
 from __future__ import annotations
 
 import asyncio
+import shutil
 
 import aiohttp
 import pytest
+from kazoo.client import KazooClient
 
 from sidecar.coordination import Layout
 from sidecar.dev import LocalZooKeeper, SidecarProcess, TcpProxy
@@ -287,3 +289,86 @@ async def test_after_a_session_expiry_the_new_session_keeps_exactly_the_unchange
         await sees(http, a, kept[0], b"v3")
     finally:
         proxy.stop()
+
+
+async def test_a_sidecar_frozen_past_its_session_serves_nothing_cached_from_before_even_if_its_new_session_flaps(
+    zk_private: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession, namespace: str
+) -> None:
+    """A frozen process hears of its loss only when it wakes, and the grace
+    would count from then; but its session died long before, and writes were
+    acknowledged without it.  After LOST no grace is left: a flap of the new
+    session during its setup must not serve the entry cached before."""
+    proxy = TcpProxy(zk_private.host, zk_private.port)
+    proxy.start()
+    try:
+        a = sidecars("a", zk=proxy.address, zk_session_timeout="9s")  # grace: 3 s
+        b = sidecars("b", zk=zk_private.hosts)
+        assert (await put(http, b.url, "k", b"v1"))[0] == 200
+        await get_hit(http, a.url, "k")
+        first = a.stats()["zookeeper"]["session"]
+        a.pause()
+        try:
+            await eventually(
+                lambda: "a" not in member_ids(zk_private.hosts, namespace),
+                timeout=30,
+                interval=0.3,
+                what="ZooKeeper expiring A's session",
+            )
+            assert (await put(http, b.url, "k", b"v2"))[0] == 200  # acknowledged: A is not a member
+            proxy.delay(0.15)  # the new session's setup takes several slow round trips
+        finally:
+            a.resume()
+
+        def new_session_setting_up() -> bool:
+            zk = a.stats()["zookeeper"]
+            return zk["state"] == "connected" and zk["session"] != first and not zk["ready"]
+
+        await eventually(new_session_setting_up, timeout=20, what="A's new session connected, not ready")
+        await asyncio.sleep(0.5)  # a reply or two of the new session: A has heard from ZooKeeper again
+        proxy.cut()
+        await eventually(lambda: a.stats()["zookeeper"]["state"] == "suspended", what="A losing the link again")
+        status, value = await only_if_cached(http, a, "k")
+        assert status == 504, f"A served {value!r} from its cache, after B's acknowledged write of v2"
+    finally:
+        proxy.stop()
+
+
+async def test_after_zookeeper_lost_its_data_invalidations_still_reach_the_sidecars(
+    zk_private: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """ZooKeeper comes back empty (a wiped volume; a restore from an old
+    backup): every session is LOST, and the namespace's znodes start a new
+    history, behind the baselines the sidecars kept.  Compared with those,
+    new prefix invalidations would look old and be ignored: the sidecars
+    must start over (flush, new baselines)."""
+    a = sidecars("a", zk=zk_private.hosts)
+    b = sidecars("b", zk=zk_private.hosts)
+    for i in range(5):  # some history in the prefix log
+        async with http.post(b.url + "/v1/invalidate", json={"prefixes": [f"x{i}/"]}) as resp:
+            assert resp.status == 202
+    first = a.stats()["zookeeper"]["session"]
+    zk_private.stop()
+    shutil.rmtree(zk_private.data_dir / "data" / "version-2", ignore_errors=True)
+    zk_private.start()
+    admin = KazooClient(hosts=zk_private.hosts)
+    await asyncio.to_thread(admin.start, 10)
+    try:
+        await asyncio.to_thread(admin.ensure_path, "/scratch")
+
+        async def both_back() -> bool:
+            # kazoo will not reconnect to a server behind the zxid it saw: push the new history past it.
+            for _ in range(50):
+                await asyncio.to_thread(admin.set, "/scratch", b"x")
+            return a.is_ready() and b.is_ready()
+
+        await eventually(both_back, timeout=60, interval=0.05, what="both sidecars in new sessions")
+    finally:
+        await asyncio.to_thread(admin.stop)
+        await asyncio.to_thread(admin.close)
+    assert a.stats()["zookeeper"]["session"] != first
+    assert (await put(http, b.url, "p/1", b"v1"))[0] == 200
+    await get_hit(http, a.url, "p/1")
+    async with http.post(b.url + "/v1/invalidate?wait=true", json={"prefixes": ["p/"]}) as resp:
+        assert resp.status == 200
+    status, value = await only_if_cached(http, a, "p/1")
+    assert status == 504, f"A still serves {value!r} after an acknowledged prefix invalidation"

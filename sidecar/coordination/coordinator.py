@@ -113,7 +113,7 @@ class Events(Protocol):
     def state_changed(self, state: ZkState) -> None: ...
 
     async def restore(self, restore_watches: Callable[[dict[str, int]], Awaitable[None]]) -> None:
-        """Same session, new connection: hand back every cached key's watch (``restore_watches``)."""
+        """A new connection (same session, or a new one after LOST): hand back every cached key's watch."""
         ...
 
 
@@ -473,6 +473,14 @@ class Coordinator:
             self._setup_task.cancel()
         self._setup_task = asyncio.ensure_future(self._retry_setup())
 
+    def _history_went_back(self, reason: str | None) -> None:
+        # Flushed (by the namespace, or here with `reason`): nothing to restore,
+        # and our applied zxid belongs to the other history too.
+        if reason is not None:
+            self.namespace.rebase(reason)
+        self._restore_zxid = None
+        self.membership.applied_zxid = 0
+
     def _not_ready(self) -> None:
         self.ready = False
         if self.unwatched_since is None:
@@ -493,8 +501,11 @@ class Coordinator:
         if self._setup_task is not None:
             self._setup_task.cancel()
             self._setup_task = None
-        # LOST keeps the cache (nothing is served from it until a new session
-        # has restored its watches, as after any reconnect).
+        if state is ZkState.LOST:
+            # The cache is kept for the new session to restore, but no grace
+            # any more: the session may have died long before we heard of it
+            # (a frozen process), and writes acknowledged since never waited for us.
+            self.unwatched_since = float("-inf")
         self._events.state_changed(state)
         if state is ZkState.CONNECTED:
             self._setup_task = asyncio.ensure_future(self._setup_session())
@@ -507,10 +518,16 @@ class Coordinator:
                 # The first session: nothing is cached, and what the epoch and
                 # the prefix log say now is the baseline.
                 self.namespace.new_session()
+            elif new_session and self._restore_zxid is not None and self.zk.client.last_zxid < self._restore_zxid:
+                # A new session (kazoo connects it with no zxid seen) answered
+                # from a history older than what we saw: restored from a
+                # backup, or a lagging server. Nothing kept can be trusted.
+                self._history_went_back("ZooKeeper answers from before what this sidecar saw")
             # A later connection, in this session or a new one (after LOST):
             # the baselines stay, so an invalidate-all or prefix entries
             # published while we were away are applied here.
-            await self.namespace.arm()
+            if await self.namespace.arm(new_session=new_session and self._was_connected):
+                self._history_went_back(None)
             ackreq = await self.membership.watch_requests()
             if self._was_connected:
                 # kazoo dropped every watch with the connection and does not
@@ -521,6 +538,9 @@ class Coordinator:
             # Empty or just restored, with every watch armed: everything up
             # to the ackreq version read above is applied.
             await self.membership.register(applied=ackreq)
+            # register is a write: a server that was behind has caught up to
+            # it, and sent the events that owed us before its reply.
+            await self.zk.drain_events()
             self._session_id = self.zk.session_id
             if new_session:
                 self.sessions += 1

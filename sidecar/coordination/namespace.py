@@ -51,10 +51,14 @@ class InvalidationFloor:
     """
 
     def __init__(self, max_prefixes: int = _MAX_PREFIXES) -> None:
+        self._max = max_prefixes
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every zxid (ZooKeeper's history went back: they belong to another one)."""
         self.epoch = 0
         self._everything = 0  # folded prefixes: covers every key
         self._prefixes: dict[str, int] = {}
-        self._max = max_prefixes
 
     def apply_epoch(self, zxid: int) -> None:
         """An invalidate-all at ``zxid`` was applied."""
@@ -113,13 +117,19 @@ class PrefixLog:
         """Forget the baseline (a new session: the cache is empty anyway)."""
         self._names, self._cversion, self.pzxid = None, -1, 0
 
+    def behind(self, names: Iterable[str], cversion: int) -> bool:
+        """A read older than the baseline (or of another history): :meth:`advance` would call it stale."""
+        if self._names is None:
+            return False
+        return cversion < self._cversion or (cversion == self._cversion and frozenset(names) != self._names)
+
     def advance(self, names: Iterable[str], cversion: int, pzxid: int) -> PrefixLogAdvance:
         """Take a new read of the log (children's names, the parent's cversion and pzxid)."""
         current = frozenset(names)
         if self._names is None:
             self._names, self._cversion, self.pzxid = current, cversion, pzxid
             return PrefixLogAdvance()
-        if cversion < self._cversion or (cversion == self._cversion and current != self._names):
+        if self.behind(current, cversion):
             return PrefixLogAdvance(stale=True)
         fresh = current - self._names
         gone = self._names - current
@@ -163,14 +173,40 @@ class NamespaceWatches:
         self._events = events
 
     def new_session(self) -> None:
-        """A new session: the cache was flushed, so what ZooKeeper says now is the baseline."""
+        """Nothing is cached (the first session, or a flush): what ZooKeeper says now is the baseline."""
         self._epoch_mzxid = None
         self.prefix_log.reset()
 
-    async def arm(self) -> None:
-        """Arm both watches, applying whatever changed since the baselines (same session)."""
+    def rebase(self, reason: str) -> None:
+        """ZooKeeper's history went back (restored from an older state): flush and start over.
+
+        The baselines, and the zxids of the floor, belong to a history the
+        server no longer has: compared with the new one, they would hide
+        its invalidations.
+        """
+        self._events.flush(reason)
+        self.new_session()
+        self.floor.reset()
+
+    async def arm(self, *, new_session: bool = False) -> bool:
+        """Arm both watches, applying whatever changed since the baselines.
+
+        ``new_session``: the first setup of a session after LOST, which may
+        have reached a server whose history is older than what was applied
+        here (a prefix log read behind the baseline): then :meth:`rebase`.
+        Returns True if it rebased.
+        """
+        rebased = False
+        if new_session and self._epoch_mzxid is not None:
+            stat = await self._zk.exists(self._layout.epoch)
+            if (int(stat.mzxid) if stat else 0) < self._epoch_mzxid:
+                self.rebase("the epoch is behind what this sidecar applied: ZooKeeper's history went back")
+                rebased = True
         await self.arm_epoch()
-        await self.arm_prefixes()
+        if await self.arm_prefixes(rebase_if_behind=new_session and not rebased):
+            rebased = True
+            await self.arm_epoch()  # the new history's epoch: the baseline, and the floor again
+        return rebased
 
     async def catch_up(self, epoch_mzxid: int, prefixes_pzxid: int) -> None:
         """Apply what ZooKeeper shows beyond what was applied here (a strong read saw it first)."""
@@ -213,9 +249,17 @@ class NamespaceWatches:
         self._events.void_fills()
         self._spawn(self.arm_prefixes())
 
-    async def arm_prefixes(self) -> None:
-        """Watch the prefix log; apply entries new since the last read (flush on a gap)."""
+    async def arm_prefixes(self, *, rebase_if_behind: bool = False) -> bool:
+        """Watch the prefix log; apply entries new since the last read (flush on a gap).
+
+        ``rebase_if_behind``: a read behind the baseline means another
+        history (:meth:`arm`), not an older read overtaken by a newer one.
+        Returns True if it rebased.
+        """
         names, stat = await self._zk.get_children_stat(self._layout.prefixes, watch=self._prefix_watch)
+        rebased = rebase_if_behind and self.prefix_log.behind(names, int(stat.cversion))
+        if rebased:
+            self.rebase("the prefix log is behind what this sidecar applied: ZooKeeper's history went back")
         first = not self.prefix_log.has_baseline
         advance = self.prefix_log.advance(names, int(stat.cversion), int(stat.pzxid))
         if first:
@@ -223,15 +267,16 @@ class NamespaceWatches:
             # and a lease handed out before (another session, another life of
             # this sidecar) may predate them. Refuse every such lease once.
             self.floor.apply_epoch(int(stat.pzxid))
-            return
+            return rebased
         if advance.stale:
-            return
+            return rebased
         if advance.gap:
             self._events.flush("prefix log entries were trimmed before this sidecar saw them")
             self.floor.apply_epoch(int(stat.pzxid))  # every key: as an invalidate-all
         elif advance.prefixes:
             self._events.prefixes_invalidated(advance.prefixes)
             self.floor.apply_prefixes(advance.prefixes, int(stat.pzxid))
+        return rebased
 
     async def wait_idle(self, tasks: Iterable[asyncio.Task[None]]) -> None:
         """Wait for re-arm ``tasks`` (their errors are the coordinator's to handle)."""
