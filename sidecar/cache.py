@@ -41,11 +41,11 @@ log = logging.getLogger(__name__)
 
 # Bytes charged per entry on top of key and value, so that max_bytes bounds
 # the process's memory and not just the payload. `python -m bench.memory`
-# measured ~900 B of RSS per entry beyond key and value (100,000 entries):
-# kazoo's record of the key's watch (~320 B), the Entry object, its key and
-# the LRU bookkeeping (~280 B), a content-type string per entry (~75 B, now
-# interned away) and allocator overhead.
-ENTRY_OVERHEAD = 800
+# measured ~950 B of RSS per entry beyond key and value (100,000 entries,
+# 2026-12-01): kazoo's record of the key's watch (~320 B), the key-watch
+# ledger's set entry (~50 B), the Entry object, its key and the LRU
+# bookkeeping (~280 B), and allocator overhead.
+ENTRY_OVERHEAD = 950
 
 
 @dataclass(slots=True, frozen=True)
