@@ -67,6 +67,24 @@ async def _kill_leader(cluster: Cluster, seconds: float) -> None:
     await asyncio.to_thread(lambda: cluster.ensemble.leader().kill())
 
 
+async def _rolling_restart(cluster: Cluster, seconds: float) -> None:
+    # Every server stopped cleanly and started again in turn, the leader
+    # last, as an upgrade does: every sidecar reconnects two or three times.
+    await asyncio.sleep(seconds * 0.1)
+
+    def restart_all() -> None:
+        ensemble = cluster.ensemble
+        order = [s for s in ensemble.servers if s.mode() != "leader"] + [ensemble.leader()]
+        for server in order:
+            server.stop()
+            server.start()
+            deadline = time.monotonic() + 30
+            while server.mode() not in ("leader", "follower") and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    await asyncio.to_thread(restart_all)
+
+
 def _link_fault(act: Callable[[TcpProxy], None], duration: float) -> Callable[[Cluster, float], Awaitable[None]]:
     """Apply ``act`` to sidecar 1's links to ZooKeeper for ``duration`` seconds, then heal."""
 
@@ -108,6 +126,7 @@ async def _kill_sidecar(cluster: Cluster, seconds: float) -> None:
 SCENARIOS: dict[str, tuple[str, Callable[[Cluster, float], Awaitable[None]]]] = {
     "baseline": ("no fault", _no_fault),
     "leader-kill": ("kill the ZooKeeper leader under load", _kill_leader),
+    "rolling-restart": ("stop and start every ZooKeeper server in turn, the leader last", _rolling_restart),
     "partition-short": (
         f"partition sidecar 1 from ZooKeeper for {SESSION / 2:g}s (< session)",
         _link_fault(TcpProxy.cut, SESSION / 2),
