@@ -33,6 +33,7 @@ from typing import Any
 
 from sidecar.dev import SidecarProcess
 from sidecar.dev.process import die_with_parent
+from sidecar.origins.sqlite import SqliteOrigin
 
 __all__ = [
     "LOAD_CPU",
@@ -214,6 +215,13 @@ def fmt_ms(value: float | None, digits: int = 3) -> str:
     if value is None or math.isnan(value):
         return "-"
     return f"{value:.{digits}f}"
+
+
+async def create_origin_schema(path: Path) -> None:
+    """Create the sidecar's own SQLite schema at ``path`` (rows are then written straight in)."""
+    origin = SqliteOrigin(f"sqlite:///{path}", 5)
+    await origin.open()
+    await origin.close()
 
 
 def write_results(out_dir: Path, name: str, data: dict[str, Any], markdown: str) -> None:

@@ -41,13 +41,12 @@ import aiohttp
 
 from sidecar.cache import ENTRY_OVERHEAD
 from sidecar.dev import LocalZooKeeper
-from sidecar.dev.zookeeper import four_letter
-from sidecar.origins.sqlite import SqliteOrigin
 
 from .common import (
     CpuMeter,
     PinnedSidecar,
     cpu_note,
+    create_origin_schema,
     http_request,
     machine,
     machine_line,
@@ -96,12 +95,7 @@ class Params:
 def build_origin(path: Path, entries: int, size: int) -> None:
     """The sidecar's ``kv`` table with ``entries`` rows of ``size`` bytes, in one transaction."""
 
-    async def schema() -> None:
-        origin = SqliteOrigin(f"sqlite:///{path}", 5)
-        await origin.open()
-        await origin.close()
-
-    asyncio.run(schema())
+    asyncio.run(create_origin_schema(path))
     with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.executemany(
             "INSERT INTO kv (key, value, content_type, updated_at) VALUES (?, ?, ?, 0)",
@@ -112,12 +106,7 @@ def build_origin(path: Path, entries: int, size: int) -> None:
 def mntr(zk: LocalZooKeeper) -> dict[str, int]:
     """ZooKeeper's node count, watch count and approximate data size (``mntr``)."""
     wanted = {"zk_znode_count", "zk_watch_count", "zk_approximate_data_size", "zk_ephemerals_count"}
-    out: dict[str, int] = {}
-    for line in four_letter(zk.host, zk.port, "mntr", 5).splitlines():
-        name, _, value = line.partition("\t")
-        if name in wanted:
-            out[name.removeprefix("zk_")] = int(value)
-    return out
+    return {name.removeprefix("zk_"): int(value) for name, value in zk.mntr(5).items() if name in wanted}
 
 
 async def read_all(url: str, entries: int, size: int, deadline: float, on_count: dict[int, Any]) -> dict[str, int]:

@@ -37,21 +37,14 @@ from typing import Any
 import aiohttp
 
 from sidecar.dev import SidecarProcess
-from sidecar.dev.zookeeper import LocalEnsemble, LocalZooKeeper, four_letter
-from sidecar.origins.sqlite import SqliteOrigin
+from sidecar.dev.zookeeper import LocalEnsemble, LocalZooKeeper
 
-from .common import graceful_sigterm, machine, machine_line, write_results
+from .common import create_origin_schema, graceful_sigterm, machine, machine_line, write_results
 
 READS_PER_SECOND = 600
 WRITE_INTERVAL = 0.2
 BASELINE_SECONDS = 10.0
 SETTLE_SECONDS = 3.0  # between one server being back and the next stop
-
-
-async def _schema(path: Path) -> None:
-    origin = SqliteOrigin(f"sqlite:///{path}", 5)
-    await origin.open()
-    await origin.close()
 
 
 def _packets(servers: list[LocalZooKeeper]) -> int:
@@ -60,10 +53,7 @@ def _packets(servers: list[LocalZooKeeper]) -> int:
         if server.proc is None:
             continue
         try:
-            for line in four_letter(server.host, server.port, "mntr").splitlines():
-                name, _, value = line.partition("\t")
-                if name == "zk_packets_received":
-                    total += int(value)
+            total += int(server.mntr()["zk_packets_received"])
         except OSError:
             pass  # stopping or starting
     return total
@@ -192,7 +182,7 @@ def _rolling_restart(ensemble: LocalEnsemble) -> list[str]:
 
 async def _measure(keys: int, tmp: Path) -> dict[str, Any]:
     db = tmp / "origin.db"
-    await _schema(db)
+    await create_origin_schema(db)
     conn = sqlite3.connect(db)
     conn.executemany(
         "INSERT INTO kv (key, value, content_type, updated_at) VALUES (?, ?, 'text/plain', 0)",

@@ -30,11 +30,10 @@ from typing import Any
 import aiohttp
 
 from sidecar.dev import LocalZooKeeper
-from sidecar.dev.zookeeper import four_letter
-from sidecar.origins.sqlite import SqliteOrigin
 
 from .common import (
     PinnedSidecar,
+    create_origin_schema,
     machine,
     machine_line,
     proc_status_bytes,
@@ -47,18 +46,8 @@ MAX_ENTRIES = 100
 MIB = 1024 * 1024
 
 
-async def _schema(path: Path) -> None:
-    origin = SqliteOrigin(f"sqlite:///{path}", 5)  # the sidecar's own schema
-    await origin.open()
-    await origin.close()
-
-
 def _watch_count(zk: LocalZooKeeper) -> int:
-    for line in four_letter(zk.host, zk.port, "mntr").splitlines():
-        name, _, value = line.partition("\t")
-        if name == "zk_watch_count":
-            return int(value)
-    raise RuntimeError("mntr has no zk_watch_count")
+    return int(zk.mntr()["zk_watch_count"])
 
 
 async def _read_all(base: str, keys: list[str], expect: int) -> None:
@@ -93,7 +82,7 @@ def run(quick: bool, out_dir: Path) -> str:
     info = machine()
     with tempfile.TemporaryDirectory(prefix="bench-watches-") as tmp:
         db = Path(tmp) / "origin.db"
-        asyncio.run(_schema(db))
+        asyncio.run(create_origin_schema(db))
         conn = sqlite3.connect(db)
         conn.executemany(
             "INSERT INTO kv (key, value, content_type, updated_at) VALUES (?, ?, 'text/plain', 0)",

@@ -50,11 +50,10 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from bench.common import create_origin_schema, run_scenario, scenario_parser
 from bench.common import machine as machine_info
-from bench.common import run_scenario, scenario_parser
 from bench.common import write_results as write_outputs
 from sidecar.dev import LocalZooKeeper, SidecarProcess
-from sidecar.origins.sqlite import SqliteOrigin
 
 T = TypeVar("T")
 
@@ -124,17 +123,7 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 # -- ZooKeeper's own counters -----------------------------------------------------
 def mntr(zk: LocalZooKeeper, timeout: float = 2.0) -> dict[str, str]:
     """ZooKeeper's ``mntr`` (four-letter word on the client port; not a session) as a dict."""
-    with socket.create_connection((zk.host, zk.port), timeout=timeout) as sock:
-        sock.sendall(b"mntr")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    out: dict[str, str] = {}
-    for line in b"".join(chunks).decode("utf-8", "replace").splitlines():
-        name, sep, value = line.partition("\t")
-        if sep:
-            out[name.strip()] = value.strip()
-    return out
+    return zk.mntr(timeout)
 
 
 def packets(zk: LocalZooKeeper) -> tuple[int, int]:
@@ -303,7 +292,7 @@ def server_timing(header: str) -> dict[str, float]:
 # -- origin and processes -----------------------------------------------------------
 def preload_sqlite(db: Path, rows: Iterable[tuple[str, bytes]]) -> int:
     """Write rows straight into the SQLite origin (schema made by the origin itself); returns the count."""
-    run_async(_create_schema(db))
+    run_async(create_origin_schema(db))
     with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         cur = conn.executemany(
             "INSERT OR REPLACE INTO kv (key, value, content_type, updated_at) "
@@ -311,12 +300,6 @@ def preload_sqlite(db: Path, rows: Iterable[tuple[str, bytes]]) -> int:
             rows,
         )
         return cur.rowcount
-
-
-async def _create_schema(db: Path) -> None:
-    origin = SqliteOrigin(f"sqlite:///{db}", 5)
-    await origin.open()
-    await origin.close()
 
 
 def start_sidecars(sidecars: Sequence[SidecarProcess], timeout: float = 60.0) -> None:

@@ -190,10 +190,6 @@ class Cluster:
         """Add ``seconds`` of latency to every chunk between sidecar ``i`` and ZooKeeper."""
         self.proxies[i].delay(seconds)
 
-    def zookeeper(self, i: int) -> dict[str, Any]:
-        """What sidecar ``i`` says of its ZooKeeper session (``/v1/stats``: state, ready, sessions)."""
-        return self.stats(i)["zookeeper"]  # type: ignore[no-any-return]
-
     def repairs(self, i: int) -> int:
         """Revalidations completed plus sessions set up by sidecar ``i`` (``/v1/stats``).
 

@@ -455,11 +455,7 @@ async def test_a_second_loss_during_revalidation_does_not_restart_the_grace(
         proxy.heal()
         proxy.delay(0.4)  # after heal (which resets it): the setup is still under way below
 
-        def connected_not_ready() -> bool:
-            zk = a.stats()["zookeeper"]
-            return zk["state"] == "connected" and not zk["ready"]
-
-        await eventually(connected_not_ready, timeout=15, what="A reconnected and setting up")
+        await eventually(a.setting_up, timeout=15, what="A reconnected and setting up")
         proxy.cut()
         await eventually(lambda: a.stats()["zookeeper"]["state"] == "suspended", what="A losing the link again")
         _, source, value, _ = await get(http, a.url, "g/1")

@@ -7,9 +7,11 @@ client's connection while the session survives.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import kazoo
 import pytest
@@ -20,7 +22,6 @@ from kazoo.protocol.states import Callback, EventType, WatchedEvent
 from sidecar.coordination import kazoo_watches
 from sidecar.coordination.kazoo_watches import WatcherType, remove_watch_async, set_watches_async
 from sidecar.dev import LocalZooKeeper, TcpProxy
-from sidecar.dev.zookeeper import four_letter
 
 WAIT = 10.0
 
@@ -55,36 +56,34 @@ def delivered(client: KazooClient) -> None:
 
 def watched_paths(zk: LocalZooKeeper, client: KazooClient) -> set[str]:
     """The paths the server holds a watch on for ``client``'s session (``wchc``)."""
-    session = f"0x{client.client_id[0]:x}"
-    paths: set[str] = set()
-    current = None
-    for line in four_letter(zk.host, zk.port, "wchc").splitlines():
-        if line.startswith("0x"):
-            current = line.strip()
-        elif line.strip() and current == session:
-            paths.add(line.strip())
-    return paths
+    return zk.watched_paths(client.client_id[0])
+
+
+@contextlib.contextmanager
+def started(hosts: str, **kw: Any) -> Iterator[KazooClient]:
+    """A connected kazoo client, stopped and closed on the way out."""
+    client = KazooClient(hosts=hosts, **kw)
+    client.start(WAIT)
+    try:
+        yield client
+    finally:
+        client.stop()
+        client.close()
 
 
 @pytest.fixture
 def base(zk_server: LocalZooKeeper) -> Iterator[str]:
-    admin = KazooClient(hosts=zk_server.hosts)
-    admin.start(WAIT)
-    path = f"/kw-{uuid.uuid4().hex[:8]}"
-    admin.ensure_path(path)
-    yield path
-    admin.delete(path, recursive=True)
-    admin.stop()
-    admin.close()
+    with started(zk_server.hosts) as admin:
+        path = f"/kw-{uuid.uuid4().hex[:8]}"
+        admin.ensure_path(path)
+        yield path
+        admin.delete(path, recursive=True)
 
 
 @pytest.fixture
 def admin(zk_server: LocalZooKeeper) -> Iterator[KazooClient]:
-    client = KazooClient(hosts=zk_server.hosts)
-    client.start(WAIT)
-    yield client
-    client.stop()
-    client.close()
+    with started(zk_server.hosts) as client:
+        yield client
 
 
 @pytest.fixture
@@ -92,12 +91,9 @@ def proxied(zk_server: LocalZooKeeper) -> Iterator[tuple[KazooClient, TcpProxy]]
     """A client whose link can be cut and healed (20 s session: it survives)."""
     proxy = TcpProxy(zk_server.host, zk_server.port)
     proxy.start()
-    client = KazooClient(hosts=proxy.address, timeout=20)
-    client.start(WAIT)
-    yield client, proxy
-    proxy.heal()
-    client.stop()
-    client.close()
+    with started(proxy.address, timeout=20) as client:
+        yield client, proxy
+        proxy.heal()
     proxy.stop()
 
 
@@ -144,9 +140,7 @@ def test_an_unknown_kazoo_version_is_refused(monkeypatch: pytest.MonkeyPatch) ->
 def test_remove_watch_drops_it_in_the_server_and_in_kazoo(
     zk_server: LocalZooKeeper, admin: KazooClient, base: str
 ) -> None:
-    client = KazooClient(hosts=zk_server.hosts)
-    client.start(WAIT)
-    try:
+    with started(zk_server.hosts) as client:
         watch = Recorder()
         present, absent, kept = f"{base}/present", f"{base}/absent", f"{base}/kept"
         admin.create(present, b"1")
@@ -170,15 +164,10 @@ def test_remove_watch_drops_it_in_the_server_and_in_kazoo(
 
         with pytest.raises(NoWatcherError):  # nothing left to remove: the server says so
             remove_watch_async(client, present, watcher=watch).get(WAIT)
-    finally:
-        client.stop()
-        client.close()
 
 
 def test_remove_child_watch_leaves_the_data_watch(zk_server: LocalZooKeeper, admin: KazooClient, base: str) -> None:
-    client = KazooClient(hosts=zk_server.hosts)
-    client.start(WAIT)
-    try:
+    with started(zk_server.hosts) as client:
         data, children = Recorder(), Recorder()
         node = f"{base}/node"
         admin.create(node, b"1")
@@ -191,9 +180,6 @@ def test_remove_child_watch_leaves_the_data_watch(zk_server: LocalZooKeeper, adm
         assert data.wait_for(1, "the data watch firing") == [(EventType.CHANGED, node)]
         delivered(client)
         assert children.events == []
-    finally:
-        client.stop()
-        client.close()
 
 
 # -- setWatches ---------------------------------------------------------------
@@ -284,26 +270,19 @@ def test_set_watches_in_a_new_session_restores_by_zxid(
     old.close()
     admin.set(changed, b"2")
 
-    new = KazooClient(hosts=zk_server.hosts)
-    new.start(WAIT)
-    try:
+    with started(zk_server.hosts) as new:
         watch = Recorder()
         for result in set_watches_async(new, relative, data=[kept, changed], watcher=watch):
             result.get(WAIT)
         delivered(new)
         assert watch.events == [(EventType.CHANGED, changed)]
         assert watched_paths(zk_server, new) == {kept}
-    finally:
-        new.stop()
-        new.close()
 
 
 def test_set_watches_splits_large_sets_into_batches_under_the_limit(
     zk_server: LocalZooKeeper, admin: KazooClient, base: str
 ) -> None:
-    client = KazooClient(hosts=zk_server.hosts)
-    client.start(WAIT)
-    try:
+    with started(zk_server.hosts) as client:
         watch = Recorder()
         # 3,000 paths of about 110 bytes: about 340 KB in all, three batches of 128 KB.
         paths = [f"{base}/{'x' * 90}{i:06d}" for i in range(3000)]
@@ -315,9 +294,6 @@ def test_set_watches_splits_large_sets_into_batches_under_the_limit(
         assert len(watched_paths(zk_server, client)) == 3000
         admin.create(paths[-1], b"1")  # the last batch's last path
         assert watch.wait_for(1, "a watch from the last batch") == [(EventType.CREATED, paths[-1])]
-    finally:
-        client.stop()
-        client.close()
 
 
 def test_batches_respect_the_byte_limit_and_keep_every_path_once() -> None:

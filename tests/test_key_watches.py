@@ -18,22 +18,15 @@ from kazoo.protocol.states import Callback
 
 from sidecar.coordination import Coordinator
 from sidecar.dev import LocalZooKeeper
-from sidecar.dev.zookeeper import four_letter
 from tests.conftest import eventually
 
 pytestmark = pytest.mark.slow
 
 
 def server_watches(zk: LocalZooKeeper, coord: Coordinator) -> set[str]:
-    session = f"0x{coord.zk.session_id:x}"
-    paths: set[str] = set()
-    current = None
-    for line in four_letter(zk.host, zk.port, "wchc").splitlines():
-        if line.startswith("0x"):
-            current = line.strip()
-        elif current == session and line.strip().startswith(coord.layout.versions):
-            paths.add(line.strip())
-    return paths
+    """The key watches the server holds for the coordinator's session (``wchc``)."""
+    assert coord.zk.session_id is not None
+    return {p for p in zk.watched_paths(coord.zk.session_id) if p.startswith(coord.layout.versions)}
 
 
 async def started(zk: LocalZooKeeper, namespace: str) -> Coordinator:

@@ -762,11 +762,12 @@ class CoherenceModel(RuleBasedStateMachine):
         self.cluster.heal(i)
         self.cluster.slow(i, SETUP_LATENCY)
 
-        def setting_up() -> bool:
-            zk = self.cluster.zookeeper(i)
-            return zk["state"] == "connected" and not zk["ready"]
-
-        wait_until(setting_up, timeout=10, interval=0.005, what=f"sidecar {i} reconnected and setting up")
+        wait_until(
+            self.cluster.sidecars[i].setting_up,
+            timeout=10,
+            interval=0.005,
+            what=f"sidecar {i} reconnected and setting up",
+        )
         self.cut_off(i, repairs)
         lost = self.lost_watches_at[i]
         assert lost is not None

@@ -15,7 +15,6 @@ from kazoo.client import KazooClient
 
 from sidecar.coordination import Layout
 from sidecar.dev import LocalZooKeeper, SidecarProcess, TcpProxy
-from sidecar.dev.zookeeper import four_letter
 from tests.conftest import SidecarFactory, eventually, member_ids
 from tests.test_coherence import get, get_hit, put
 
@@ -24,16 +23,9 @@ pytestmark = pytest.mark.slow
 
 def key_watches_in_zookeeper(zk: LocalZooKeeper, sidecar: SidecarProcess, namespace: str) -> set[str]:
     """The version znodes the server holds a watch on for ``sidecar``'s session."""
-    session = sidecar.stats()["zookeeper"]["session"]
+    session = int(sidecar.stats()["zookeeper"]["session"], 16)
     versions = Layout(f"/zkcache/{namespace}").versions + "/"
-    paths: set[str] = set()
-    current = None
-    for line in four_letter(zk.host, zk.port, "wchc").splitlines():
-        if line.startswith("0x"):
-            current = line.strip()
-        elif current == session and line.strip().startswith(versions):
-            paths.add(line.strip())
-    return paths
+    return {p for p in zk.watched_paths(session) if p.startswith(versions)}
 
 
 def version_paths(namespace: str, keys: list[str]) -> set[str]:
@@ -137,11 +129,7 @@ async def test_a_lease_that_is_never_filled_leaves_no_watch(
 
 
 def packets_received(zk: LocalZooKeeper) -> int:
-    for line in four_letter(zk.host, zk.port, "mntr").splitlines():
-        name, _, value = line.partition("\t")
-        if name == "zk_packets_received":
-            return int(value)
-    raise AssertionError("mntr has no zk_packets_received")
+    return int(zk.mntr()["zk_packets_received"])
 
 
 async def only_if_cached(http: aiohttp.ClientSession, sidecar: SidecarProcess, key: str) -> tuple[int, bytes]:
@@ -216,11 +204,7 @@ async def test_a_second_loss_during_the_restore_still_drops_what_changed_before_
         proxy.heal()
         proxy.delay(0.3)  # after heal (which resets it): the setup takes several slow round trips
 
-        def setting_up() -> bool:
-            zk = a.stats()["zookeeper"]
-            return zk["state"] == "connected" and not zk["ready"]
-
-        await eventually(setting_up, timeout=15, what="A reconnected and setting up")
+        await eventually(a.setting_up, timeout=15, what="A reconnected and setting up")
         await asyncio.sleep(0.7)  # a few of the setup's round trips (with their zxids) are through
         proxy.cut()
         await eventually(lambda: a.stats()["zookeeper"]["state"] == "suspended", what="A losing the link again")
@@ -319,11 +303,9 @@ async def test_a_sidecar_frozen_past_its_session_serves_nothing_cached_from_befo
         finally:
             a.resume()
 
-        def new_session_setting_up() -> bool:
-            zk = a.stats()["zookeeper"]
-            return zk["state"] == "connected" and zk["session"] != first and not zk["ready"]
-
-        await eventually(new_session_setting_up, timeout=20, what="A's new session connected, not ready")
+        await eventually(
+            lambda: a.setting_up(other_than_session=first), timeout=20, what="A's new session connected, not ready"
+        )
         await asyncio.sleep(0.5)  # a reply or two of the new session: A has heard from ZooKeeper again
         proxy.cut()
         await eventually(lambda: a.stats()["zookeeper"]["state"] == "suspended", what="A losing the link again")

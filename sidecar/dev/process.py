@@ -99,6 +99,14 @@ class SidecarProcess:
         with urllib.request.urlopen(self.url + "/v1/stats", timeout=5) as resp:
             return dict(json.loads(resp.read()))
 
+    def setting_up(self, *, other_than_session: str | None = None) -> bool:
+        """Connected to ZooKeeper but not ready yet: its session set-up is under way.
+
+        ``other_than_session``: only in a session other than this one (``/v1/stats``'s ``0x...``).
+        """
+        zk = self.stats()["zookeeper"]
+        return zk["state"] == "connected" and not zk["ready"] and zk["session"] != other_than_session
+
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM (graceful), SIGKILL after ``timeout``; returns the exit status."""
         if self.proc is None:

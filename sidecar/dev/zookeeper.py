@@ -143,6 +143,27 @@ class LocalZooKeeper:
             pass
         return None
 
+    def mntr(self, timeout: float = 2.0) -> dict[str, str]:
+        """ZooKeeper's ``mntr`` counters (``zk_watch_count``, ``zk_packets_received``...) by name."""
+        out: dict[str, str] = {}
+        for line in four_letter(self.host, self.port, "mntr", timeout).splitlines():
+            name, sep, value = line.partition("\t")
+            if sep:
+                out[name.strip()] = value.strip()
+        return out
+
+    def watched_paths(self, session_id: int) -> set[str]:
+        """The paths this server holds a watch on for session ``session_id`` (``wchc``)."""
+        session = f"0x{session_id:x}"
+        paths: set[str] = set()
+        current = None
+        for line in four_letter(self.host, self.port, "wchc", 2.0).splitlines():
+            if line.startswith("0x"):
+                current = line.strip()
+            elif current == session and line.strip():
+                paths.add(line.strip())
+        return paths
+
     def is_serving(self) -> bool:
         """True if the server answers ``ruok`` with ``imok``."""
         try:
