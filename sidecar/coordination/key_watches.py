@@ -97,11 +97,6 @@ class KeyWatches:
     def __contains__(self, key: str) -> bool:
         return key in self._listed
 
-    @property
-    def queued(self) -> int:
-        """Removals waiting to be sent."""
-        return len(self._queue)
-
     # -- arms ---------------------------------------------------------------
     def arming(self, keys: Iterable[str], result: Any) -> None:
         """A request that arms the watch of each of ``keys`` was just queued in kazoo as ``result``.
