@@ -53,7 +53,8 @@ def _packets(servers: list[LocalZooKeeper]) -> int:
         if server.proc is None:
             continue
         try:
-            total += int(server.mntr()["zk_packets_received"])
+            # A server still starting answers mntr without its counters.
+            total += int(server.mntr().get("zk_packets_received", 0))
         except OSError:
             pass  # stopping or starting
     return total
