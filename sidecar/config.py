@@ -271,7 +271,9 @@ class Config:
         "cache-aside fills (PUT ?fill=true): auto (only with origin none) or allow (also over a read-through "
         "origin; filled values then serve eventual reads, never strong ones)",
     )
-    lock_timeout: float = _setting(10.0, _positive_duration, "how long a write waits for the key's ZooKeeper lock")
+    lock_timeout: float = _setting(
+        10.0, _positive_duration, "how long a write waits for ZooKeeper: for a connection, then for the key's lock"
+    )
     suspended_grace: float | None = _setting(
         None,
         _optional_duration,

@@ -180,6 +180,11 @@ class CacheService:
             validate_key(key)
         for prefix in prefixes:
             validate_key(prefix)
+        if wait is not None:
+            # Confirming needs this sidecar's own membership and watches: refuse before publishing.
+            self.coord.require_usable("acknowledged invalidations need this sidecar ready")
+        else:
+            await self.coord.wait_writable(self.config.lock_timeout, "invalidations need ZooKeeper")
         receipt = await self.coord.publish(keys, prefixes, everything)
         self.stats.invalidations_published += 1
         if everything:

@@ -122,7 +122,7 @@ class LockJanitor:
         while n < self._attempts:
             # Only attempts ZooKeeper could answer count: a lock held through a
             # long outage is still released once the ensemble is back.
-            if self._coord.usable:
+            if self._coord.writable:
                 n += 1
                 try:
                     await attempt()
@@ -200,7 +200,8 @@ class WriteProtocol:
     ) -> Written:
         """PUT (``value``) or DELETE (``None``) through the origin; returns the new version."""
         validate_key(key)
-        self._coord.require_usable("writes need ZooKeeper")
+        # A live session is enough (not a restored cache): see Coordinator.writable.
+        await self._coord.wait_writable(self._config.lock_timeout, "writes need ZooKeeper")
         lap = _Laps()
         local = self._local_lock(key)
         async with local:

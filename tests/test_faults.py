@@ -37,7 +37,7 @@ async def problem_of(http: aiohttp.ClientSession, method: str, url: str, **kw: o
 async def test_zookeeper_down_no_grace_reads_bypass_to_origin_and_writes_fail(
     zk_private: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession, sqlite_url: str
 ) -> None:
-    a = sidecars("a", zk=zk_private.hosts, suspended_grace="0s", suspended_reads="origin")
+    a = sidecars("a", zk=zk_private.hosts, suspended_grace="0s", suspended_reads="origin", lock_timeout="1s")
     b = sidecars("b", zk=zk_private.hosts)
     await put(http, a.url, "k", b"v1")
     await get_hit(http, a.url, "k")
@@ -53,8 +53,12 @@ async def test_zookeeper_down_no_grace_reads_bypass_to_origin_and_writes_fail(
     status, source, value, headers = await get(http, a.url, "k")
     assert (status, source, value) == (200, "bypass", b"v2")
     assert "ETag" not in headers  # the version is unknown without ZooKeeper
+    # A write waits lock_timeout for a connection, then gives up: nothing written.
+    started = time.monotonic()
     status, problem = await problem_of(http, "PUT", a.url + "/v1/keys/k", data=b"v3")
-    assert status == 503 and "ZooKeeper" in str(problem["detail"])
+    waited = time.monotonic() - started
+    assert status == 503 and problem["type"].endswith("zookeeper-unavailable"), problem  # type: ignore[union-attr]
+    assert 0.9 <= waited <= 5, f"a write with ZooKeeper down answered after {waited:.2f}s (lock_timeout 1s)"
 
     # ZooKeeper comes back (same data, within the session timeout): the
     # session survives, kazoo lost every watch, so A re-armed and revalidated
@@ -531,5 +535,79 @@ async def test_a_fill_in_flight_when_a_prefix_invalidation_arrives_is_never_inst
             "B applied the prefix entry already: the test's timing did not hold (a loaded machine?)"
         )
         assert status == 504, f"B installed {value!r}, read before the prefix invalidation it had been told of"
+    finally:
+        proxy.stop()
+
+
+# -- writes during recovery ------------------------------------------------
+# A write needs a live session (its lock is an ephemeral znode of it, every
+# step is a conditional transaction), not a restored cache: it works as soon
+# as ZooKeeper answers, and waits up to lock_timeout for that.
+
+
+async def test_writes_work_while_the_watches_are_being_restored(
+    zk_server: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """A sidecar that reconnected and is still restoring its watches takes
+    writes; the fleet sees them, and the writer itself once ready."""
+    proxy = TcpProxy(zk_server.host, zk_server.port)
+    proxy.start()
+    try:
+        a = sidecars("a", zk=proxy.address, zk_session_timeout="9s")
+        b = sidecars("b")
+        for i in range(20):
+            await put(http, b.url, f"r/{i}", b"v1")
+            await get_hit(http, a.url, f"r/{i}")
+        await get_hit(http, b.url, "r/0")
+        proxy.cut()
+        await eventually(lambda: not a.is_ready(), what="A losing its link")
+        proxy.heal()
+        proxy.delay(0.4)  # after heal (which resets it): A's setup takes several round trips
+
+        await eventually(a.setting_up, timeout=15, what="A reconnected and setting up")
+        async with http.put(a.url + "/v1/keys/r/0", data=b"v2") as resp:
+            body = await resp.text()
+            assert resp.status == 200, f"a write through a sidecar restoring its watches: {resp.status} {body}"
+            version = resp.headers["ETag"]
+
+        async def b_serves_it() -> bool:
+            status, _, value, headers = await get(http, b.url, "r/0")
+            return (status, value, headers.get("ETag")) == (200, b"v2", version)
+
+        await eventually(b_serves_it, what="B serving A's write")
+        a.wait_ready(20)
+        assert (await get(http, a.url, "r/0"))[2] == b"v2"
+        for i in range(1, 20):
+            assert (await get(http, a.url, f"r/{i}"))[1] == "hit", f"r/{i} should have survived the restore"
+    finally:
+        proxy.stop()
+
+
+async def test_a_write_waits_for_the_reconnect_instead_of_failing(
+    zk_server: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """A write that arrives while the connection is down (a server restarting
+    in an ensemble, a brief partition) waits for the reconnect, up to
+    lock_timeout, instead of answering 503 at once."""
+    proxy = TcpProxy(zk_server.host, zk_server.port)
+    proxy.start()
+    try:
+        a = sidecars("a", zk=proxy.address, zk_session_timeout="9s", lock_timeout="10s")
+        b = sidecars("b")
+        await put(http, a.url, "w/1", b"v1")
+        await get_hit(http, b.url, "w/1")
+        proxy.cut()
+        await eventually(lambda: a.stats()["zookeeper"]["state"] == "suspended", what="A losing its link")
+        write = asyncio.ensure_future(put(http, a.url, "w/1", b"v2"))
+        await eventually(lambda: a.stats()["writes_in_progress"] == 1, what="A's write waiting")
+        assert not write.done(), f"answered while the link was down: {write.result() if write.done() else ''}"
+        proxy.heal()
+        status, body, _ = await asyncio.wait_for(write, 15)
+        assert status == 200, f"the write that waited for the reconnect: {status} {body}"
+
+        async def b_serves_it() -> bool:
+            return (await get(http, b.url, "w/1"))[2] == b"v2"
+
+        await eventually(b_serves_it, what="B serving the write A made once reconnected")
     finally:
         proxy.stop()

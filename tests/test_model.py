@@ -40,6 +40,9 @@ a row for each key, and an example may start with every cache warm):
   ``second_loss_during_revalidation`` (instead of ``cut_link``): a cached
   key, a cut, an update and invalidation elsewhere, a slow heal cut again
   while the sidecar revalidates, and a read just after the first cut's grace;
+  ``write_during_restore`` (instead of ``cut_link``): a cut (maybe past the
+  session), an update elsewhere, and a PUT through the sidecar while it
+  restores its watches on a slow link, which must be accepted;
 * ``concurrent_wait_invalidations`` (4 to 6 clients sending ``?wait=true``
   invalidations back to back, at once, every link up and fast),
   ``write_racing_invalidation``, ``write_racing_strong_read``,
@@ -774,6 +777,56 @@ class CoherenceModel(RuleBasedStateMachine):
         self.trail.append(f"  cut again {time.monotonic() - lost:.3f}s into the grace")
         time.sleep(max(0.0, lost + GRACE + 0.05 - time.monotonic()))
         self.read(k=k, where=i, strong=False)
+
+    @precondition(lambda self: self.cut is None and self.cuts < CUTS_PER_EXAMPLE)
+    @rule(
+        i=sidecar_ids,
+        k=rt_keys,
+        k2=rt_keys,
+        after_expiry=st.integers(0, 5).map(lambda n: n == 5),  # one in six: it costs a session timeout
+    )
+    @step
+    def write_during_restore(self, i: int, k: str, k2: str, after_expiry: bool) -> None:
+        """A PUT of ``k`` through sidecar ``i`` while it restores its watches after a cut.
+
+        ``i`` caches ``k`` and ``k2``; its link is cut (maybe until ZooKeeper
+        expires its session); ``k2`` is updated elsewhere meanwhile; the link
+        comes back slow, and the PUT goes in once ``i`` is connected but not
+        ready.  ZooKeeper answers, so the write must be accepted (writes do not
+        wait for the restore), and everyone must serve it, ``i`` included
+        once ready; ``k2``'s restore must still drop the old value.
+        """
+        self.read(k=k, where=i, strong=False)
+        self.read(k=k2, where=i, strong=False)
+        self.cut_link(i=i)
+        if k2 != k:
+            self.outside_write_and_invalidate(
+                k=k2, change="put", scope="key", wait=False, via=(i + 1) % N, read_back=False
+            )
+        if after_expiry:
+            wait_until(
+                lambda: not self.cluster.member_alive(i), timeout=15, what=f"ZooKeeper expiring sidecar {i}'s session"
+            )
+        session = self.cluster.sidecars[i].stats()["zookeeper"]["session"]
+        self.cluster.heal(i)
+        self.cluster.slow(i, SETUP_LATENCY)
+        wait_until(
+            lambda: self.cluster.sidecars[i].setting_up(other_than_session=session if after_expiry else None),
+            timeout=15,
+            interval=0.005,
+            what=f"sidecar {i} reconnected and setting up",
+        )
+        value = self.new_value(k, f"sidecar{i}")
+        reply = self.call(i, "PUT", f"/v1/keys/{self.key(k)}", body=value, headers={"Content-Type": "text/plain"})
+        assert reply.status == 200, f"PUT of {k!r} through sidecar {i} while it restores its watches: {reply!r}"
+        self.write_acknowledged(k, value, i, reply.etag)
+        self.heal(i)  # back to the example's own latency
+        self.cluster.wait_ready(i)
+        self.cut = None
+        self.lost_watches_at[i] = None
+        for j in range(N):
+            self.read(k=k, where=j, strong=False)
+        self.read(k=k2, where=i, strong=False)
 
     @precondition(lambda self: self.cut is None and self.restarts < RESTARTS_PER_EXAMPLE)
     @rule(i=sidecar_ids)

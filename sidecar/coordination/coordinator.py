@@ -23,6 +23,11 @@ Session policy (documented in the README):
   128 KB of paths, not one per key), then ``ready`` becomes True.
 * CONNECTED with a new session after LOST: the same, plus the member znode.
 
+Writes and invalidations need only :attr:`Coordinator.writable` (connected,
+and answered within the lease), not ``ready``: they work during the restore,
+and a write that arrives while disconnected waits for the next connection
+(``wait_writable``).
+
 Watches lost at time T stay lost until a setup completes: ``unwatched_since``
 is T through any number of reconnects and losses in between, so the grace
 during which cached values may still be served counts from the first loss;
@@ -48,7 +53,7 @@ from kazoo.protocol.states import EventType, WatchedEvent
 
 from .. import bridge
 from ..config import Config
-from ..errors import CoordinationError, NotConnected
+from ..errors import CoordinationError, NotConnected, ZkAccessDenied
 from .kazoo_watches import set_watches_async
 from .key_watches import KeyWatches
 from .layout import Layout
@@ -268,6 +273,45 @@ class Coordinator:
         """Ready, and the server answered within the lease: watches can be trusted."""
         return self.ready and self.silence() <= self.lease
 
+    @property
+    def writable(self) -> bool:
+        """Connected, and the server answered within the lease: the session, and every lock it holds, is alive.
+
+        Writes and invalidations need this, not :attr:`ready`: a lock is an
+        ephemeral znode of the session and every step of a write is a
+        conditional transaction, so nothing in them depends on this
+        sidecar's watches being restored.
+        """
+        return self.state is ZkState.CONNECTED and self.silence() <= self.lease
+
+    async def wait_writable(self, timeout: float, purpose: str) -> None:
+        """Return once :attr:`writable`, waiting up to ``timeout`` seconds; else raise :class:`NotConnected`.
+
+        A write that arrives while kazoo reconnects (a server restarting in
+        an ensemble, a brief partition) waits for the new connection instead
+        of failing.  A connection that has answered nothing yet (after an
+        outage longer than the lease) is probed with one round trip.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.writable:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise NotConnected(f"{purpose}: {self.describe_state()} (waited {timeout:g}s)")
+            try:
+                if self.state is not ZkState.CONNECTED:
+                    await self.zk.wait_connected(remaining)
+                elif self.zk.last_heard < self.zk.connected_at:
+                    await asyncio.wait_for(self.zk.exists(self.layout.root), remaining)
+                else:
+                    # Heard on this connection, silent since: kazoo drops it
+                    # within the same bound, then we wait for the next one.
+                    await asyncio.sleep(min(remaining, 0.05))
+            except ZkAccessDenied:
+                raise
+            except (CoordinationError, TimeoutError):
+                pass  # not yet: look again
+
     async def _heartbeat(self) -> None:
         # Keeps last_heard fresh on an idle sidecar and exposes a dead link
         # on a busy one (kazoo's own pings stop while requests flow).
@@ -359,7 +403,7 @@ class Coordinator:
 
     async def read_version(self, key: str) -> int:
         """The key's current version as this session sees it, without a watch."""
-        self.require_usable()
+        self.require_writable()
         return await read_version(self.zk, self.layout, key)
 
     def note(self, op: str, write_id: str = "") -> bytes:
@@ -368,7 +412,7 @@ class Coordinator:
 
     async def read_version_for_cas(self, key: str) -> tuple[int, int]:
         """``(version, data version)`` of ``key`` for a conditional write: ``(0, -1)`` if never written."""
-        self.require_usable()
+        self.require_writable()
         stat = await self.zk.exists(self.layout.version_path(key))
         return (int(stat.mzxid), int(stat.version)) if stat else (0, -1)
 
@@ -384,7 +428,7 @@ class Coordinator:
         ``CoordinationError`` (the lock may then be held: see
         :meth:`adopt_lock`).
         """
-        self.require_usable()
+        self.require_writable()
         generation = self.state_generation
         lock = await acquire_write_lock(
             self.zk, self.layout, key, self.member_id, timeout, expected_data_version, intent=intent
@@ -401,17 +445,17 @@ class Coordinator:
         return WriteLock(self.zk, layout.lock_path(key), layout.version_path(key), intent_version=None, session=session)
 
     def check_lock(self, generation: int) -> None:
-        """Raise unless the session is usable and unchanged since ``generation``.
+        """Raise unless the session is writable and unchanged since ``generation``.
 
         Without fencing tokens at the origin this narrows, but cannot close,
         the window in which a lock lost to session expiry is still used.
         """
-        if generation != self.state_generation or not self.usable:
+        if generation != self.state_generation or not self.writable:
             raise CoordinationError("the ZooKeeper session moved while holding the lock; nothing was written")
 
     async def publish(self, keys: list[str], prefixes: list[str], everything: bool) -> InvalidationReceipt:
         """Publish a fleet-wide invalidation (see ``operations.publish_invalidation``)."""
-        self.require_usable()
+        self.require_writable()
         return await publish_invalidation(
             self.zk, self.layout, keys=keys, prefixes=prefixes, everything=everything, by=self.member_id
         )
@@ -434,6 +478,12 @@ class Coordinator:
     def require_usable(self, purpose: str = "") -> None:
         """Raise :class:`NotConnected` (saying why, and for what) unless :attr:`usable`."""
         if not self.usable:
+            state = self.describe_state()
+            raise NotConnected(f"{purpose}: {state}" if purpose else state)
+
+    def require_writable(self, purpose: str = "") -> None:
+        """Raise :class:`NotConnected` (saying why, and for what) unless :attr:`writable`."""
+        if not self.writable:
             state = self.describe_state()
             raise NotConnected(f"{purpose}: {state}" if purpose else state)
 

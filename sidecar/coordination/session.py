@@ -100,6 +100,9 @@ class ZkSession:
         # included). kazoo sends no pings while requests flow, so a silently
         # dead link is only noticed here (see Coordinator's heartbeat).
         self.last_heard = float("-inf")  # time.monotonic()
+        # time.monotonic() when the current connection came up: a last_heard
+        # older than this was heard on an earlier connection.
+        self.connected_at = float("inf")
         self._on_state = on_state
         # The zxid of the last reply read before the latest connection loss:
         # every event for a change up to it was read before that reply.
@@ -189,6 +192,8 @@ class ZkSession:
     def _apply_state(self, state: ZkState, last_zxid: int = 0) -> None:
         if state is not ZkState.CONNECTED:
             self.loss_zxid = last_zxid
+        else:
+            self.connected_at = time.monotonic()
         self.state = state
         log.info("zookeeper session state: %s (session 0x%x)", state.value, self.session_id or 0)
         if state is ZkState.CONNECTED:
