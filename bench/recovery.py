@@ -1,6 +1,8 @@
-"""A ZooKeeper rolling restart under load: what two sidecars with N cached keys cost the origin and ZooKeeper.
+"""Recovery under load: a ZooKeeper rolling restart, and a session expiry, with N cached keys per sidecar.
 
     .venv/bin/python -m bench.recovery [--keys 20000] [--quick] [--out bench/results]
+
+**Rolling restart.**
 
 A 3-node ensemble on loopback, a SQLite origin with N rows, two sidecars
 that read all N keys first (each caches N), then steady load from this
@@ -12,7 +14,10 @@ baseline's rates:
 
 * origin reads above baseline (the sidecars' misses plus uncached bypass
   reads, from ``/v1/stats``), as a share of the cached entries;
-* reads answered 5xx, writes refused;
+* reads answered 5xx; writes refused, and how many of those overlapped a
+  time when no server was leader (``srvr`` on every server, every 50 ms):
+  a write waits up to ``lock_timeout`` for a connection, so the others are
+  refusals the ensemble did not force;
 * the longest time each sidecar was not ready (``/readyz`` polled every 50 ms);
 * ZooKeeper packets received above baseline (``mntr`` on every server), per
   cached entry.
@@ -21,6 +26,17 @@ Issue #11 measured the code before setWatches and watch removal on the same
 scenario with 20,000 keys: 6.6 to 13.7% of the cached entries re-read from
 the origin, each sidecar not ready for 10 to 16 s (writes refused all that
 time), up to 7,000 ZooKeeper packets/s against 46.
+
+**Session expiry.** One ZooKeeper server, two sidecars caching the same N
+keys (a 6 s session). Sidecar 0's link (a TCP proxy this process owns) is cut
+until ZooKeeper has expired its session; meanwhile 1% of the keys are
+written through sidecar 1, and sidecar 0 is read for those keys all along.
+Then the link heals, sidecar 0 gets a new session and restores its watches
+by zxid.  Measured: entries kept and dropped (from ``/v1/stats`` and by
+reading every changed key and a sample of the others), stale reads (the old
+value of a changed key, read after its write was acknowledged and after
+sidecar 0's grace ran out), the time from heal to ready, and ZooKeeper
+packets for the recovery per cached entry.
 """
 
 from __future__ import annotations
@@ -35,8 +51,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from kazoo.client import KazooClient
 
-from sidecar.dev import SidecarProcess
+from sidecar.coordination import Layout
+from sidecar.dev import SidecarProcess, TcpProxy
 from sidecar.dev.zookeeper import LocalEnsemble, LocalZooKeeper
 
 from .common import create_origin_schema, graceful_sigterm, machine, machine_line, write_results
@@ -45,6 +63,8 @@ READS_PER_SECOND = 600
 WRITE_INTERVAL = 0.2
 BASELINE_SECONDS = 10.0
 SETTLE_SECONDS = 3.0  # between one server being back and the next stop
+EXPIRY_SESSION = 6.0
+EXPIRY_CHANGED = 0.01  # share of the keys written while sidecar 0 is cut off
 
 
 def _packets(servers: list[LocalZooKeeper]) -> int:
@@ -70,16 +90,19 @@ class Load:
     def __init__(self, sidecars: list[SidecarProcess], keys: int) -> None:
         self.sidecars, self.keys = sidecars, keys
         self.reads = self.read_errors = self.writes = self.write_errors = 0
+        self.refused: list[tuple[float, float]] = []  # (sent, answered) of each refused write
         self.not_ready: list[list[tuple[float, float]]] = [[] for _ in sidecars]
+        self.leaderless: list[tuple[float, float]] = []  # no server in leader mode
         self.packets = 0  # received by every server since the load began
         self._stop = asyncio.Event()
 
     async def run(self, servers: list[LocalZooKeeper]) -> None:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
             await asyncio.gather(
                 self._reader(http),
                 self._writer(http),
                 self._count_packets(servers),
+                self._leaders(servers),
                 *(self._ready(i) for i in range(2)),
             )
 
@@ -95,6 +118,28 @@ class Load:
                 self.packets += value - before if value >= before else value
                 last[server.port] = value
             await asyncio.sleep(0.5)
+
+    async def _leaders(self, servers: list[LocalZooKeeper]) -> None:
+        since: float | None = None
+        while not self._stop.is_set():
+            modes = await asyncio.to_thread(lambda: [s.mode() for s in servers])
+            now = time.monotonic()
+            if "leader" not in modes and since is None:
+                since = now
+            elif "leader" in modes and since is not None:
+                self.leaderless.append((since, now))
+                since = None
+            await asyncio.sleep(0.05)
+        if since is not None:
+            self.leaderless.append((since, time.monotonic()))
+
+    def refused_without_leader(self, slack: float = 0.2) -> int:
+        """Refused writes that overlapped a time with no leader (widened by the polling's ``slack``)."""
+        return sum(
+            1
+            for sent, answered in self.refused
+            if any(a - slack <= answered and sent <= b + slack for a, b in self.leaderless)
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -128,13 +173,17 @@ class Load:
         rng = random.Random(2)
         while not self._stop.is_set():
             key = f"k/{rng.randrange(self.keys):06d}"
+            sent = time.monotonic()
             try:
                 async with http.put(f"{self.sidecars[0].url}/v1/keys/{key}", data=b"w" * 1024) as resp:
                     await resp.read()
                     self.writes += 1
-                    self.write_errors += resp.status >= 500
+                    refused = resp.status >= 500
             except (aiohttp.ClientError, TimeoutError):
+                refused = True
+            if refused:
                 self.write_errors += 1
+                self.refused.append((sent, time.monotonic()))
             await asyncio.sleep(WRITE_INTERVAL)
 
     async def _ready(self, i: int) -> None:
@@ -242,6 +291,8 @@ async def _measure(keys: int, tmp: Path) -> dict[str, Any]:
             "read_5xx": load.read_errors - errors_before[0],
             "writes": load.writes,
             "write_5xx": load.write_errors - errors_before[1],
+            "write_5xx_without_leader": load.refused_without_leader(),
+            "leaderless_s": sum(b - a for a, b in load.leaderless),
             "not_ready_max_s": [max((b - a for a, b in spans), default=0.0) for spans in load.not_ready],
         }
     finally:
@@ -250,18 +301,185 @@ async def _measure(keys: int, tmp: Path) -> dict[str, Any]:
         ensemble.stop()
 
 
+async def _read_value(http: aiohttp.ClientSession, side: SidecarProcess, key: str) -> tuple[int, str, bytes]:
+    async with http.get(f"{side.url}/v1/keys/{key}") as resp:
+        return resp.status, resp.headers.get("X-Cache", ""), await resp.read()
+
+
+def _member_alive(hosts: str, root: str, member: str) -> bool:
+    client = KazooClient(hosts=hosts)
+    client.start(timeout=10)
+    try:
+        return client.exists(Layout(root).member_path(member)) is not None
+    finally:
+        client.stop()
+        client.close()
+
+
+async def _measure_expiry(keys: int, tmp: Path) -> dict[str, Any]:
+    db = tmp / "expiry.db"
+    await create_origin_schema(db)
+    conn = sqlite3.connect(db)
+    conn.executemany(
+        "INSERT INTO kv (key, value, content_type, updated_at) VALUES (?, ?, 'text/plain', 0)",
+        [(f"k/{i:06d}", b"x" * 1024) for i in range(keys)],
+    )
+    conn.commit()
+    conn.close()
+    zk = LocalZooKeeper(tmp / "zk-expiry")
+    await asyncio.to_thread(zk.start)
+    proxy = TcpProxy(zk.host, zk.port)
+    proxy.start()
+    settings = {
+        "namespace": "expiry",
+        "origin": f"sqlite:///{db}",
+        "log_level": "warning",
+        "max_entries": str(keys * 2),
+        "zk_session_timeout": f"{EXPIRY_SESSION:g}s",
+    }
+    sidecars = [
+        SidecarProcess(tmp, f"ex{i}", {**settings, "zk": address, "member_id": f"ex{i}"})
+        for i, address in enumerate([proxy.address, zk.hosts])
+    ]
+    a, b = sidecars
+    try:
+        for s in sidecars:
+            await asyncio.to_thread(s.start, True, 60)
+        for s in sidecars:
+            await _fill(s, keys)
+        cached = a.stats()["entries"]
+        grace = EXPIRY_SESSION / 3  # the default suspended_grace
+        changed = [f"k/{i:06d}" for i in random.Random(3).sample(range(keys), max(1, int(keys * EXPIRY_CHANGED)))]
+        acked: dict[str, float] = {}
+        stale = stale_in_grace = reads = 0
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            proxy.cut()
+            cut_at = time.monotonic()
+
+            async def writer() -> None:
+                for key in changed:
+                    async with http.put(f"{b.url}/v1/keys/{key}", data=b"new") as resp:
+                        assert resp.status == 200, await resp.text()
+                    acked[key] = time.monotonic()
+
+            async def reader() -> None:
+                nonlocal stale, stale_in_grace, reads
+                rng = random.Random(4)
+                while not expired.is_set():
+                    done = list(acked.items())
+                    if not done:
+                        await asyncio.sleep(0.01)
+                        continue
+                    key, acked_at = done[rng.randrange(len(done))]
+                    sent = time.monotonic()
+                    status, _, value = await _read_value(http, a, key)
+                    reads += 1
+                    if status == 200 and value != b"new" and sent > acked_at:
+                        if sent <= cut_at + grace + 0.5:
+                            stale_in_grace += 1
+                        else:
+                            stale += 1
+                    await asyncio.sleep(0.002)
+
+            expired = asyncio.Event()
+            read_task = asyncio.ensure_future(reader())
+            await writer()
+            root = f"/zkcache/{settings['namespace']}"
+            deadline = time.monotonic() + 4 * EXPIRY_SESSION
+            while await asyncio.to_thread(_member_alive, zk.hosts, root, "ex0"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("ZooKeeper did not expire sidecar 0's session")
+                await asyncio.sleep(0.2)
+            expired.set()
+            await read_task
+            partition = time.monotonic() - cut_at
+            packets0 = int(zk.mntr().get("zk_packets_received", 0))
+            healed_at = time.monotonic()
+            proxy.heal()
+            await asyncio.to_thread(a.wait_ready, 30)
+            ready_after = time.monotonic() - healed_at
+            packets = int(zk.mntr().get("zk_packets_received", 0)) - packets0
+            stats = a.stats()
+            kept = stats["entries"]
+            changed_set = set(changed)
+            wrong_changed = sum([await _read_value(http, a, key) != (200, "miss", b"new") for key in changed])
+            sample = [f"k/{i:06d}" for i in random.Random(5).sample(range(keys), min(keys, 2000))]
+            sample = [key for key in sample if key not in changed_set]
+            unchanged_not_hit = sum([await _read_value(http, a, key) != (200, "hit", b"x" * 1024) for key in sample])
+        return {
+            "keys": keys,
+            "cached": cached,
+            "changed": len(changed),
+            "partition_s": partition,
+            "sessions": stats["zookeeper"]["sessions"],
+            "kept_after": kept,
+            "expected_kept": cached - len(changed),
+            "changed_not_refetched": wrong_changed,
+            "unchanged_sampled": len(sample),
+            "unchanged_not_hit": unchanged_not_hit,
+            "reads_during_partition": reads,
+            "stale_after_grace": stale,
+            "stale_within_grace": stale_in_grace,
+            "ready_after_heal_s": ready_after,
+            "restore_packets": packets,
+            "restore_seconds": stats["revalidation"]["seconds"],
+        }
+    finally:
+        for s in sidecars:
+            s.stop()
+        proxy.stop()
+        zk.stop()
+
+
+def _expiry_markdown(e: dict[str, Any]) -> str:
+    rows = [
+        ("sessions of sidecar 0 afterwards", f"{e['sessions']} (a new one)"),
+        (
+            "entries kept after the new session's restore",
+            f"{e['kept_after']:,} (cached minus changed: {e['expected_kept']:,})",
+        ),
+        ("changed keys not read again from the origin with the new value", f"{e['changed_not_refetched']}"),
+        ("unchanged keys (sample) not served as hits", f"{e['unchanged_not_hit']} of {e['unchanged_sampled']:,}"),
+        (
+            "stale reads after the grace",
+            f"{e['stale_after_grace']} (within the grace, as documented: {e['stale_within_grace']})",
+        ),
+        ("heal to ready", f"{e['ready_after_heal_s']:.2f} s (restore {1000 * e['restore_seconds']:.0f} ms)"),
+        (
+            "ZooKeeper packets from heal to ready, per cached entry",
+            f"{e['restore_packets'] / max(e['cached'], 1):.4f} ({e['restore_packets']:,})",
+        ),
+    ]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return f"""## Session expiry
+
+One ZooKeeper server, two sidecars with {e["cached"]:,} cached keys each, a {EXPIRY_SESSION:g} s session.
+Sidecar 0 was cut off for {e["partition_s"]:.1f} s, until ZooKeeper expired its session; meanwhile
+{e["changed"]:,} keys were written through sidecar 1 and read on sidecar 0 ({e["reads_during_partition"]:,} reads).
+
+| measurement | this run |
+|---|---|
+{table}
+"""
+
+
 def run(quick: bool, out_dir: Path, keys: int | None = None) -> str:
     """Measure, write ``recovery.json`` and ``recovery.md``, return the Markdown section."""
     keys = keys or (2000 if quick else 20000)
     info = machine()
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
         data = asyncio.run(_measure(keys, Path(tmp)))
+        expiry = asyncio.run(_measure_expiry(keys, Path(tmp)))
     cached = sum(data["cached"])
     above = max(0.0, data["origin_reads_above_baseline"])
     packets = max(0.0, data["packets_above_baseline"])
     expected = data["baseline_packets_per_s"] * data["restart_seconds"]
     during = data["packets_above_baseline"] + expected
     packet_cell = f"{packets / cached:.3f} ({during:,.0f} received, {expected:,.0f} at the baseline rate)"
+    writes_cell = (
+        f"{data['write_5xx']} of {data['writes']}; {data['write_5xx_without_leader']} of them while no server "
+        f"was leader ({data['leaderless_s']:.1f} s in all)"
+    )
     command = "python -m bench.recovery" + (" --quick" if quick else f" --keys {keys}")
     md = f"""## ZooKeeper rolling restart under load
 
@@ -273,15 +491,17 @@ The restart took {data["restart_seconds"]:.0f} s.
 |---|---|---|
 | origin reads above baseline, share of cached entries | {above:,.0f} ({100 * above / cached:.2f}%) | 6.6-13.7% |
 | reads answered 5xx | {data["read_5xx"]} of {data["reads"]:,} | |
-| writes refused (5xx) | {data["write_5xx"]} of {data["writes"]} | refused while not ready |
+| writes refused (5xx) | {writes_cell} | refused while not ready |
 | longest not-ready time per sidecar | {" / ".join(f"{s:.2f} s" for s in data["not_ready_max_s"])} | 10-16 s |
 | ZooKeeper packets above baseline, per cached entry | {packet_cell} | about 1 |
 
 Baseline: {data["baseline_origin_reads_per_s"]:.1f} origin reads/s, {data["baseline_packets_per_s"]:.0f} ZooKeeper
 packets/s (all servers; sampled every 0.5 s, a restarted server's counter counted from zero).
 
+{_expiry_markdown(expiry)}
 {machine_line(command, info)}
 """
+    data["expiry"] = expiry
     write_results(out_dir, "recovery", data, md)
     return md
 
