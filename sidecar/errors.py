@@ -175,6 +175,18 @@ class WriteOutcomeUncertain(CoordinationError):
     problem, title = "write-outcome-uncertain", "Written, but the lock was lost: the outcome is uncertain"
 
 
+class WriteAbandoned(SidecarError):
+    """Nothing was written: the client went away, or the sidecar began to stop, before the write took its lock.
+
+    A write waits up to ``lock_timeout`` for a connection and for the key's
+    lock; one that nobody waits for any more must not land later, over a
+    write the client made elsewhere meanwhile.  Past the lock a write always
+    runs to its end.
+    """
+
+    status, problem, title = 503, "write-abandoned", "Nothing written: the client left or the sidecar is stopping"
+
+
 class InvalidationNotPublished(CoordinationError):
     """The origin was written but the version bump could not be published.
 

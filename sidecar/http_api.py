@@ -216,12 +216,19 @@ async def put_key(service: CacheService, request: web.BaseRequest) -> web.Stream
         OriginValue(body, ctype),
         if_match=None if if_match is None else _parse_etag(if_match, "If-Match"),
         if_none_match=if_none_match is not None,
+        wanted=_client_waits(request),
     )
     return web.Response(
         body=orjson.dumps({"key": key, "version": written.version}),
         content_type="application/json",
         headers={"ETag": _etag(written.version), "Server-Timing": _server_timing(written)},
     )
+
+
+def _client_waits(request: web.BaseRequest) -> Callable[[], bool]:
+    # aiohttp drops the transport when the client disconnects (a client
+    # timeout closes the connection): a write not yet locked is then dropped.
+    return lambda: request.transport is not None and not request.transport.is_closing()
 
 
 def _server_timing(written: Written) -> str:
@@ -234,7 +241,9 @@ async def delete_key(service: CacheService, request: web.BaseRequest) -> web.Str
     """DELETE /v1/keys/{key}: delete-through; the version bump is the tombstone."""
     key = _key_of(request)
     if_match = request.headers.get("If-Match")
-    written = await service.delete(key, if_match=None if if_match is None else _parse_etag(if_match, "If-Match"))
+    written = await service.delete(
+        key, if_match=None if if_match is None else _parse_etag(if_match, "If-Match"), wanted=_client_waits(request)
+    )
     return web.Response(status=204, headers={"ETag": _etag(written.version), "Server-Timing": _server_timing(written)})
 
 

@@ -17,7 +17,7 @@ Serving policy by session state is ``ReadProtocol.cached``; the README's
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import __version__
@@ -74,6 +74,7 @@ class CacheService:
         """Finish writes in progress, leave the fleet, close the origin: within ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout if timeout is not None else self.config.lock_timeout + 5.0)
+        self.writes.stopping = True  # writes not yet locked give up; the others finish below
         # Closing the session needs a moment of the budget; writes get the rest.
         if self._writes:
             await asyncio.wait(self._writes, timeout=max(0.0, deadline - loop.time() - 1.5))
@@ -135,16 +136,29 @@ class CacheService:
 
     # -- writes -------------------------------------------------------------
     async def put(
-        self, key: str, value: OriginValue, *, if_match: int | None = None, if_none_match: bool = False
+        self,
+        key: str,
+        value: OriginValue,
+        *,
+        if_match: int | None = None,
+        if_none_match: bool = False,
+        wanted: Callable[[], bool] = lambda: True,
     ) -> Written:
-        """Write-through; returns the new version (``writes.WriteProtocol``)."""
+        """Write-through; returns the new version (``writes.WriteProtocol``).
+
+        ``wanted``: whether the client still waits (asked until the write is locked).
+        """
         if len(value.value) > self.config.max_value_bytes:
             raise PayloadTooLarge(f"value is {len(value.value)} bytes; the limit is {self.config.max_value_bytes}")
-        return await self._shielded(self.writes.write(key, value, if_match=if_match, if_none_match=if_none_match))
+        return await self._shielded(
+            self.writes.write(key, value, if_match=if_match, if_none_match=if_none_match, wanted=wanted)
+        )
 
-    async def delete(self, key: str, *, if_match: int | None = None) -> Written:
+    async def delete(
+        self, key: str, *, if_match: int | None = None, wanted: Callable[[], bool] = lambda: True
+    ) -> Written:
         """Delete-through; the version bump is the tombstone. Returns it."""
-        return await self._shielded(self.writes.write(key, None, if_match=if_match))
+        return await self._shielded(self.writes.write(key, None, if_match=if_match, wanted=wanted))
 
     async def _shielded(self, coro: Awaitable[Written]) -> Written:
         # Once the origin may have changed, the version bump must follow even

@@ -5,6 +5,7 @@ it; this is the one implementation.  Per key::
 
     local asyncio lock (one writer per key per sidecar; also waits for the janitor)
     -> [If-Match: read the version and its data version]
+    -> still wanted? (the client is there, the sidecar not stopping)
     -> multi[create lock, version := "" (intent)]                 ZooKeeper round trip 1
     -> [If-None-Match: read the origin, then the intent]
     -> drop our own entry -> session unchanged? -> origin write
@@ -28,6 +29,13 @@ Invariants, and what keeps each one:
 * *The key stays locked until the origin call has really ended*: origins
   return only once a write can no longer land (SQLite cancels a write that
   has not started, or waits for the one that has).
+* *A write nobody waits for does not land later*: until it takes the lock
+  (the point of no return) a write is dropped once its client has gone or
+  the sidecar is stopping (``WriteAbandoned``); otherwise a client that gave
+  up and wrote elsewhere would be overwritten when this one got through.
+
+Waiting for a connection, for the janitor and for the lock share one
+``lock_timeout``; publishing after the origin write has its own.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from .errors import (
     InvalidationNotPublished,
     LockTimeout,
     PreconditionFailed,
+    WriteAbandoned,
     WriteOutcomeUncertain,
 )
 from .origins import Origin, OriginValue
@@ -183,6 +192,7 @@ class WriteProtocol:
         self._written = written  # (key, deleted): counters, and the writer's refill
         self._local_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self.janitor = LockJanitor(coord, drop)
+        self.stopping = False  # set by the service's stop: writes not yet locked are dropped
 
     def _local_lock(self, key: str) -> asyncio.Lock:
         local = self._local_locks.get(key)
@@ -196,16 +206,37 @@ class WriteProtocol:
         return self._coord.note(op, uuid.uuid4().hex[:16])
 
     async def write(
-        self, key: str, value: OriginValue | None, *, if_match: int | None = None, if_none_match: bool = False
+        self,
+        key: str,
+        value: OriginValue | None,
+        *,
+        if_match: int | None = None,
+        if_none_match: bool = False,
+        wanted: Callable[[], bool] = lambda: True,
     ) -> Written:
-        """PUT (``value``) or DELETE (``None``) through the origin; returns the new version."""
+        """PUT (``value``) or DELETE (``None``) through the origin; returns the new version.
+
+        ``wanted`` says whether anyone still waits for the answer (the HTTP
+        client is connected): asked until the write takes its lock.
+        """
         validate_key(key)
+
+        def still_wanted() -> bool:
+            return not self.stopping and wanted()
+
+        if not still_wanted():
+            raise WriteAbandoned("the sidecar is stopping")
+        deadline = time.monotonic() + self._config.lock_timeout
+
+        def remaining() -> float:
+            return max(0.0, deadline - time.monotonic())
+
         # A live session is enough (not a restored cache): see Coordinator.writable.
-        await self._coord.wait_writable(self._config.lock_timeout, "writes need ZooKeeper")
+        await self._coord.wait_writable(remaining(), "writes need ZooKeeper")
         lap = _Laps()
         local = self._local_lock(key)
         async with local:
-            await self.janitor.settle(key, self._config.lock_timeout)
+            await self.janitor.settle(key, remaining())
             expected: int | None = None
             if if_match is not None:
                 current, expected = await self._coord.read_version_for_cas(key)
@@ -216,14 +247,14 @@ class WriteProtocol:
             try:
                 # If-None-Match may still refuse after the lock: intent only once it cannot.
                 lock, generation = await self._coord.lock_for_write(
-                    key, self._config.lock_timeout, expected, intent=not if_none_match
+                    key, remaining(), expected, intent=not if_none_match, wanted=still_wanted
                 )
             except VersionConflict:
                 current = await self._coord.read_version(key)
                 raise PreconditionFailed(
                     f'If-Match "{if_match}" but the current version is "{current}"', current
                 ) from None
-            except LockTimeout:
+            except (LockTimeout, WriteAbandoned):
                 raise
             except CoordinationError:
                 # The transaction may have landed before the connection broke:

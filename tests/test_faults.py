@@ -548,12 +548,15 @@ async def test_a_fill_in_flight_when_a_prefix_invalidation_arrives_is_never_inst
 async def test_writes_work_while_the_watches_are_being_restored(
     zk_server: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession
 ) -> None:
-    """A sidecar that reconnected and is still restoring its watches takes
-    writes; the fleet sees them, and the writer itself once ready."""
+    """A sidecar that reconnected and is still setting up takes writes; the
+    fleet sees them, and so does the writer: it dropped its own entry, so a
+    second loss within the first loss's grace does not bring the old value
+    back, and once ready it serves the new one and keeps the other entries."""
     proxy = TcpProxy(zk_server.host, zk_server.port)
     proxy.start()
     try:
-        a = sidecars("a", zk=proxy.address, zk_session_timeout="9s")
+        # A long grace, so that it still runs after the second cut below.
+        a = sidecars("a", zk=proxy.address, zk_session_timeout="24s", suspended_grace="8s")
         b = sidecars("b")
         for i in range(20):
             await put(http, b.url, f"r/{i}", b"v1")
@@ -562,20 +565,27 @@ async def test_writes_work_while_the_watches_are_being_restored(
         proxy.cut()
         await eventually(lambda: not a.is_ready(), what="A losing its link")
         proxy.heal()
-        proxy.delay(0.4)  # after heal (which resets it): A's setup takes several round trips
+        proxy.delay(0.2)  # after heal (which resets it): A's setup takes several round trips
 
         await eventually(a.setting_up, timeout=15, what="A reconnected and setting up")
         async with http.put(a.url + "/v1/keys/r/0", data=b"v2") as resp:
             body = await resp.text()
-            assert resp.status == 200, f"a write through a sidecar restoring its watches: {resp.status} {body}"
+            assert resp.status == 200, f"a write through a sidecar setting up: {resp.status} {body}"
             version = resp.headers["ETag"]
+
+        proxy.cut()  # a second loss, within the first one's grace: A may serve what it has cached
+        await eventually(lambda: a.stats()["zookeeper"]["state"] == "suspended", what="A losing its link again")
+        status, source, value, _ = await get(http, a.url, "r/0")
+        assert (status, value) == (200, b"v2"), f"A acknowledged v2, then served {source} {value!r}"
+        assert (await get(http, a.url, "r/1"))[1] == "hit", "within the grace A should still serve r/1"
 
         async def b_serves_it() -> bool:
             status, _, value, headers = await get(http, b.url, "r/0")
             return (status, value, headers.get("ETag")) == (200, b"v2", version)
 
         await eventually(b_serves_it, what="B serving A's write")
-        a.wait_ready(20)
+        proxy.heal()
+        a.wait_ready(30)
         assert (await get(http, a.url, "r/0"))[2] == b"v2"
         for i in range(1, 20):
             assert (await get(http, a.url, f"r/{i}"))[1] == "hit", f"r/{i} should have survived the restore"
@@ -609,5 +619,38 @@ async def test_a_write_waits_for_the_reconnect_instead_of_failing(
             return (await get(http, b.url, "w/1"))[2] == b"v2"
 
         await eventually(b_serves_it, what="B serving the write A made once reconnected")
+    finally:
+        proxy.stop()
+
+
+async def test_a_write_whose_client_went_away_before_it_took_the_lock_is_dropped(
+    zk_server: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession, sqlite_url: str
+) -> None:
+    """Review finding: a client gives up on a PUT through A while A waits for
+    a connection, and writes through B instead (200).  A's write had done
+    nothing yet; when A reconnects it must not run, or it would overwrite
+    the acknowledged value."""
+    proxy = TcpProxy(zk_server.host, zk_server.port)
+    proxy.start()
+    try:
+        a = sidecars("a", zk=proxy.address, zk_session_timeout="9s", lock_timeout="10s")
+        b = sidecars("b")
+        assert (await put(http, b.url, "k", b"v0"))[0] == 200
+        proxy.cut()
+        await eventually(lambda: a.stats()["zookeeper"]["state"] == "suspended", what="A losing its link")
+        with pytest.raises(TimeoutError):
+            async with http.put(a.url + "/v1/keys/k", data=b"abandoned", timeout=aiohttp.ClientTimeout(total=1)):
+                pass
+        status, body, _ = await put(http, b.url, "k", b"acknowledged")
+        assert status == 200, body
+        proxy.heal()
+        await eventually(lambda: a.stats()["writes_in_progress"] == 0, timeout=15, what="A's write ending")
+        a.wait_ready(20)
+        db = sqlite3.connect(sqlite_path(sqlite_url))
+        (stored,) = db.execute("SELECT value FROM kv WHERE key = ?", ("k",)).fetchone()
+        db.close()
+        assert stored == b"acknowledged", f"a write abandoned by its client landed after a later one: {stored!r}"
+        _, _, value, _ = await get(http, b.url, "k", params={"consistency": "strong"})
+        assert value == b"acknowledged"
     finally:
         proxy.stop()

@@ -417,7 +417,13 @@ class Coordinator:
         return (int(stat.mzxid), int(stat.version)) if stat else (0, -1)
 
     async def lock_for_write(
-        self, key: str, timeout: float, expected_data_version: int | None = None, *, intent: bool = True
+        self,
+        key: str,
+        timeout: float,
+        expected_data_version: int | None = None,
+        *,
+        intent: bool = True,
+        wanted: Callable[[], bool] = lambda: True,
     ) -> tuple[WriteLock, int]:
         """Take ``key``'s write lock with its intent bump (see ``lock``); also a token for :meth:`check_lock`.
 
@@ -431,7 +437,7 @@ class Coordinator:
         self.require_writable()
         generation = self.state_generation
         lock = await acquire_write_lock(
-            self.zk, self.layout, key, self.member_id, timeout, expected_data_version, intent=intent
+            self.zk, self.layout, key, self.member_id, timeout, expected_data_version, intent=intent, wanted=wanted
         )
         return lock, generation
 

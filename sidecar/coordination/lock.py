@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -37,7 +38,7 @@ from kazoo.exceptions import (
 )
 
 from .. import bridge
-from ..errors import CoordinationError, LockTimeout
+from ..errors import CoordinationError, LockTimeout, WriteAbandoned
 from .layout import Layout
 from .session import ZkSession, ZnodeStat
 
@@ -228,6 +229,7 @@ async def acquire_write_lock(
     expected_version: int | None = None,
     *,
     intent: bool = True,
+    wanted: Callable[[], bool] = lambda: True,
 ) -> WriteLock:
     """Take ``key``'s lock and put its version znode in intent, atomically.
 
@@ -236,7 +238,9 @@ async def acquire_write_lock(
     ``intent=False`` takes only the lock, for a write that may still be
     refused without leaving a trace (If-None-Match); it then calls
     :meth:`WriteLock.mark_intent` itself.  Waits up to ``timeout`` seconds
-    for another holder: :class:`LockTimeout`.
+    for another holder: :class:`LockTimeout`.  ``wanted`` is asked before
+    every attempt (none of the earlier ones landed): once it says no, the
+    write is dropped with :class:`WriteAbandoned` and nothing was written.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -244,6 +248,8 @@ async def acquire_write_lock(
     data = orjson.dumps({"member": owner, "session": f"0x{zk.session_id or 0:x}"})
     version_exists = expected_version != -1
     while True:
+        if not wanted():
+            raise WriteAbandoned("the client went away (or the sidecar is stopping) before the write took its lock")
         tx = zk.client.transaction()
         tx.create(lock_path, data, ephemeral=True)
         if intent and version_exists:
