@@ -74,7 +74,7 @@ class CacheService:
         """Finish writes in progress, leave the fleet, close the origin: within ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout if timeout is not None else self.config.lock_timeout + 5.0)
-        self.writes.stopping = True  # writes not yet locked give up; the others finish below
+        self.refuse_writes()
         # Closing the session needs a moment of the budget; writes get the rest.
         if self._writes:
             await asyncio.wait(self._writes, timeout=max(0.0, deadline - loop.time() - 1.5))
@@ -89,6 +89,14 @@ class CacheService:
         for task in self._background:
             task.cancel()
         await self.coord.stop(timeout=max(0.1, deadline - loop.time()))
+
+    def refuse_writes(self) -> None:
+        """The sidecar is stopping: writes that have not reached the origin answer 503 ``write-abandoned``.
+
+        Called before the HTTP server drains, so that writes waiting for a
+        connection answer instead of holding the drain up.
+        """
+        self.writes.refuse()
 
     @property
     def ready(self) -> bool:

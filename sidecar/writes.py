@@ -41,11 +41,12 @@ Waiting for a connection, for the janitor and for the lock share one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,7 @@ from .errors import (
     CoordinationError,
     InvalidationNotPublished,
     LockTimeout,
+    NotConnected,
     PreconditionFailed,
     WriteAbandoned,
     WriteOutcomeUncertain,
@@ -112,6 +114,10 @@ class LockJanitor:
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+    def pending(self, key: str) -> bool:
+        """True while background work for ``key`` is under way (:meth:`settle` would wait)."""
+        return key in self._tasks
 
     def publish(self, key: str, lock: WriteLock, note: bytes) -> None:
         """Keep trying to publish ``note`` (the origin has the new value) and release."""
@@ -192,7 +198,38 @@ class WriteProtocol:
         self._written = written  # (key, deleted): counters, and the writer's refill
         self._local_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self.janitor = LockJanitor(coord, drop)
-        self.stopping = False  # set by the service's stop: writes not yet locked are dropped
+        # Set when the sidecar begins to stop: writes not yet at the origin are dropped.
+        self._stopping = asyncio.Event()
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`refuse` was called."""
+        return self._stopping.is_set()
+
+    def refuse(self) -> None:
+        """The sidecar is stopping: new writes, and writes still waiting (for a connection,
+        the janitor, or their lock's reply), answer ``WriteAbandoned``; nothing of theirs reaches the origin."""
+        self._stopping.set()
+
+    async def _unless_stopping(self, waiting: Awaitable[None]) -> None:
+        # Only for waits that change nothing (a connection, the janitor), so
+        # that dropping them when the sidecar stops is safe.
+        task = asyncio.ensure_future(waiting)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            stop.cancel()
+            raise
+        stop.cancel()
+        if task in done:
+            task.result()
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise WriteAbandoned("the sidecar is stopping; nothing was written")
 
     def _local_lock(self, key: str) -> asyncio.Lock:
         local = self._local_locks.get(key)
@@ -224,19 +261,21 @@ class WriteProtocol:
         def still_wanted() -> bool:
             return not self.stopping and wanted()
 
-        if not still_wanted():
-            raise WriteAbandoned("the sidecar is stopping")
+        if self.stopping:
+            raise WriteAbandoned("the sidecar is stopping; nothing was written")
         deadline = time.monotonic() + self._config.lock_timeout
 
         def remaining() -> float:
             return max(0.0, deadline - time.monotonic())
 
-        # A live session is enough (not a restored cache): see Coordinator.writable.
-        await self._coord.wait_writable(remaining(), "writes need ZooKeeper")
+        if not self._coord.writable:
+            # A live session is enough (not a restored cache): see Coordinator.writable.
+            await self._unless_stopping(self._coord.wait_writable(remaining(), "writes need ZooKeeper"))
         lap = _Laps()
         local = self._local_lock(key)
         async with local:
-            await self.janitor.settle(key, remaining())
+            if self.janitor.pending(key):
+                await self._unless_stopping(self.janitor.settle(key, remaining()))
             expected: int | None = None
             if if_match is not None:
                 current, expected = await self._coord.read_version_for_cas(key)
@@ -254,8 +293,8 @@ class WriteProtocol:
                 raise PreconditionFailed(
                     f'If-Match "{if_match}" but the current version is "{current}"', current
                 ) from None
-            except (LockTimeout, WriteAbandoned):
-                raise
+            except (LockTimeout, WriteAbandoned, NotConnected):
+                raise  # no lock transaction was sent, or none landed
             except CoordinationError:
                 # The transaction may have landed before the connection broke:
                 # release whatever this session may hold, in the background.
@@ -271,6 +310,8 @@ class WriteProtocol:
                 # Intent is published: no sidecar keeps or takes a copy from here on.
                 self._drop(key)
                 self._coord.check_lock(generation)  # last look before the origin changes
+                if self.stopping:  # the origin may be closing: give the lock back untouched
+                    raise WriteAbandoned("the sidecar is stopping; nothing was written")
                 origin_touched = True
                 if value is None:
                     await self._origin.delete(key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sqlite3
 import time
 
@@ -652,5 +653,33 @@ async def test_a_write_whose_client_went_away_before_it_took_the_lock_is_dropped
         assert stored == b"acknowledged", f"a write abandoned by its client landed after a later one: {stored!r}"
         _, _, value, _ = await get(http, b.url, "k", params={"consistency": "strong"})
         assert value == b"acknowledged"
+    finally:
+        proxy.stop()
+
+
+async def test_sigterm_answers_writes_waiting_for_a_connection_and_exits_in_time(
+    zk_server: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """Review finding: a write waiting for ZooKeeper held the HTTP drain up
+    (aiohttp waits its shutdown timeout twice) and the client got a cut
+    connection.  Now it answers 503 write-abandoned as the stop begins, and
+    the process exits within shutdown_timeout."""
+    proxy = TcpProxy(zk_server.host, zk_server.port)
+    proxy.start()
+    try:
+        a = sidecars("a", zk=proxy.address, zk_session_timeout="9s", lock_timeout="30s", shutdown_timeout="4s")
+        await put(http, a.url, "s/1", b"v1")
+        proxy.cut()
+        await eventually(lambda: a.stats()["zookeeper"]["state"] == "suspended", what="A losing its link")
+        write = asyncio.ensure_future(problem_of(http, "PUT", a.url + "/v1/keys/s/1", data=b"v2"))
+        await eventually(lambda: a.stats()["writes_in_progress"] == 1, what="A's write waiting")
+        assert a.proc is not None
+        started = time.monotonic()
+        a.proc.send_signal(signal.SIGTERM)
+        status, problem = await asyncio.wait_for(write, 10)
+        assert status == 503 and str(problem["type"]).endswith("write-abandoned"), problem
+        assert time.monotonic() - started < 1.5, "the waiting write was answered only after the drain"
+        code = await asyncio.to_thread(a.proc.wait, 10)
+        assert code == 0 and time.monotonic() - started < 4.5, f"exit {code} after {time.monotonic() - started:.1f}s"
     finally:
         proxy.stop()

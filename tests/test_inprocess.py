@@ -24,8 +24,9 @@ from kazoo.client import KazooClient
 from sidecar.cache import Entry
 from sidecar.config import load_config
 from sidecar.dev import LocalZooKeeper
+from sidecar.errors import WriteAbandoned
 from sidecar.http_api import Api
-from sidecar.origins import open_origin
+from sidecar.origins import OriginValue, open_origin
 from sidecar.service import CacheService
 from tests.conftest import eventually
 
@@ -229,3 +230,80 @@ async def test_key_events_are_timed_from_kazoos_thread_to_the_drop(
     events = (await (await client.get("/v1/stats")).json())["key_events"]
     assert events["count"] == before + 1
     assert sent < events["last_arrived_monotonic"] <= events["last_applied_monotonic"] < time.monotonic()
+
+
+# -- stopping while writes wait ----------------------------------------------
+
+
+async def test_a_lock_reply_that_arrives_after_the_stop_began_leaves_no_intent(
+    service: CacheService, other_client: KazooClient
+) -> None:
+    """Review finding: the lock transaction landed, its reply came only after
+    the sidecar began to stop and closed the origin; the write then failed
+    on the closed origin and kept its intent as if the origin might have
+    changed, leaving the key uncacheable fleet-wide.  It must give the lock
+    back with the intent cleared, and touch nothing."""
+    await service.put("k1", OriginValue(b"old", "text/plain"))
+    zk = service.coord.zk
+    real_commit = zk.commit
+    landed, deliver = asyncio.Event(), asyncio.Event()
+
+    async def late_lock_reply(transaction: Any, what: str) -> list[Any]:
+        result = await real_commit(transaction, what)
+        if what == "lock":
+            landed.set()
+            await deliver.wait()  # the lock is taken; its reply comes when the test says
+        return result
+
+    zk.commit = late_lock_reply  # type: ignore[method-assign]
+    write = asyncio.ensure_future(service.put("k1", OriginValue(b"new", "text/plain")))
+    await asyncio.wait_for(landed.wait(), 10)
+    # What CacheService.stop does first, while the session is still open.
+    service.refuse_writes()
+    await service.origin.close()
+    deliver.set()
+    outcome = (await asyncio.gather(asyncio.wait_for(write, 10), return_exceptions=True))[0]
+    assert isinstance(outcome, WriteAbandoned), repr(outcome)
+    layout = service.coord.layout
+    data, _ = other_client.get(layout.version_path("k1"))
+    assert data != b"", "the intent of a write that never reached the origin was left behind"
+    assert other_client.exists(layout.lock_path("k1")) is None
+    stored = await open_origin(service.config.origin, 5.0, 1 << 20)
+    try:
+        got = await stored.get("k1")
+    finally:
+        await stored.close()
+    assert got is not None and got.value == b"old"
+
+
+async def test_writes_waiting_for_a_connection_answer_as_soon_as_the_stop_begins(
+    zk_private: LocalZooKeeper, namespace: str, tmp_path: Path
+) -> None:
+    """Review finding: writes waiting for ZooKeeper held up the HTTP drain for
+    up to lock_timeout and used up the stop's budget; they now answer 503
+    write-abandoned when the stop begins."""
+    cfg = load_config(
+        {
+            "zk": zk_private.hosts,
+            "namespace": namespace,
+            "member_id": "stopping",
+            "origin": f"sqlite:///{tmp_path / 'o.db'}",
+            "lock_timeout": "30s",
+        },
+        env={},
+    )
+    svc = CacheService(cfg, await open_origin(cfg.origin, cfg.origin_timeout, cfg.max_value_bytes))
+    svc.start()
+    try:
+        await eventually(lambda: svc.ready, what="service ready")
+        zk_private.stop()
+        await eventually(lambda: not svc.coord.writable, what="the service noticing ZooKeeper is gone")
+        write = asyncio.ensure_future(svc.put("k1", OriginValue(b"v", "text/plain")))
+        await eventually(lambda: len(svc._writes) == 1, what="the write waiting")
+        started = time.monotonic()
+        svc.refuse_writes()
+        outcome = (await asyncio.gather(asyncio.wait_for(write, 5), return_exceptions=True))[0]
+        assert isinstance(outcome, WriteAbandoned), repr(outcome)
+        assert time.monotonic() - started < 1.0
+    finally:
+        await svc.stop(timeout=3.0)
