@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from .cache import CoherentCache, Entry
 from .config import Config
-from .coordination import Coordinator, ZkState, validate_key
+from .coordination import Coordinator, validate_key
 from .errors import (
     CoordinationError,
     FillsNotAllowed,
@@ -87,9 +87,10 @@ class ReadProtocol:
     def cached(self, key: str) -> Entry | None:
         """The cached entry if it may be served now (a hit), else ``None``.
 
-        Connected: any cached entry, as long as ZooKeeper answered within
-        ``lease + grace``.  Disconnected: for ``suspended_grace`` seconds after
-        the first loss of watches that no completed revalidation has repaired
+        Ready: any cached entry, as long as ZooKeeper answered within
+        ``lease + grace``.  Not ready (disconnected, or connected again and
+        still restoring its watches): for ``suspended_grace`` seconds after
+        the first loss of watches that no completed restore has repaired
         (``Coordinator.unwatched_since``).  So no hit is served more than
         ``2/3 * session timeout + grace`` (at most one session timeout) after
         this sidecar last heard from ZooKeeper.
@@ -107,10 +108,12 @@ class ReadProtocol:
         if coord.ready:
             return True
         # The grace counts from the first loss of watches not yet repaired by
-        # a completed revalidation: a second loss during revalidation must not
-        # start it again for entries nobody re-checked.
+        # a completed restore: a second loss during the restore must not start
+        # it again for entries nobody re-checked. The state does not matter:
+        # connected again, the restore only drops entries, never vouches for
+        # one before it completes. LOST ends the grace (unwatched_since -inf).
         since = coord.unwatched_since
-        return coord.state is ZkState.SUSPENDED and since is not None and time.monotonic() - since <= self._grace
+        return since is not None and time.monotonic() - since <= self._grace
 
     async def read_strong(self, key: str) -> tuple[Entry | Fetched, str]:
         """A read never older than any write or invalidation acknowledged before it began.

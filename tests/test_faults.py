@@ -683,3 +683,72 @@ async def test_sigterm_answers_writes_waiting_for_a_connection_and_exits_in_time
         assert code == 0 and time.monotonic() - started < 4.5, f"exit {code} after {time.monotonic() - started:.1f}s"
     finally:
         proxy.stop()
+
+
+async def test_while_it_sets_up_again_a_sidecar_serves_hits_only_within_the_grace(
+    zk_server: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """Until its watches are restored, a reconnected sidecar serves what it
+    cached for the grace counted from the first loss (as when disconnected),
+    instead of sending every read to the origin; past the grace, no hit."""
+    grace = 4.0
+    proxy = TcpProxy(zk_server.host, zk_server.port)
+    proxy.start()
+    try:
+        a = sidecars("a", zk=proxy.address, zk_session_timeout="12s", suspended_grace=f"{grace:g}s")
+        b = sidecars("b")
+        await put(http, b.url, "g/1", b"v1")
+        await get_hit(http, a.url, "g/1")
+        proxy.cut()
+        await eventually(lambda: not a.is_ready(), what="A losing its link")
+        lost_at = time.monotonic()
+        proxy.heal()
+        proxy.delay(0.5)  # after heal (which resets it): A's setup takes many seconds
+        await eventually(a.setting_up, timeout=10, what="A reconnected and setting up")
+        assert time.monotonic() - lost_at < grace - 0.5, "A took too long to reconnect for this test"
+        status, source, value, _ = await get(http, a.url, "g/1")
+        assert (status, source, value) == (200, "hit", b"v1"), "within the grace, a sidecar setting up serves hits"
+
+        await asyncio.sleep(max(0.0, lost_at + grace + 0.2 - time.monotonic()))
+        _, source, _, _ = await get(http, a.url, "g/1")
+        assert a.setting_up(), "A finished its setup before the grace ran out; the check below means nothing"
+        assert source == "bypass", f"past the grace, a sidecar still setting up served a {source}"
+    finally:
+        proxy.stop()
+
+
+async def test_a_loss_noticed_late_still_bounds_hits_by_the_last_answer(
+    zk_server: LocalZooKeeper, sidecars: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """A frozen process notices its lost connection only when it wakes.  Its
+    watches were gone since ZooKeeper last answered, so whatever state it is
+    in next (here: connected again and setting up, which serves hits within
+    the grace), no hit may come later than lease + grace after that answer
+    (at most one session timeout, as the README says)."""
+    session, grace = 15.0, 5.0
+    lease = session * 2 / 3
+    proxy = TcpProxy(zk_server.host, zk_server.port)
+    proxy.start()
+    try:
+        a = sidecars("a", zk=proxy.address, zk_session_timeout=f"{session:g}s", suspended_grace=f"{grace:g}s")
+        b = sidecars("b")
+        for key in ("f/changed", "f/same"):
+            await put(http, b.url, key, b"v1")
+            await get_hit(http, a.url, key)
+        await get(http, a.url, "f/absent")  # a miss: ZooKeeper answers A just now
+        heard = time.monotonic()
+        a.pause()
+        proxy.cut()  # nothing B does reaches A now
+        await put(http, b.url, "f/changed", b"v2")
+        await asyncio.sleep(heard + lease + 2.0 - time.monotonic())  # frozen past the lease, not past the session
+        proxy.heal()
+        proxy.delay(0.5)  # A's setup takes many seconds
+        a.resume()
+        await eventually(a.setting_up, timeout=5, what="A reconnected in the same session, setting up")
+        assert (await get(http, a.url, "f/same"))[1] == "hit", "within lease + grace of the last answer: hits"
+        await asyncio.sleep(max(0.0, heard + lease + grace + 0.5 - time.monotonic()))
+        _, source, value, _ = await get(http, a.url, "f/changed")
+        assert a.setting_up(), "A finished its setup early; the check below means nothing"
+        assert value == b"v2", f"{source} {value!r} more than lease + grace after A last heard from ZooKeeper"
+    finally:
+        proxy.stop()

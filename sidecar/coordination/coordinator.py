@@ -523,6 +523,9 @@ class Coordinator:
         # what revalidation exists to keep.
         log.warning("re-arming a namespace watch failed (%s); not ready until re-armed", task.exception())
         self._not_ready()
+        # A prefix invalidation may have arrived that we could not read: no
+        # grace for what we cache until the setup below has applied it.
+        self.unwatched_since = float("-inf")
         # A setup under way may have read the namespace before the failed
         # re-arm's change: start it over, or it could turn ready without it.
         if self._setup_task is not None:
@@ -540,7 +543,10 @@ class Coordinator:
     def _not_ready(self) -> None:
         self.ready = False
         if self.unwatched_since is None:
-            self.unwatched_since = time.monotonic()
+            # Watches are trusted only while ZooKeeper answered within the
+            # lease (see `usable`): a loss noticed late (a frozen process, a
+            # stalled loop) began no later than that, and the grace with it.
+            self.unwatched_since = min(time.monotonic(), self.zk.last_heard + self.lease)
 
     # -- session states -----------------------------------------------------
     def _on_state(self, state: ZkState) -> None:
