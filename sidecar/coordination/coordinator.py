@@ -597,6 +597,10 @@ class Coordinator:
                 # checks them against the zxid, not the session, so a new
                 # session keeps the unchanged entries too.
                 await self._events.restore(self.restore_watches)
+            # Prefix-log re-reads that events during the setup started must be
+            # applied before we confirm anything (kazoo's ordering makes them
+            # land first anyway; this does not depend on it).
+            await self.namespace.wait_idle(self._rearm_tasks)
             # Empty or just restored, with every watch armed: everything up
             # to the ackreq version read above is applied.
             await self.membership.register(applied=ackreq)

@@ -204,16 +204,18 @@ class ZkSession:
             self._on_state(state)
 
     # -- znode calls --------------------------------------------------------
-    async def call(self, async_result: Any, what: str) -> Any:
+    async def call(self, async_result: Any, what: str, sent: float | None = None) -> Any:
         """Await a kazoo ``*_async`` result, bounded by ``op_timeout``.
 
         Connection errors become :class:`CoordinationError`; ZooKeeper's own
         errors (``NoNodeError``, ``BadVersionError``...) pass through unchanged.
+        ``sent``: when the request was queued, if earlier than this call.
         """
-        # The request went out just now. Its answer proves we hold every event
-        # for changes committed before the server processed it, so "heard at
-        # the send time" is a safe (early) stamp, unaffected by loop lag.
-        sent = time.monotonic()
+        # The request went out no later than now. Its answer proves we hold
+        # every event for changes committed before the server processed it, so
+        # "heard at the send time" is a safe (early) stamp, unaffected by loop lag.
+        if sent is None:
+            sent = time.monotonic()
         try:
             result = await asyncio.wait_for(bridge.wait(async_result, self.loop), self.op_timeout)
         except TimeoutError:
@@ -232,7 +234,10 @@ class ZkSession:
         Every call is awaited before the first error is raised, so none is
         left with an exception nobody retrieves.
         """
-        results = await asyncio.gather(*(self.call(res, what) for res, what in calls), return_exceptions=True)
+        # Stamped now, not when gather first runs each call (a loop stall
+        # in between would make the stamp later than the truth).
+        sent = time.monotonic()
+        results = await asyncio.gather(*(self.call(res, what, sent) for res, what in calls), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
