@@ -91,6 +91,7 @@ class Load:
         self.sidecars, self.keys = sidecars, keys
         self.reads = self.read_errors = self.writes = self.write_errors = 0
         self.refused: list[tuple[float, float]] = []  # (sent, answered) of each refused write
+        self.refusals: dict[str, int] = {}  # problem type (or client error) -> count
         self.not_ready: list[list[tuple[float, float]]] = [[] for _ in sidecars]
         self.leaderless: list[tuple[float, float]] = []  # no server in leader mode
         self.packets = 0  # received by every server since the load began
@@ -176,12 +177,15 @@ class Load:
             sent = time.monotonic()
             try:
                 async with http.put(f"{self.sidecars[0].url}/v1/keys/{key}", data=b"w" * 1024) as resp:
-                    await resp.read()
+                    body = await resp.read()
                     self.writes += 1
                     refused = resp.status >= 500
-            except (aiohttp.ClientError, TimeoutError):
-                refused = True
+                    reason = body.decode(errors="replace").partition('"type":"')[2].partition('"')[0]
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                refused, reason = True, type(exc).__name__
             if refused:
+                reason = reason.rsplit("/", 1)[-1] or "5xx"
+                self.refusals[reason] = self.refusals.get(reason, 0) + 1
                 self.write_errors += 1
                 self.refused.append((sent, time.monotonic()))
             await asyncio.sleep(WRITE_INTERVAL)
@@ -293,6 +297,7 @@ async def _measure(keys: int, tmp: Path) -> dict[str, Any]:
             "write_5xx": load.write_errors - errors_before[1],
             "write_5xx_without_leader": load.refused_without_leader(),
             "leaderless_s": sum(b - a for a, b in load.leaderless),
+            "refusals": load.refusals,
             "not_ready_max_s": [max((b - a for a, b in spans), default=0.0) for spans in load.not_ready],
         }
     finally:
@@ -479,6 +484,7 @@ def run(quick: bool, out_dir: Path, keys: int | None = None) -> str:
     writes_cell = (
         f"{data['write_5xx']} of {data['writes']}; {data['write_5xx_without_leader']} of them while no server "
         f"was leader ({data['leaderless_s']:.1f} s in all)"
+        + (f"; {', '.join(f'{n} {why}' for why, n in sorted(data['refusals'].items()))}" if data["refusals"] else "")
     )
     command = "python -m bench.recovery" + (" --quick" if quick else f" --keys {keys}")
     md = f"""## ZooKeeper rolling restart under load
