@@ -42,7 +42,7 @@ SESSION = 4.0  # sidecar session timeout in the scenarios (seconds)
 # Eventual reads may be stale for up to the lease (2/3 T) + grace (T/3) = T
 # after a sidecar last heard from ZooKeeper; half a second more for delivery.
 WINDOW = SESSION + 0.5
-_NOT_APPLIED = {"zookeeper-unavailable", "lock-timeout", "coordination-unavailable"}
+_NOT_APPLIED = {"zookeeper-unavailable", "lock-timeout", "coordination-unavailable", "write-abandoned"}
 
 
 @dataclass
@@ -104,6 +104,26 @@ def _link_fault(act: Callable[[TcpProxy], None], duration: float) -> Callable[[C
     return fault
 
 
+def _session_expiry(duration: float) -> Callable[[Cluster, float], Awaitable[None]]:
+    """Partition sidecar 1 past its session, then check it really got a new session and set it up."""
+    partition = _link_fault(TcpProxy.cut, duration)
+
+    async def fault(cluster: Cluster, seconds: float) -> None:
+        sidecar = cluster.sidecars[0]
+        before = (await asyncio.to_thread(sidecar.stats))["zookeeper"]["session"]
+        await partition(cluster, seconds)
+        deadline = time.monotonic() + SESSION * 3
+        while True:
+            zk = (await asyncio.to_thread(sidecar.stats))["zookeeper"]
+            if zk["ready"] and zk["session"] != before:
+                return  # expired, and the new session restored the cache by zxid
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sidecar 1 kept session {before} through a {duration:g}s partition: {zk}")
+            await asyncio.sleep(0.1)
+
+    return fault
+
+
 async def _origin_faults(cluster: Cluster, seconds: float) -> None:
     # 5xx, then timeouts (origin_timeout is 0.5 s), then health again.
     async with aiohttp.ClientSession() as http:
@@ -131,9 +151,9 @@ SCENARIOS: dict[str, tuple[str, Callable[[Cluster, float], Awaitable[None]]]] = 
         f"partition sidecar 1 from ZooKeeper for {SESSION / 2:g}s (< session)",
         _link_fault(TcpProxy.cut, SESSION / 2),
     ),
-    "partition-long": (
-        f"partition sidecar 1 from ZooKeeper for {SESSION * 2:g}s (> session)",
-        _link_fault(TcpProxy.cut, SESSION * 2),
+    "session-expiry": (
+        f"partition sidecar 1 from ZooKeeper for {SESSION * 2:g}s: its session expires, the new one restores",
+        _session_expiry(SESSION * 2),
     ),
     "blackhole": (
         f"black-hole sidecar 1's ZooKeeper traffic for {SESSION * 1.5:g}s (silent)",
