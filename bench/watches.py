@@ -12,7 +12,13 @@ with 2,000 rows (all under a temporary directory, on loopback):
 
 After each step ZooKeeper's ``mntr`` gives ``zk_watch_count`` (every watch
 it holds, the sidecar's namespace watches included), and ``/proc`` the
-sidecar's RSS.  The bound a sidecar must keep: key watches <= entries +
+sidecar's RSS.
+
+Then ZooKeeper's own memory per watch: 50,000 znodes (5,000 with --quick),
+the JVM's live heap (``jmap -histo:live``, which runs a full GC first), one
+session setting a data watch on each, the heap again, a second session
+watching the same paths, the heap again.  Skipped when ``jmap`` (a JDK
+tool) is not installed.  The bound a sidecar must keep: key watches <= entries +
 fills in flight (0 at rest) + its few namespace watches.  The figures of
 the code before watch removal are those measured in issue #11 (one watch
 per key ever read: 5,000 and 2,000).
@@ -21,13 +27,16 @@ per key ever read: 5,000 and 2,000).
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sqlite3
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from kazoo.client import KazooClient
 
 from sidecar.dev import LocalZooKeeper
 
@@ -76,6 +85,56 @@ def _settled(zk: LocalZooKeeper, sidecar: PinnedSidecar, timeout: float = 10.0) 
         time.sleep(0.2)
 
 
+def _live_heap(pid: int) -> int | None:
+    """Bytes of live objects in a JVM (``jmap -histo:live`` runs a full GC first); None without jmap."""
+    jmap = shutil.which("jmap")
+    if jmap is None:
+        return None
+    out = subprocess.run([jmap, "-histo:live", str(pid)], capture_output=True, text=True, timeout=120)
+    last = out.stdout.strip().splitlines()[-1].split() if out.returncode == 0 and out.stdout.strip() else []
+    return int(last[-1]) if last and last[0] == "Total" else None
+
+
+def _watch_heap(zk: LocalZooKeeper, znodes: int) -> dict[str, Any] | None:
+    """ZooKeeper's live heap with ``znodes`` znodes, then with one and two sessions watching each."""
+    if zk.proc is None or shutil.which("jmap") is None:
+        return None
+    pid = zk.proc.pid
+    paths = [f"/watchprobe/{i // 1000:03d}/k{i:06d}" for i in range(znodes)]
+    clients = [KazooClient(hosts=zk.hosts) for _ in range(2)]
+    for client in clients:
+        client.start(timeout=10)
+    try:
+        creator = clients[0]
+        for bucket in sorted({p.rsplit("/", 1)[0] for p in paths}):
+            creator.ensure_path(bucket)
+        for start in range(0, znodes, 1000):
+            for result in [creator.create_async(p, b"") for p in paths[start : start + 1000]]:
+                result.get(timeout=30)
+        heaps = [_live_heap(pid)]
+        counts = [int(zk.mntr()["zk_watch_count"])]
+        for client in clients:
+            for start in range(0, znodes, 1000):
+                for result in [client.exists_async(p, watch=lambda _e: None) for p in paths[start : start + 1000]]:
+                    result.get(timeout=30)
+            heaps.append(_live_heap(pid))
+            counts.append(int(zk.mntr()["zk_watch_count"]))
+    finally:
+        for client in clients:
+            client.stop()
+            client.close()
+    if None in heaps:
+        return None
+    h = [int(x) for x in heaps if x is not None]
+    return {
+        "znodes": znodes,
+        "live_heap_bytes": h,
+        "watch_counts": counts,
+        "bytes_per_watch_first_session": (h[1] - h[0]) / max(counts[1] - counts[0], 1),
+        "bytes_per_watch_second_session": (h[2] - h[1]) / max(counts[2] - counts[1], 1),
+    }
+
+
 def run(quick: bool, out_dir: Path) -> str:
     """Measure, write ``watches.json`` and ``watches.md``, return the Markdown section."""
     absent_n, present_n = (1000, 500) if quick else (5000, 2000)
@@ -113,6 +172,7 @@ def run(quick: bool, out_dir: Path) -> str:
             asyncio.run(_read_all(sidecar.url, [f"present/{i:05d}" for i in range(present_n)], 200))
             after_present, stats_present = _settled(zk, sidecar)
             rss_present = proc_status_bytes(sidecar.pid)["VmRSS"]
+            heap = _watch_heap(zk, 5000 if quick else 50000)
         finally:
             sidecar.stop()
             zk.stop()
@@ -127,7 +187,16 @@ def run(quick: bool, out_dir: Path) -> str:
         "sidecar_key_watches": [stats_absent["zookeeper"]["key_watches"], stats_present["zookeeper"]["key_watches"]],
         "removals": stats_present["zookeeper"]["watch_removals"],
         "rss_mib": [rss_idle / MIB, rss_absent / MIB, rss_present / MIB],
+        "zookeeper_heap_per_watch": heap,
     }
+    if heap is None:
+        heap_line = "ZooKeeper's heap per watch: not measured (`jmap`, a JDK tool, is not installed)."
+    else:
+        heap_line = (
+            f"ZooKeeper's live heap per data watch (`jmap -histo:live` after a full GC, {heap['znodes']:,} znodes): "
+            f"{heap['bytes_per_watch_first_session']:.0f} B for the first session watching a path, "
+            f"{heap['bytes_per_watch_second_session']:.0f} B for a second session watching the same paths."
+        )
     entries = stats_present["entries"]
     before_present = idle + absent_n + present_n
     command = "python -m bench.watches" + (" --quick" if quick else "")
@@ -144,6 +213,8 @@ the sidecar's {idle} namespace watches included); RSS from `/proc`.
 
 Bound (entries + fills in flight + namespace watches): {entries + idle}; held:
 {after_present}. removeWatches requests sent: {data["removals"]:,}.
+
+{heap_line}
 
 {machine_line(command, info)}
 """
