@@ -11,7 +11,9 @@ healed and every sidecar ready (:meth:`CoherenceModel.teardown`).
 Sidecar settings: a 4 s session, ``suspended_grace = 1s`` (a cut-off
 sidecar may serve what it cached for one second after its first loss of
 watches that no completed revalidation repaired, then reads the origin),
-``lock_timeout = 2s``, and fills allowed over the read-through origin.
+``lock_timeout = 8s`` (a write through a cut-off sidecar waits that long
+for a connection: if the link heals meanwhile, a write its client gave up on
+would land unless dropped), and fills allowed over the read-through origin.
 
 **Rules** (keys ``u/a``, ``u/b``, ``o/a``, ``o/c`` under the example's
 prefix, so the prefixes ``u/``, ``o/`` and the example's own prefix cover
@@ -80,6 +82,9 @@ What every answer is checked against:
   (``?wait=true``, 200: key, prefix or all), a published key invalidation
   (202, 504: the key's version moved), or an acknowledged write of the key,
   is refused with 412;
+* a write through a cut-off sidecar waits for a connection; its client gives
+  up after ``WRITE_GIVE_UP_SECONDS``, and that write must never land, also
+  once the sidecar reconnects (checked after the heal and at teardown);
 * concurrent ``?wait=true`` invalidations all answer 200 while every link is
   up; one answers 504 only while a link is cut;
 * an acknowledged write is in the origin; a refused one (412) or one through
@@ -180,6 +185,10 @@ N = 3  # sidecars
 KEYS = ("u/a", "u/b", "o/a", "o/c")
 READ_THROUGH = ("u/a", "u/b", "o/a")
 CONVERGE_SECONDS = 2.0  # propagation window allowed after a write or an unconfirmed invalidation
+# A write through a cut-off sidecar waits for a connection (lock_timeout, 8 s);
+# its client gives up sooner, and the write must then never land (write-abandoned).
+WRITE_GIVE_UP_SECONDS = 0.3
+GAVE_UP = 599  # the status the model records when its client gave up
 WAIT_TIMEOUT = 10  # ?wait=true timeout while every link is up: confirmations take milliseconds
 WAIT_TIMEOUT_CUT = 0.5  # ... while one is cut: it answers 504 (or 200 once the session expired)
 # Added per chunk, each way, on a slow link: well above a client's reaction
@@ -247,7 +256,7 @@ def _sidecar_settings() -> dict[str, str]:
         "zk_session_timeout": "4s",
         "suspended_grace": f"{GRACE:g}s",
         "suspended_reads": "origin",
-        "lock_timeout": "2s",
+        "lock_timeout": "8s",
         "shutdown_timeout": "5s",
         "log_level": "info",
     }
@@ -301,6 +310,8 @@ class CoherenceModel(RuleBasedStateMachine):
         self.version: dict[str, int | None] = dict.fromkeys(KEYS, 0)  # 0: never written
         self.open_leases: list[Lease] = []
         self.cut: int | None = None  # the sidecar whose link is cut (at most one)
+        # Writes whose client gave up while their sidecar was cut off: none may ever land.
+        self.abandoned: list[tuple[str, bytes | None]] = []
         # Per sidecar: the latest time at which its first loss of watches not
         # yet repaired (by a completed revalidation) can have happened; it
         # may serve cached entries until GRACE after that (see `check_eventual`).
@@ -315,8 +326,11 @@ class CoherenceModel(RuleBasedStateMachine):
         return self.prefix + k
 
     def call(self, i: int, method: str, path: str, **kw: Any) -> Reply:
-        """A request to sidecar ``i``, logged in the trail (from any thread)."""
-        reply = self.cluster.call(i, method, path, **kw)
+        """A request to sidecar ``i``, logged in the trail (from any thread); 599 if the client gave up."""
+        try:
+            reply = self.cluster.call(i, method, path, **kw)
+        except TimeoutError:
+            reply = Reply(GAVE_UP, {}, b"(the client gave up waiting)", time.monotonic())
         shown = path.replace(self.prefix, "")
         body = kw.get("body")
         sent = f" {body.decode(errors='replace')}" if body and method == "POST" else ""
@@ -381,9 +395,31 @@ class CoherenceModel(RuleBasedStateMachine):
     def invalidate_call(self, via: int, body: dict[str, Any], path: str) -> Callable[[], Reply]:
         return lambda: self.call(via, "POST", path, body=json.dumps(body).encode())
 
+    def write_timeout(self, i: int) -> float:
+        """A cut-off sidecar's write waits for a connection (lock_timeout): its client gives up first."""
+        return 30.0 if self.ready(i) else WRITE_GIVE_UP_SECONDS
+
+    def refused_or_abandoned(self, i: int, k: str, value: bytes | None, reply: Reply) -> None:
+        """A write that did not answer 200: the origin is unchanged, and stays so if its client gave up."""
+        stored = self.cluster.origin_get(self.key(k))
+        assert stored == self.origin[k], f"a write refused through sidecar {i} ({reply!r}) changed the origin"
+        if reply.status == GAVE_UP:
+            self.abandoned.append((k, value))
+
+    def check_abandoned(self) -> None:
+        """Writes given up by their clients must never land, also once their sidecar reconnected."""
+        for k, value in self.abandoned:
+            stored = self.cluster.origin_get(self.key(k))
+            assert stored == self.origin[k], (
+                f"a write of {value!r} to {k!r}, given up by its client while its sidecar was cut off, "
+                f"landed later: the origin has {stored!r}, the model {self.origin[k]!r}"
+            )
+        self.abandoned.clear()
+
     def put_call(self, i: int, k: str, value: bytes) -> Callable[[], Reply]:
         headers = {"Content-Type": "text/plain"}
-        return lambda: self.call(i, "PUT", f"/v1/keys/{self.key(k)}", body=value, headers=headers)
+        path, timeout = f"/v1/keys/{self.key(k)}", self.write_timeout(i)
+        return lambda: self.call(i, "PUT", path, body=value, headers=headers, timeout=timeout)
 
     def get_call(self, i: int, k: str, strong: bool) -> Callable[[], Reply]:
         path = f"/v1/keys/{self.key(k)}" + ("?consistency=strong" if strong else "")
@@ -553,14 +589,15 @@ class CoherenceModel(RuleBasedStateMachine):
             headers["If-None-Match"] = "*"
             expected = {ok} if self.origin[k] is None else {412}
         if not self.ready(i):
-            expected = {503}
-        reply = self.call(i, method, f"/v1/keys/{self.key(k)}", body=value, headers=headers)
+            expected = {503, GAVE_UP}
+        reply = self.call(
+            i, method, f"/v1/keys/{self.key(k)}", body=value, headers=headers, timeout=self.write_timeout(i)
+        )
         assert reply.status in expected, f"{mode} of {k!r} through sidecar {i}: expected {expected}, got {reply!r}"
         if reply.status == ok:
             self.write_acknowledged(k, value, i, reply.etag)
         else:
-            stored = self.cluster.origin_get(self.key(k))
-            assert stored == self.origin[k], f"a refused {mode} ({reply.status}) changed the origin to {stored!r}"
+            self.refused_or_abandoned(i, k, value, reply)
 
     @rule(
         k=keys,
@@ -731,6 +768,7 @@ class CoherenceModel(RuleBasedStateMachine):
         self.cluster.wait_ready(i)
         self.cut = None
         self.lost_watches_at[i] = None  # ready: watches armed, entries re-checked
+        self.check_abandoned()
 
     @precondition(lambda self: self.cut is not None)
     @rule(pause=st.sampled_from([0.0, 0.002, 0.005, 0.01, 0.03]))
@@ -886,15 +924,14 @@ class CoherenceModel(RuleBasedStateMachine):
         """A PUT of ``k`` through ``i`` while a ``?wait=true`` invalidation goes through ``j``."""
         value = self.new_value(k, f"sidecar{i}")
         body, covered = self.scope(scope, k2)
-        expected_put = {200} if self.ready(i) else {503}
+        expected_put = {200} if self.ready(i) else {503, GAVE_UP}
         expected_inv = self.expected_invalidation(j, True)
         put, inv = self.parallel([self.put_call(i, k, value), self.invalidate_call(j, body, self.wait_path(True))])
         assert put.status in expected_put, f"PUT of {k!r} through sidecar {i} racing {body}: {put!r}"
         assert inv.status in expected_inv, f"{body} through sidecar {j} racing a PUT of {k!r}: {inv!r}"
         self.invalidated(scope, k2, covered, inv)
         if put.status != 200:
-            stored = self.cluster.origin_get(self.key(k))
-            assert stored == self.origin[k], f"a PUT refused with {put.status} changed the origin to {stored!r}"
+            self.refused_or_abandoned(i, k, value, put)
             return
         bumped = self.version[k] if scope == "key" and k2 == k else None
         self.write_acknowledged(k, value, i, put.etag)
@@ -909,16 +946,19 @@ class CoherenceModel(RuleBasedStateMachine):
         before = self.origin[k]
         value = self.new_value(k, f"sidecar{i}")
         put, read = self.parallel([self.put_call(i, k, value), self.get_call(j, k, strong=True)])
-        expected_put = {200} if self.ready(i) else {503}
+        expected_put = {200} if self.ready(i) else {503, GAVE_UP}
         assert put.status in expected_put, f"PUT of {k!r} through sidecar {i} racing a strong read: {put!r}"
         self.check_strong(j, k, read, allowed={before, value} if put.status == 200 else {before})
         if put.status == 200:
             self.write_acknowledged(k, value, i, put.etag)
+        else:
+            self.refused_or_abandoned(i, k, value, put)
 
     def teardown(self) -> None:
         # Heal every link, wait until every sidecar is ready, and make sure
         # they confirm ?wait=true invalidations (restarting them if wedged).
         self.cluster.restore(probe_key=self.prefix + "probe")
+        self.check_abandoned()
 
 
 # -- the test ---------------------------------------------------------------
