@@ -23,10 +23,11 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -222,6 +223,17 @@ async def create_origin_schema(path: Path) -> None:
     origin = SqliteOrigin(f"sqlite:///{path}", 5)
     await origin.open()
     await origin.close()
+
+
+async def seed_origin(path: Path, rows: Iterable[tuple[str, bytes]]) -> None:
+    """A SQLite origin at ``path`` holding ``rows`` (key, value) as ``text/plain``."""
+    await create_origin_schema(path)
+    conn = sqlite3.connect(path)
+    try:
+        conn.executemany("INSERT INTO kv (key, value, content_type, updated_at) VALUES (?, ?, 'text/plain', 0)", rows)
+        conn.commit()
+    finally:
+        conn.close()
 
 
 def write_results(out_dir: Path, name: str, data: dict[str, Any], markdown: str) -> None:

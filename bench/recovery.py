@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -57,7 +56,7 @@ from sidecar.coordination import Layout
 from sidecar.dev import SidecarProcess, TcpProxy
 from sidecar.dev.zookeeper import LocalEnsemble, LocalZooKeeper
 
-from .common import create_origin_schema, graceful_sigterm, machine, machine_line, write_results
+from .common import graceful_sigterm, machine, machine_line, seed_origin, write_results
 
 READS_PER_SECOND = 600
 WRITE_INTERVAL = 0.2
@@ -236,14 +235,7 @@ def _rolling_restart(ensemble: LocalEnsemble) -> list[str]:
 
 async def _measure(keys: int, tmp: Path) -> dict[str, Any]:
     db = tmp / "origin.db"
-    await create_origin_schema(db)
-    conn = sqlite3.connect(db)
-    conn.executemany(
-        "INSERT INTO kv (key, value, content_type, updated_at) VALUES (?, ?, 'text/plain', 0)",
-        [(f"k/{i:06d}", b"x" * 1024) for i in range(keys)],
-    )
-    conn.commit()
-    conn.close()
+    await seed_origin(db, ((f"k/{i:06d}", b"x" * 1024) for i in range(keys)))
     ensemble = LocalEnsemble(tmp / "zk")
     await asyncio.to_thread(ensemble.start)
     sidecars = [
@@ -323,14 +315,7 @@ def _member_alive(hosts: str, root: str, member: str) -> bool:
 
 async def _measure_expiry(keys: int, tmp: Path) -> dict[str, Any]:
     db = tmp / "expiry.db"
-    await create_origin_schema(db)
-    conn = sqlite3.connect(db)
-    conn.executemany(
-        "INSERT INTO kv (key, value, content_type, updated_at) VALUES (?, ?, 'text/plain', 0)",
-        [(f"k/{i:06d}", b"x" * 1024) for i in range(keys)],
-    )
-    conn.commit()
-    conn.close()
+    await seed_origin(db, ((f"k/{i:06d}", b"x" * 1024) for i in range(keys)))
     zk = LocalZooKeeper(tmp / "zk-expiry")
     await asyncio.to_thread(zk.start)
     proxy = TcpProxy(zk.host, zk.port)

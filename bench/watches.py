@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import sqlite3
 import subprocess
 import tempfile
 import time
@@ -42,12 +41,12 @@ from sidecar.dev import LocalZooKeeper
 
 from .common import (
     PinnedSidecar,
-    create_origin_schema,
     machine,
     machine_line,
     proc_status_bytes,
     run_scenario,
     scenario_parser,
+    seed_origin,
     write_results,
 )
 
@@ -141,14 +140,7 @@ def run(quick: bool, out_dir: Path) -> str:
     info = machine()
     with tempfile.TemporaryDirectory(prefix="bench-watches-") as tmp:
         db = Path(tmp) / "origin.db"
-        asyncio.run(create_origin_schema(db))
-        conn = sqlite3.connect(db)
-        conn.executemany(
-            "INSERT INTO kv (key, value, content_type, updated_at) VALUES (?, ?, 'text/plain', 0)",
-            [(f"present/{i:05d}", b"x" * 1024) for i in range(present_n)],
-        )
-        conn.commit()
-        conn.close()
+        asyncio.run(seed_origin(db, ((f"present/{i:05d}", b"x" * 1024) for i in range(present_n))))
         zk = LocalZooKeeper(Path(tmp) / "zk")
         zk.start()
         sidecar = PinnedSidecar(
