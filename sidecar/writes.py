@@ -207,8 +207,12 @@ class WriteProtocol:
         return self._stopping.is_set()
 
     def refuse(self) -> None:
-        """The sidecar is stopping: new writes, and writes still waiting (for a connection,
-        the janitor, or their lock's reply), answer ``WriteAbandoned``; nothing of theirs reaches the origin."""
+        """Refuse writes from now on: the sidecar is stopping.
+
+        New writes, and writes still waiting (for a connection, the janitor,
+        or their lock's reply), answer ``WriteAbandoned``; nothing of theirs
+        reaches the origin.  Writes already past that point run to their end.
+        """
         self._stopping.set()
 
     async def _unless_stopping(self, waiting: Awaitable[None]) -> None:
