@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import click
 
-from sidecar.config import parse_zk_auth, parse_zk_hosts
+from sidecar.config import parse_duration, parse_zk_auth, parse_zk_hosts
 from sidecar.coordination import (
     InvalidationReceipt,
     Layout,
@@ -31,6 +31,7 @@ from sidecar.coordination import (
     publish_invalidation,
     validate_key,
 )
+from sidecar.coordination.health import check_ensemble
 from sidecar.errors import CoordinationError, SidecarError
 
 __all__ = ["main"]
@@ -215,6 +216,32 @@ def members(obj: dict[str, Any], as_json: bool) -> None:
             f"{m.get('member_id', '?'):<32} {m.get('address', '?'):<24} "
             f"{m.get('session', '?'):<20} {m.get('version', '?')}"
         )
+
+
+def _check_duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@cli.command()
+@click.option(
+    "--zk-session-timeout",
+    default="10s",
+    show_default=True,
+    envvar="ZKCACHE_ZK_SESSION_TIMEOUT",
+    callback=_check_duration,
+    help="The sidecars' zk_session_timeout, checked against each server's maxSessionTimeout.",
+)
+@click.pass_obj
+def doctor(obj: dict[str, Any], zk_session_timeout: float) -> None:
+    """Check every ZooKeeper server of --zk: one line per finding; exit 1 on any problem."""
+    findings = check_ensemble(obj["zk"], zk_session_timeout, timeout=min(obj["timeout"], 5.0))
+    for finding in findings:
+        click.echo(str(finding))
+    if any(f.problem for f in findings):
+        sys.exit(1)
 
 
 def _http(

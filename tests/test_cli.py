@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -10,7 +11,8 @@ from kazoo.client import KazooClient
 
 from cli.main import cli
 from sidecar.coordination.layout import Layout
-from sidecar.dev import LocalZooKeeper, free_port
+from sidecar.dev import LocalEnsemble, LocalZooKeeper, free_port
+from tests.conftest import cachectl
 
 
 @pytest.fixture
@@ -69,3 +71,50 @@ def test_get_from_an_absent_sidecar_exits_3() -> None:
 def test_env_vars_configure_the_cli(zk_server: LocalZooKeeper) -> None:
     result = CliRunner().invoke(cli, ["members"], env={"ZKCACHE_ZK": zk_server.hosts, "ZKCACHE_NAMESPACE": "envns"})
     assert result.exit_code == 0 and "'envns'" in result.output
+
+
+# -- doctor -------------------------------------------------------------------
+
+
+def test_doctor_reports_a_healthy_server_and_exits_0(zk_server: LocalZooKeeper, namespace: str) -> None:
+    out = cachectl(zk_server.hosts, namespace, "doctor")
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith(f"ok {zk_server.hosts}: standalone, latency min/avg/max "), lines
+    assert "znodes" in lines[0] and "watches" in lines[0]
+    assert lines[-1].startswith("ok ensemble: a standalone server"), lines
+
+
+def test_doctor_finds_a_session_timeout_the_servers_would_not_grant(zk_server: LocalZooKeeper, namespace: str) -> None:
+    # The fixture's servers grant at most 60 s.
+    out = cachectl(zk_server.hosts, namespace, "doctor", "--zk-session-timeout", "90s")
+    assert out.returncode == 1, out.stdout
+    expected = f"PROBLEM {zk_server.hosts}: maxSessionTimeout 60s is below the sidecars' zk_session_timeout 90s"
+    assert expected in out.stdout
+
+
+def test_doctor_finds_an_unreachable_server(zk_server: LocalZooKeeper, namespace: str) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    out = cachectl(f"{zk_server.hosts},{dead}", namespace, "doctor")
+    assert out.returncode == 1, out.stdout
+    assert f"PROBLEM {dead}: not reachable" in out.stdout
+    assert f"ok {zk_server.hosts}: standalone" in out.stdout
+
+
+def test_doctor_sees_an_ensemble_lose_its_quorum(tmp_path: Path, namespace: str) -> None:
+    ensemble = LocalEnsemble(tmp_path / "zk")
+    ensemble.start()
+    try:
+        out = cachectl(ensemble.hosts, namespace, "doctor")
+        assert out.returncode == 0, out.stdout
+        assert out.stdout.splitlines()[-1] == "ok ensemble: 3 of 3 servers serve, one leader"
+        leader = ensemble.leader()
+        follower = next(s for s in ensemble.servers if s is not leader)
+        leader.stop()
+        follower.stop()
+        out = cachectl(ensemble.hosts, namespace, "doctor")
+        assert out.returncode == 1, out.stdout
+        assert f"PROBLEM {leader.hosts}: not reachable" in out.stdout
+        assert "PROBLEM ensemble: no server of the connect string is leader" in out.stdout
+    finally:
+        ensemble.stop()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
+from ..coordination.health import four_letter
 from .process import die_with_parent, free_port
 
 __all__ = ["LocalEnsemble", "LocalZooKeeper", "find_zkserver"]
@@ -26,16 +26,6 @@ def find_zkserver() -> str | None:
         if os.path.exists(path):
             return path
     return shutil.which("zkServer.sh")
-
-
-def four_letter(host: str, port: int, cmd: str, timeout: float = 1.0) -> str:
-    """Send a four-letter command (``ruok``, ``mntr``, ``srvr``) and return the answer."""
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(cmd.encode())
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks).decode("utf-8", "replace")
 
 
 class LocalZooKeeper:

@@ -1,0 +1,124 @@
+"""ZooKeeper ensemble health from its four-letter words, for ``cachectl doctor``.
+
+Each server of the connect string is asked ``ruok``, ``srvr``, ``mntr`` and
+``conf`` on its client port.  The answers become :class:`Finding` lines, one
+per fact an operator acts on; any finding with ``problem=True`` makes the
+command exit non-zero.  Nothing here needs a ZooKeeper session, so it works
+when sessions cannot be established (no quorum), which is when it matters.
+
+Servers must allow the words (``4lw.commands.whitelist``, ZooKeeper 3.5+);
+a server that refuses them is reported as a problem, since its health
+cannot be seen.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+__all__ = ["Finding", "check_ensemble", "four_letter"]
+
+# Above this many requests waiting in a server's queue, clients see latency.
+_OUTSTANDING_LIMIT = 100
+_NOT_ALLOWED = "is not executed because it is not in the whitelist"
+
+
+def four_letter(host: str, port: int, cmd: str, timeout: float = 1.0) -> str:
+    """Send a four-letter word (``ruok``, ``mntr``, ``srvr``, ``conf``) and return the answer."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(cmd.encode())
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One line of the report: which server (or ``ensemble``), what, and whether it is a problem."""
+
+    subject: str
+    text: str
+    problem: bool = False
+
+    def __str__(self) -> str:
+        return f"{'PROBLEM' if self.problem else 'ok'} {self.subject}: {self.text}"
+
+
+def _pairs(answer: str, sep: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in answer.splitlines():
+        name, found, value = line.partition(sep)
+        if found:
+            out[name.strip()] = value.strip()
+    return out
+
+
+def _check_server(host: str, port: int, session_timeout: float, timeout: float) -> tuple[list[Finding], str | None]:
+    """Findings for one server, and its mode (``leader``, ``follower``, ``standalone``) if it serves."""
+    who = f"{host}:{port}"
+    try:
+        ruok = four_letter(host, port, "ruok", timeout)
+    except OSError as exc:
+        return [Finding(who, f"not reachable ({exc.strerror or exc})", True)], None
+    if _NOT_ALLOWED in ruok:
+        return [
+            Finding(who, "refuses four-letter words: add ruok, srvr, mntr, conf to 4lw.commands.whitelist", True)
+        ], None
+    if ruok.strip() != "imok":
+        return [Finding(who, f"ruok answered {ruok.strip()!r}, not imok", True)], None
+    srvr = four_letter(host, port, "srvr", timeout)
+    if _NOT_ALLOWED in srvr:
+        return [Finding(who, "refuses srvr: add it to 4lw.commands.whitelist", True)], None
+    stats = _pairs(srvr, ":")
+    mode = stats.get("Mode")
+    if mode is None:
+        return [Finding(who, "running but not serving requests (no quorum, or still joining)", True)], None
+    mntr = _pairs(four_letter(host, port, "mntr", timeout), "\t")
+    conf = _pairs(four_letter(host, port, "conf", timeout), "=")
+    findings = [
+        Finding(
+            who,
+            f"{mode}, latency min/avg/max {stats.get('Latency min/avg/max', '?')} ms, "
+            f"{mntr.get('zk_znode_count', stats.get('Node count', '?'))} znodes, "
+            f"{mntr.get('zk_watch_count', '?')} watches, {mntr.get('zk_num_alive_connections', '?')} connections",
+        )
+    ]
+    outstanding = int(stats.get("Outstanding", "0") or 0)
+    if outstanding > _OUTSTANDING_LIMIT:
+        findings.append(Finding(who, f"{outstanding} requests outstanding (more than {_OUTSTANDING_LIMIT})", True))
+    max_session = conf.get("maxSessionTimeout")
+    if max_session is None:
+        findings.append(Finding(who, "conf did not say maxSessionTimeout (add conf to 4lw.commands.whitelist)", True))
+    elif int(max_session) < session_timeout * 1000:
+        findings.append(
+            Finding(
+                who,
+                f"maxSessionTimeout {int(max_session) / 1000:g}s is below the sidecars' zk_session_timeout "
+                f"{session_timeout:g}s: sessions are granted less, and the hit grace assumes the full timeout",
+                True,
+            )
+        )
+    return findings, mode
+
+
+def check_ensemble(connect: str, session_timeout: float, timeout: float = 2.0) -> list[Finding]:
+    """Every server of ``connect`` (``host:port,...[/chroot]``), then the ensemble as a whole."""
+    hosts = connect.partition("/")[0]
+    findings: list[Finding] = []
+    modes: list[str | None] = []
+    for hp in hosts.split(","):
+        host, _, port = hp.strip().rpartition(":")
+        server, mode = _check_server(host, int(port), session_timeout, timeout)
+        findings += server
+        modes.append(mode)
+    serving = sum(mode is not None for mode in modes)
+    if "standalone" in modes:
+        findings.append(Finding("ensemble", "a standalone server: no replication, fine for development only"))
+    elif "leader" not in modes:
+        findings.append(Finding("ensemble", "no server of the connect string is leader: writes cannot succeed", True))
+    elif serving * 2 <= len(modes):
+        findings.append(Finding("ensemble", f"only {serving} of {len(modes)} servers serve: quorum at risk", True))
+    else:
+        findings.append(Finding("ensemble", f"{serving} of {len(modes)} servers serve, one leader"))
+    return findings
