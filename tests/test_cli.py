@@ -118,3 +118,14 @@ def test_doctor_sees_an_ensemble_lose_its_quorum(tmp_path: Path, namespace: str)
         assert "PROBLEM ensemble: no server of the connect string is leader" in out.stdout
     finally:
         ensemble.stop()
+
+
+def test_doctor_finds_a_server_that_accepts_but_never_answers(zk_private: LocalZooKeeper, namespace: str) -> None:
+    zk_private.pause()  # SIGSTOP: the kernel still accepts connections
+    try:
+        out = cachectl(zk_private.hosts, namespace, "--timeout", "1", "doctor")
+    finally:
+        zk_private.resume()
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"PROBLEM {zk_private.hosts}: no answer within 1s" in out.stdout, out.stdout
+    assert "Traceback" not in out.stderr

@@ -58,9 +58,18 @@ def _check_server(host: str, port: int, session_timeout: float, timeout: float) 
     """Findings for one server, and its mode (``leader``, ``follower``, ``standalone``) if it serves."""
     who = f"{host}:{port}"
     try:
-        ruok = four_letter(host, port, "ruok", timeout)
+        return _ask_server(who, host, port, session_timeout, timeout)
+    except TimeoutError:
+        # Accepted the connection but never answered: a paused or overloaded JVM.
+        return [Finding(who, f"no answer within {timeout:g}s", True)], None
     except OSError as exc:
         return [Finding(who, f"not reachable ({exc.strerror or exc})", True)], None
+
+
+def _ask_server(
+    who: str, host: str, port: int, session_timeout: float, timeout: float
+) -> tuple[list[Finding], str | None]:
+    ruok = four_letter(host, port, "ruok", timeout)
     if _NOT_ALLOWED in ruok:
         return [
             Finding(who, "refuses four-letter words: add ruok, srvr, mntr, conf to 4lw.commands.whitelist", True)
