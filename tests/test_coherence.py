@@ -454,9 +454,7 @@ async def test_strong_reads_see_prefix_and_invalidate_all_at_once(
     trip (reading the log): a strong read that only compares the key's
     version would answer in between with the old value.
     """
-    proxy = TcpProxy(zk_server.host, zk_server.port)
-    proxy.start()
-    try:
+    with TcpProxy(zk_server.host, zk_server.port) as proxy:
         a, b = sidecars("a"), sidecars("b", zk=proxy.address, zk_session_timeout="8s")
         for round_, body in enumerate(({"prefixes": ["s/"]}, {"all": True}) * 2):
             await put(http, a.url, "s/1", b"old")
@@ -472,8 +470,6 @@ async def test_strong_reads_see_prefix_and_invalidate_all_at_once(
             status, source, value, _ = await get(http, b.url, "s/1?consistency=strong")
             proxy.delay(0)
             assert (status, value) == (200, new), f"strong read after {body} returned {value!r} ({source})"
-    finally:
-        proxy.stop()
 
 
 async def test_invalidate_wait_returns_when_every_sidecar_applied_it(

@@ -244,9 +244,7 @@ async def test_partitioned_sidecar_revalidates_on_reconnect_instead_of_flushing(
     """A reaches ZooKeeper through a proxy the test cuts; B stays connected and
     writes one of A's keys meanwhile. Back in the same session, A drops exactly
     the changed key and keeps the others (no herd of misses)."""
-    proxy = TcpProxy(zk_server.host, zk_server.port)
-    proxy.start()
-    try:
+    with TcpProxy(zk_server.host, zk_server.port) as proxy:
         a = sidecars("a", zk=proxy.address, zk_session_timeout="6s", suspended_grace="0s")
         b = sidecars("b")
         keys = [f"r/{i}" for i in range(20)]
@@ -270,8 +268,6 @@ async def test_partitioned_sidecar_revalidates_on_reconnect_instead_of_flushing(
         await put(http, b.url, "r/8", b"v3")  # re-armed watches work
         await eventually(lambda: a.stats()["entries"] == 19, what="A's re-armed watch on r/8")
         assert (await get(http, a.url, "r/8"))[2] == b"v3"
-    finally:
-        proxy.stop()
 
 
 async def test_writer_killed_between_origin_write_and_version_bump(
@@ -443,9 +439,7 @@ async def test_a_second_loss_during_revalidation_does_not_restart_the_grace(
 ) -> None:
     """Hole 10: the grace counted from the latest loss, so entries never
     re-checked since the first loss were served again after a second one."""
-    proxy = TcpProxy(zk_server.host, zk_server.port)
-    proxy.start()
-    try:
+    with TcpProxy(zk_server.host, zk_server.port) as proxy:
         a = sidecars("a", zk=proxy.address, zk_session_timeout="9s", suspended_grace="2s")
         b = sidecars("b")
         await put(http, b.url, "g/1", b"v1")
@@ -465,8 +459,6 @@ async def test_a_second_loss_during_revalidation_does_not_restart_the_grace(
         await eventually(lambda: a.stats()["zookeeper"]["state"] == "suspended", what="A losing the link again")
         _, source, value, _ = await get(http, a.url, "g/1")
         assert source != "hit", f"served {value!r} from an entry not re-checked since the first loss"
-    finally:
-        proxy.stop()
 
 
 async def test_a_miss_in_flight_when_the_link_drops_reads_the_origin(
@@ -474,9 +466,7 @@ async def test_a_miss_in_flight_when_the_link_drops_reads_the_origin(
 ) -> None:
     """Hole 11: with suspended_reads = origin, a miss whose exists was lost
     with the connection answered 503 instead of reading the origin."""
-    proxy = TcpProxy(zk_server.host, zk_server.port)
-    proxy.start()
-    try:
+    with TcpProxy(zk_server.host, zk_server.port) as proxy:
         a = sidecars("a", zk=proxy.address, zk_session_timeout="9s", suspended_reads="origin")
         b = sidecars("b")
         await put(http, b.url, "m/1", b"v1")
@@ -486,8 +476,6 @@ async def test_a_miss_in_flight_when_the_link_drops_reads_the_origin(
         proxy.cut()  # now the connection drops under it
         status, source, value, _ = await asyncio.wait_for(read, 10)
         assert (status, source, value) == (200, "bypass", b"v1")
-    finally:
-        proxy.stop()
 
 
 async def test_a_fill_in_flight_when_a_prefix_invalidation_arrives_is_never_installed(
@@ -503,9 +491,7 @@ async def test_a_fill_in_flight_when_a_prefix_invalidation_arrives_is_never_inst
     fill ends in between.
     """
     origin = upstream + "/kv"
-    proxy = TcpProxy(zk_server.host, zk_server.port)
-    proxy.start()
-    try:
+    with TcpProxy(zk_server.host, zk_server.port) as proxy:
         a = sidecars("a", origin=origin)
         b = sidecars("b", origin=origin, zk=proxy.address, zk_session_timeout="30s")
         await put(http, a.url, "pv/1", b"v1")
@@ -536,8 +522,6 @@ async def test_a_fill_in_flight_when_a_prefix_invalidation_arrives_is_never_inst
             "B applied the prefix entry already: the test's timing did not hold (a loaded machine?)"
         )
         assert status == 504, f"B installed {value!r}, read before the prefix invalidation it had been told of"
-    finally:
-        proxy.stop()
 
 
 # -- writes during recovery ------------------------------------------------
@@ -553,9 +537,7 @@ async def test_writes_work_while_the_watches_are_being_restored(
     fleet sees them, and so does the writer: it dropped its own entry, so a
     second loss within the first loss's grace does not bring the old value
     back, and once ready it serves the new one and keeps the other entries."""
-    proxy = TcpProxy(zk_server.host, zk_server.port)
-    proxy.start()
-    try:
+    with TcpProxy(zk_server.host, zk_server.port) as proxy:
         # A long grace, so that it still runs after the second cut below.
         a = sidecars("a", zk=proxy.address, zk_session_timeout="24s", suspended_grace="8s")
         b = sidecars("b")
@@ -590,8 +572,6 @@ async def test_writes_work_while_the_watches_are_being_restored(
         assert (await get(http, a.url, "r/0"))[2] == b"v2"
         for i in range(1, 20):
             assert (await get(http, a.url, f"r/{i}"))[1] == "hit", f"r/{i} should have survived the restore"
-    finally:
-        proxy.stop()
 
 
 async def test_a_write_waits_for_the_reconnect_instead_of_failing(
@@ -600,9 +580,7 @@ async def test_a_write_waits_for_the_reconnect_instead_of_failing(
     """A write that arrives while the connection is down (a server restarting
     in an ensemble, a brief partition) waits for the reconnect, up to
     lock_timeout, instead of answering 503 at once."""
-    proxy = TcpProxy(zk_server.host, zk_server.port)
-    proxy.start()
-    try:
+    with TcpProxy(zk_server.host, zk_server.port) as proxy:
         a = sidecars("a", zk=proxy.address, zk_session_timeout="9s", lock_timeout="10s")
         b = sidecars("b")
         await put(http, a.url, "w/1", b"v1")
@@ -620,8 +598,6 @@ async def test_a_write_waits_for_the_reconnect_instead_of_failing(
             return (await get(http, b.url, "w/1"))[2] == b"v2"
 
         await eventually(b_serves_it, what="B serving the write A made once reconnected")
-    finally:
-        proxy.stop()
 
 
 async def test_a_write_whose_client_went_away_before_it_took_the_lock_is_dropped(
@@ -631,9 +607,7 @@ async def test_a_write_whose_client_went_away_before_it_took_the_lock_is_dropped
     a connection, and writes through B instead (200).  A's write had done
     nothing yet; when A reconnects it must not run, or it would overwrite
     the acknowledged value."""
-    proxy = TcpProxy(zk_server.host, zk_server.port)
-    proxy.start()
-    try:
+    with TcpProxy(zk_server.host, zk_server.port) as proxy:
         a = sidecars("a", zk=proxy.address, zk_session_timeout="9s", lock_timeout="10s")
         b = sidecars("b")
         assert (await put(http, b.url, "k", b"v0"))[0] == 200
@@ -653,8 +627,6 @@ async def test_a_write_whose_client_went_away_before_it_took_the_lock_is_dropped
         assert stored == b"acknowledged", f"a write abandoned by its client landed after a later one: {stored!r}"
         _, _, value, _ = await get(http, b.url, "k", params={"consistency": "strong"})
         assert value == b"acknowledged"
-    finally:
-        proxy.stop()
 
 
 async def test_sigterm_answers_writes_waiting_for_a_connection_and_exits_in_time(
@@ -664,9 +636,7 @@ async def test_sigterm_answers_writes_waiting_for_a_connection_and_exits_in_time
     (aiohttp waits its shutdown timeout twice) and the client got a cut
     connection.  Now it answers 503 write-abandoned as the stop begins, and
     the process exits within shutdown_timeout."""
-    proxy = TcpProxy(zk_server.host, zk_server.port)
-    proxy.start()
-    try:
+    with TcpProxy(zk_server.host, zk_server.port) as proxy:
         a = sidecars("a", zk=proxy.address, zk_session_timeout="9s", lock_timeout="30s", shutdown_timeout="4s")
         await put(http, a.url, "s/1", b"v1")
         proxy.cut()
@@ -681,8 +651,6 @@ async def test_sigterm_answers_writes_waiting_for_a_connection_and_exits_in_time
         assert time.monotonic() - started < 1.5, "the waiting write was answered only after the drain"
         code = await asyncio.to_thread(a.proc.wait, 10)
         assert code == 0 and time.monotonic() - started < 4.5, f"exit {code} after {time.monotonic() - started:.1f}s"
-    finally:
-        proxy.stop()
 
 
 async def test_while_it_sets_up_again_a_sidecar_serves_hits_only_within_the_grace(
@@ -692,9 +660,7 @@ async def test_while_it_sets_up_again_a_sidecar_serves_hits_only_within_the_grac
     cached for the grace counted from the first loss (as when disconnected),
     instead of sending every read to the origin; past the grace, no hit."""
     grace = 4.0
-    proxy = TcpProxy(zk_server.host, zk_server.port)
-    proxy.start()
-    try:
+    with TcpProxy(zk_server.host, zk_server.port) as proxy:
         a = sidecars("a", zk=proxy.address, zk_session_timeout="12s", suspended_grace=f"{grace:g}s")
         b = sidecars("b")
         await put(http, b.url, "g/1", b"v1")
@@ -713,8 +679,6 @@ async def test_while_it_sets_up_again_a_sidecar_serves_hits_only_within_the_grac
         _, source, _, _ = await get(http, a.url, "g/1")
         assert a.setting_up(), "A finished its setup before the grace ran out; the check below means nothing"
         assert source == "bypass", f"past the grace, a sidecar still setting up served a {source}"
-    finally:
-        proxy.stop()
 
 
 async def test_a_loss_noticed_late_still_bounds_hits_by_the_last_answer(
@@ -727,9 +691,7 @@ async def test_a_loss_noticed_late_still_bounds_hits_by_the_last_answer(
     (at most one session timeout, as the README says)."""
     session, grace = 15.0, 5.0
     lease = session * 2 / 3
-    proxy = TcpProxy(zk_server.host, zk_server.port)
-    proxy.start()
-    try:
+    with TcpProxy(zk_server.host, zk_server.port) as proxy:
         a = sidecars("a", zk=proxy.address, zk_session_timeout=f"{session:g}s", suspended_grace=f"{grace:g}s")
         b = sidecars("b")
         for key in ("f/changed", "f/same"):
@@ -750,5 +712,3 @@ async def test_a_loss_noticed_late_still_bounds_hits_by_the_last_answer(
         _, source, value, _ = await get(http, a.url, "f/changed")
         assert a.setting_up(), "A finished its setup early; the check below means nothing"
         assert value == b"v2", f"{source} {value!r} more than lease + grace after A last heard from ZooKeeper"
-    finally:
-        proxy.stop()

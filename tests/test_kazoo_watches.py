@@ -89,12 +89,9 @@ def admin(zk_server: LocalZooKeeper) -> Iterator[KazooClient]:
 @pytest.fixture
 def proxied(zk_server: LocalZooKeeper) -> Iterator[tuple[KazooClient, TcpProxy]]:
     """A client whose link can be cut and healed (20 s session: it survives)."""
-    proxy = TcpProxy(zk_server.host, zk_server.port)
-    proxy.start()
-    with started(proxy.address, timeout=20) as client:
+    with TcpProxy(zk_server.host, zk_server.port) as proxy, started(proxy.address, timeout=20) as client:
         yield client, proxy
         proxy.heal()
-    proxy.stop()
 
 
 def reconnect(client: KazooClient, proxy: TcpProxy, while_away: Callable[[], None] = lambda: None) -> None:

@@ -147,9 +147,7 @@ async def test_a_reconnect_restores_every_watch_in_one_go_and_drops_exactly_what
     reaches it) and the 10 from the origin, and ZooKeeper received a few
     dozen packets for all of it, not 500.
     """
-    proxy = TcpProxy(zk_private.host, zk_private.port)
-    proxy.start()
-    try:
+    with TcpProxy(zk_private.host, zk_private.port) as proxy:
         a = sidecars("a", zk=proxy.address, zk_session_timeout="20s")
         b = sidecars("b", zk=zk_private.hosts)
         keys = [f"r/{i:03d}" for i in range(500)]
@@ -180,8 +178,6 @@ async def test_a_reconnect_restores_every_watch_in_one_go_and_drops_exactly_what
         await settled(zk_private, a, namespace, version_paths(namespace, keys))
         assert (await put(http, b.url, kept[-1], b"v3"))[0] == 200  # the restored watch works
         await sees(http, a, kept[-1], b"v3")
-    finally:
-        proxy.stop()
 
 
 async def test_a_second_loss_during_the_restore_still_drops_what_changed_before_it(
@@ -190,9 +186,7 @@ async def test_a_second_loss_during_the_restore_still_drops_what_changed_before_
     """The restore counts from the first loss: a change made during the first
     cut must still be found after a second cut that interrupted the restore
     (the second connection's replies carry zxids past that change)."""
-    proxy = TcpProxy(zk_private.host, zk_private.port)
-    proxy.start()
-    try:
+    with TcpProxy(zk_private.host, zk_private.port) as proxy:
         a = sidecars("a", zk=proxy.address, zk_session_timeout="20s")
         b = sidecars("b", zk=zk_private.hosts)
         for key in ("s/1", "s/2", "s/3"):
@@ -215,8 +209,6 @@ async def test_a_second_loss_during_the_restore_still_drops_what_changed_before_
         assert (await only_if_cached(http, a, "s/1"))[0] == 504, "A kept s/1, changed during the first cut"
         assert (await only_if_cached(http, a, "s/2"))[0] == 504, "A kept s/2, changed during the second cut"
         assert await only_if_cached(http, a, "s/3") == (200, b"v1")
-    finally:
-        proxy.stop()
 
 
 async def test_after_a_session_expiry_the_new_session_keeps_exactly_the_unchanged_entries(
@@ -227,9 +219,7 @@ async def test_after_a_session_expiry_the_new_session_keeps_exactly_the_unchange
     a member).  A's new session restores its watches by zxid and applies the
     prefix log from the baseline it kept: it drops exactly what changed,
     keeps the rest, and refuses a lease it handed out before the expiry."""
-    proxy = TcpProxy(zk_private.host, zk_private.port)
-    proxy.start()
-    try:
+    with TcpProxy(zk_private.host, zk_private.port) as proxy:
         a = sidecars("a", zk=proxy.address, zk_session_timeout="2s", fills="allow")
         b = sidecars("b", zk=zk_private.hosts)
         keys = [f"e/{i:03d}" for i in range(200)] + [f"pfx/{i}" for i in range(5)]
@@ -271,8 +261,6 @@ async def test_after_a_session_expiry_the_new_session_keeps_exactly_the_unchange
         await settled(zk_private, a, namespace, version_paths(namespace, kept))
         assert (await put(http, b.url, kept[0], b"v3"))[0] == 200  # restored in the new session, and working
         await sees(http, a, kept[0], b"v3")
-    finally:
-        proxy.stop()
 
 
 async def test_a_sidecar_frozen_past_its_session_serves_nothing_cached_from_before_even_if_its_new_session_flaps(
@@ -282,9 +270,7 @@ async def test_a_sidecar_frozen_past_its_session_serves_nothing_cached_from_befo
     would count from then; but its session died long before, and writes were
     acknowledged without it.  After LOST no grace is left: a flap of the new
     session during its setup must not serve the entry cached before."""
-    proxy = TcpProxy(zk_private.host, zk_private.port)
-    proxy.start()
-    try:
+    with TcpProxy(zk_private.host, zk_private.port) as proxy:
         a = sidecars("a", zk=proxy.address, zk_session_timeout="9s")  # grace: 3 s
         b = sidecars("b", zk=zk_private.hosts)
         assert (await put(http, b.url, "k", b"v1"))[0] == 200
@@ -311,8 +297,6 @@ async def test_a_sidecar_frozen_past_its_session_serves_nothing_cached_from_befo
         await eventually(lambda: a.stats()["zookeeper"]["state"] == "suspended", what="A losing the link again")
         status, value = await only_if_cached(http, a, "k")
         assert status == 504, f"A served {value!r} from its cache, after B's acknowledged write of v2"
-    finally:
-        proxy.stop()
 
 
 async def test_after_zookeeper_lost_its_data_invalidations_still_reach_the_sidecars(

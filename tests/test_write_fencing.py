@@ -104,9 +104,7 @@ async def test_a_lock_left_by_a_failed_publish_is_released_in_the_background(
     session survived, and so did its lock, until A's next write of the key:
     B's writes timed out meanwhile. Now A releases it as soon as it can."""
     origin = upstream + "/kv"
-    proxy = TcpProxy(zk_server.host, zk_server.port)
-    proxy.start()
-    try:
+    with TcpProxy(zk_server.host, zk_server.port) as proxy:
         a = sidecars("a", zk=proxy.address, origin=origin, zk_session_timeout="9s", lock_timeout="1s")
         b = sidecars("b", origin=origin, lock_timeout="4s")
         await put(http, a.url, "left", b"v1")
@@ -122,8 +120,6 @@ async def test_a_lock_left_by_a_failed_publish_is_released_in_the_background(
         status, body, _ = await put(http, b.url, "left", b"v3")
         assert status == 200, f"B could not write: {body}"
         assert (await get(http, a.url, "left"))[2] == b"v3"
-    finally:
-        proxy.stop()
 
 
 async def _expire_a_during_its_origin_write(
@@ -143,9 +139,7 @@ async def test_a_writer_that_lost_its_lock_still_tells_the_fleet(
     its lock any more (B's note is there), but the origin now holds A's value:
     the fleet must still be told, or C serves B's value forever."""
     origin = upstream + "/kv"
-    proxy = TcpProxy(zk_server.host, zk_server.port)
-    proxy.start()
-    try:
+    with TcpProxy(zk_server.host, zk_server.port) as proxy:
         a = sidecars("a", zk=proxy.address, origin=origin, zk_session_timeout="4s", lock_timeout="1s")
         b, c = sidecars("b", origin=origin), sidecars("c", origin=origin)
         await put(http, b.url, "k", b"v0")
@@ -163,8 +157,6 @@ async def test_a_writer_that_lost_its_lock_still_tells_the_fleet(
             return (await get(http, c.url, "k"))[2] == b"from-a"
 
         await eventually(c_serves_the_origin, timeout=20, what="C serving the value the origin holds")
-    finally:
-        proxy.stop()
 
 
 async def test_an_expired_writer_never_deletes_a_lock_taken_without_intent(

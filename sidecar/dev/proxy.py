@@ -40,6 +40,14 @@ class TcpProxy:
         """``host:port`` to give the client instead of the target."""
         return f"127.0.0.1:{self.port}"
 
+    def __enter__(self) -> TcpProxy:
+        """``with TcpProxy(host, port) as proxy:`` starts it, and stops it on the way out."""
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def start(self) -> None:
         """Listen on a free loopback port, serving from a thread of its own."""
         self._loop = asyncio.new_event_loop()
