@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,8 @@ from pathlib import Path
 import aiohttp
 
 from sidecar.dev import LocalZooKeeper, SidecarProcess, TcpProxy
-from sidecar.origins.sqlite import SqliteOrigin
+
+from .common import seed_origin
 
 
 async def fill(url: str, keys: int) -> None:
@@ -43,11 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="zkcache-bench-") as tmp:
         db = Path(tmp) / "origin.db"
-        asyncio.run(SqliteOrigin(f"sqlite:///{db}", 5).open())  # create the schema
-        with sqlite3.connect(db) as conn:
-            conn.executemany(
-                "INSERT INTO kv VALUES (?, ?, 'text/plain', 0)", ((f"k{i}", b"x" * 100) for i in range(args.keys))
-            )
+        asyncio.run(seed_origin(db, ((f"k{i}", b"x" * 100) for i in range(args.keys))))
         zk = LocalZooKeeper(Path(tmp) / "zk")
         zk.start()
         proxy = TcpProxy(zk.host, zk.port)
