@@ -117,14 +117,16 @@ def create_version_znodes(client: KazooClient, layout: Layout, keys: Iterator[st
 
 
 def create_buckets(client: KazooClient, layout: Layout) -> None:
-    """The 4096 bucket parents under ``versions/`` (first three hex digits of the key's hash)."""
+    """The 65,536 bucket parents under ``versions/`` (``<hh>/<hh>``: the key's 16-bit hash, see layout.py)."""
     client.ensure_path(layout.versions)
-    txn = client.transaction()
-    for bucket in range(4096):
-        txn.create(f"{layout.versions}/{bucket:03x}")
-    failed = [r for r in txn.commit() if isinstance(r, Exception)]
-    if failed:
-        raise RuntimeError(f"creating the bucket znodes failed: {failed[0]!r}")
+    for high in range(256):
+        txn = client.transaction()
+        txn.create(f"{layout.versions}/{high:02x}")
+        for low in range(256):
+            txn.create(f"{layout.versions}/{high:02x}/{low:02x}")
+        failed = [r for r in txn.commit() if isinstance(r, Exception)]
+        if failed:
+            raise RuntimeError(f"creating the bucket znodes failed: {failed[0]!r}")
 
 
 def zk_live_heap(pid: int) -> int | None:

@@ -31,7 +31,7 @@ from sidecar.coordination import (
     publish_invalidation,
     validate_key,
 )
-from sidecar.coordination.health import check_ensemble
+from sidecar.coordination.health import Finding, check_ensemble, check_namespace
 from sidecar.errors import CoordinationError, SidecarError
 
 __all__ = ["main"]
@@ -212,10 +212,10 @@ def members(obj: dict[str, Any], as_json: bool) -> None:
         return
     click.echo(f"{'MEMBER':<32} {'ADDRESS':<24} {'SESSION':<20} VERSION")
     for m in found:
-        click.echo(
-            f"{m.get('member_id', '?'):<32} {m.get('address', '?'):<24} "
-            f"{m.get('session', '?'):<20} {m.get('version', '?')}"
-        )
+        name = f"{m.get('member_id', '?')}{' (leader)' if m.get('leader') else ''}"
+        click.echo(f"{name:<32} {m.get('address', '?'):<24} {m.get('session', '?'):<20} {m.get('version', '?')}")
+    if not any(m.get("leader") for m in found):
+        click.echo("no leader: no live sidecar stands for housekeeping")
 
 
 def _check_duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
@@ -236,11 +236,21 @@ def _check_duration(ctx: click.Context, param: click.Parameter, value: str) -> f
 )
 @click.pass_obj
 def doctor(obj: dict[str, Any], zk_session_timeout: float) -> None:
-    """Check every ZooKeeper server of --zk: one line per finding; exit 1 on any problem."""
+    """Check every ZooKeeper server of --zk, then the namespace: one line per finding; exit 1 on any problem.
+
+    The namespace part names the leader and its last housekeeping round, and
+    times every member's confirmation of a fresh zxid (as invalidate --wait).
+    """
     findings = check_ensemble(obj["zk"], zk_session_timeout, timeout=min(obj["timeout"], 5.0))
     for finding in findings:
         click.echo(str(finding))
-    if any(f.problem for f in findings):
+    try:
+        namespace = asyncio.run(_with_zk(obj, lambda zk, layout: check_namespace(zk, layout)))
+    except SidecarError as exc:
+        namespace = [Finding(f"namespace {obj['namespace']}", f"not checked: {exc.detail}", True)]
+    for finding in namespace:
+        click.echo(str(finding))
+    if any(f.problem for f in [*findings, *namespace]):
         sys.exit(1)
 
 

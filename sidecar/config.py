@@ -47,7 +47,7 @@ _SIZE_UNITS = {
     "m": 1000**2, "mb": 1000**2, "mi": 1024**2, "mib": 1024**2,
     "g": 1000**3, "gb": 1000**3, "gi": 1024**3, "gib": 1024**3,
 }  # fmt: skip
-_DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -174,6 +174,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a finite number greater than zero")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("must be between 0 and 1")
+    return value
+
+
 def _positive_size(text: str) -> int:
     value = parse_size(text)
     if value <= 0:
@@ -273,6 +293,25 @@ class Config:
     )
     lock_timeout: float = _setting(
         10.0, _positive_duration, "how long a write waits for ZooKeeper: for a connection, then for the key's lock"
+    )
+    consistency_probe_rate: float = _setting(
+        0.0,
+        _fraction,
+        "fraction of hits re-checked against ZooKeeper and the origin in the background (0: off; "
+        "/metrics counts agreed, disagreed, inconclusive)",
+    )
+    consistency_probe_window: float = _setting(
+        1.0, _positive_duration, "a probed hit older than its key's change by more than this counts as disagreed"
+    )
+    version_retention: float = _setting(
+        86400.0,
+        _positive_duration,
+        "the elected housekeeper deletes version znodes not modified for this long (ZooKeeper then holds "
+        "only keys written within it); their holders refetch them once",
+    )
+    housekeeping_interval: float = _setting(60.0, _positive_duration, "pause between housekeeping rounds")
+    housekeeping_rate: float = _setting(
+        1000.0, _positive_float, "ZooKeeper requests per second a housekeeping round may make, all told"
     )
     suspended_grace: float | None = _setting(
         None,

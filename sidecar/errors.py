@@ -19,6 +19,7 @@ one place (``cli.main``).
     ├── NotAcknowledged             504  not-acknowledged (invalidate --wait timed out)
     ├── ConfigError                 (exit status 2, never an HTTP response)
     ├── CoordinationError           503  coordination-unavailable
+    │   ├── LayoutMismatch          503  layout-mismatch (the namespace has another wire layout)
     │   ├── NotConnected            503  zookeeper-unavailable
     │   ├── LockTimeout             503  lock-timeout   (also asyncio.TimeoutError)
     │   ├── WriteOutcomeUncertain   503  write-outcome-uncertain
@@ -39,6 +40,7 @@ __all__ = [
     "FillsNotAllowed",
     "InvalidKey",
     "InvalidationNotPublished",
+    "LayoutMismatch",
     "LockTimeout",
     "MethodNotAllowed",
     "NotAcknowledged",
@@ -154,6 +156,12 @@ class CoordinationError(SidecarError):
 
 class ZkAccessDenied(CoordinationError):
     problem, title = "zookeeper-access-denied", "ZooKeeper refused access (check zk_auth and the znodes' ACLs)"
+
+
+class LayoutMismatch(CoordinationError):
+    """The namespace in ZooKeeper was laid out by sidecars of another wire layout."""
+
+    problem, title = "layout-mismatch", "The namespace uses another ZooKeeper layout"
 
 
 class NotConnected(CoordinationError):

@@ -147,7 +147,7 @@ async def get_key(service: CacheService, request: web.BaseRequest) -> web.Stream
         # The hot path: eventual read, no query, read-through origin.
         entry = service.cached(key)
         if entry is not None:
-            return _respond(request, entry.value, entry.content_type, entry.version, "hit")
+            return _respond(request, entry.value, entry.content_type, service.coord.etag(entry.version), "hit")
     version: int | None
     result: Entry | Fetched | None
     if _consistency(request, service.config.consistency) == "strong":
@@ -173,7 +173,8 @@ async def get_key(service: CacheService, request: web.BaseRequest) -> web.Stream
         if result is None or result.value is None:
             raise NotFound(f"the origin has no value for key {key!r}")
         value, ctype, version = result.value.value, result.value.content_type, result.version
-    return _respond(request, value, ctype, version, source)
+    # Versions inside are 0 for a key with no version znode; its ETag is the absent version.
+    return _respond(request, value, ctype, None if version is None else service.coord.etag(version), source)
 
 
 def _respond(request: web.BaseRequest, value: bytes, ctype: str, version: int | None, source: str) -> web.Response:

@@ -75,6 +75,33 @@ class _ServiceCollector(Collector):
         for candidate in ("connecting", "connected", "suspended", "lost"):
             state.add_metric([candidate], int(svc.zookeeper_state == candidate))
         yield state
+        election, keeper = svc.coord.election, svc.coord.housekeeper
+        yield GaugeMetricFamily(
+            "zkcache_leader", "1 on the sidecar elected as its namespace's housekeeper", value=int(election.leading)
+        )
+        totals = keeper.totals
+        for name, value, doc in (
+            ("retired", totals.retired, "Version znodes deleted after version_retention by this sidecar as leader"),
+            ("repaired", totals.repaired, "Dead writers' intents closed by this sidecar as leader"),
+            ("skipped", totals.skipped, "Housekeeping writes left out: the znode was written or gone since the scan"),
+            ("prefix_entries_trimmed", totals.prefix_entries_trimmed, "Prefix-log entries trimmed as leader"),
+            ("rounds", keeper.rounds, "Housekeeping rounds completed as leader"),
+        ):
+            yield CounterMetricFamily(f"zkcache_housekeeping_{name}", doc, value=value)
+        yield from svc.coord.zk.latency.collect()
+        # Exported at 0 with the probe off too: increase() needs a series from
+        # the start to see the first disagreement.
+        probe = svc.reads.probe
+        checks = CounterMetricFamily(
+            "zkcache_consistency_probes",
+            "Sampled hits re-checked against ZooKeeper and the origin, by verdict (all 0 with the probe off)",
+            labels=["result"],
+        )
+        for result in ("agreed", "disagreed", "inconclusive", "failed", "dropped"):
+            checks.add_metric([result], getattr(probe.counts, result) if probe is not None else 0)
+        yield checks
+        if probe is not None:
+            yield from probe.staleness.collect()
 
 
 def make_registry(service: CacheService) -> CollectorRegistry:

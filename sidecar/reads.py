@@ -43,6 +43,7 @@ from .errors import (
     ZkAccessDenied,
 )
 from .origins import NoOrigin, Origin, OriginValue
+from .probe import ConsistencyProbe
 from .singleflight import Group
 from .stats import Stats
 
@@ -83,6 +84,12 @@ class ReadProtocol:
         # only when allowed, since any local client could then cache bytes the
         # origin never had (strong reads never serve those).
         self.fills_allowed = isinstance(origin, NoOrigin) or config.fills == "allow"
+        # None (the default, off) costs a hit one attribute test.
+        self.probe = (
+            ConsistencyProbe(config.consistency_probe_rate, config.consistency_probe_window, coord, origin)
+            if config.consistency_probe_rate > 0 and not isinstance(origin, NoOrigin)
+            else None
+        )
 
     def cached(self, key: str) -> Entry | None:
         """The cached entry if it may be served now (a hit), else ``None``.
@@ -99,6 +106,8 @@ class ReadProtocol:
         if entry is None or not self._may_serve_cached():
             return None
         self._stats.hits += 1
+        if self.probe is not None and self.probe.wanted():
+            self.probe.sample(key, entry)
         return entry
 
     def _may_serve_cached(self) -> bool:
@@ -193,7 +202,7 @@ class ReadProtocol:
             if not self._cache.install(ticket, entry):
                 raise PreconditionFailed(f'the key was invalidated while installing lease "{lease}"', None)
             self._stats.fills += 1
-            return state.version
+            return state.etag
         finally:
             self._cache.end_fill(ticket)
 

@@ -17,6 +17,7 @@ Serving policy by session state is ``ReadProtocol.cached``; the README's
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -75,6 +76,8 @@ class CacheService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout if timeout is not None else self.config.lock_timeout + 5.0)
         self.refuse_writes()
+        if self.reads.probe is not None:
+            await self.reads.probe.stop()
         # Closing the session needs a moment of the budget; writes get the rest.
         if self._writes:
             await asyncio.wait(self._writes, timeout=max(0.0, deadline - loop.time() - 1.5))
@@ -226,6 +229,19 @@ class CacheService:
         return receipt
 
     # -- introspection ------------------------------------------------------
+    def housekeeping_snapshot(self) -> dict[str, Any]:
+        """Whether this sidecar leads its namespace, and what its housekeeping did."""
+        election, keeper = self.coord.election, self.coord.housekeeper
+        return {
+            "leader": election.leading,
+            "candidate": election.node,
+            "terms": election.terms,
+            "rounds": keeper.rounds,
+            "totals": dataclasses.asdict(keeper.totals),
+            "last_round": None if keeper.last is None else dataclasses.asdict(keeper.last),
+            "absent_version": self.coord.namespace.retired,
+        }
+
     def snapshot(self) -> dict[str, Any]:
         """The body of ``GET /v1/stats``."""
         s, c = self.stats, self.cache
@@ -276,6 +292,10 @@ class CacheService:
                 "hop_ms_max": round(1000 * self.coord.key_events.hop_seconds_max, 4),
             },
             "fills_in_flight": c.fills_in_flight,
+            "housekeeping": self.housekeeping_snapshot(),
+            "consistency_probe": None
+            if self.reads.probe is None
+            else dict(dataclasses.asdict(self.reads.probe.counts), rate=self.reads.probe.rate),
             "origin": self.origin.name,
             "version": __version__,
         }

@@ -2,9 +2,11 @@
 
 Helm's own Go SDK (helm-python-sdk) lints and renders the chart, and
 kubernetes-validate checks every rendered object in strict mode against the
-oldest and newest Kubernetes API schemas the chart supports.  The daemon is
-then started with exactly the environment the chart renders, so chart and
-daemon cannot drift apart.
+oldest and newest Kubernetes API schemas the chart supports.  Prometheus
+Operator's objects (ServiceMonitor, PrometheusRule) are checked against the
+CRDs vendored in tests/chart_schemas/, and every alert expression is parsed
+as PromQL.  The daemon is then started with exactly the environment the chart
+renders, so chart and daemon cannot drift apart.
 """
 
 from __future__ import annotations
@@ -17,13 +19,22 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate
+import jsonschema  # type: ignore[import-untyped,unused-ignore]
+import kubernetes_validate  # type: ignore[import-untyped,unused-ignore]
+import promql_parser
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped,unused-ignore]
 from helm_python import Chart, HelmRenderError, HelmValuesError, lint
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from sidecar.config import load_config, settings_help, unknown_env_names
 from sidecar.dev import LocalZooKeeper, free_port
@@ -37,6 +48,36 @@ OLDEST_PLAIN = "1.25.0"  # the oldest schema kubernetes-validate carries
 
 # Settings the chart fills in itself rather than from sidecar.config.
 CHART_OWNED = {"zk", "listen", "ops_listen", "member_id", "zk_auth", "auth_token"}
+
+# Prometheus Operator's objects, as kube-prometheus-stack's default selectors want them.
+MONITORING: dict[str, Any] = {
+    "metrics": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}, "alertLabels": {"team": "cache"}},
+    }
+}
+MONITORING_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+# What each alert reads: the family name and type the daemon registers
+# (sidecar/metrics.py). prometheus_client decides the sample names a scrape
+# sees (a counter "x" is scraped as x_total), and the test asks it.
+ALERT_METRICS: dict[str, dict[str, str]] = {
+    "ZkCacheNotReady": {"zkcache_ready": "gauge"},
+    "ZkCachePropagationLag": {"zkcache_key_event_delivery_seconds": "counter", "zkcache_key_events": "counter"},
+    "ZkCacheInconsistent": {"zkcache_consistency_probes": "counter"},
+    "ZkCacheZooKeeperSlow": {"zkcache_zookeeper_request_seconds": "histogram"},
+    "ZkCacheNoHousekeeper": {"zkcache_leader": "gauge"},
+}
+# metrics.prometheusRule.alerts.<key> -> the alert it renders.
+ALERT_KEYS = {
+    "notReady": "ZkCacheNotReady",
+    "propagationLag": "ZkCachePropagationLag",
+    "inconsistent": "ZkCacheInconsistent",
+    "zooKeeperSlow": "ZkCacheZooKeeperSlow",
+    "noHousekeeper": "ZkCacheNoHousekeeper",
+}
+# Labels Prometheus gives every series it scrapes through the ServiceMonitor (not the daemon's own).
+TARGET_LABELS = {"namespace", "job"}
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -70,6 +111,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "extraEnv": [{"name": "TZ", "value": "UTC"}],
         },
     },
+    # The ZooKeeper ensemble's Services too, for the ServiceMonitor not to pick them.
+    "monitoring": {**MONITORING, "zookeeper": {"enabled": True}},
 }
 
 
@@ -94,7 +137,8 @@ def pod_spec(docs: list[dict[str, Any]], kind: str = "Deployment") -> dict[str, 
 
 
 def sidecar_of(spec: dict[str, Any]) -> dict[str, Any]:
-    [container] = [c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == "zk-cache-sidecar"]
+    containers: list[dict[str, Any]] = spec.get("initContainers", []) + spec["containers"]
+    [container] = [c for c in containers if c["name"] == "zk-cache-sidecar"]
     return container
 
 
@@ -113,8 +157,91 @@ def merged(values: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def test_lint_is_clean() -> None:
-    report = lint(str(CHART), strict=True)
+def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and selector.items() <= labels.items()
+
+
+# --- Prometheus Operator's CRDs (tests/chart_schemas/README.md says where they come from).
+
+
+def _strict(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema``, rejecting unknown fields wherever it lists the known ones.
+
+    CRD schemas leave additionalProperties out: the API server prunes unknown
+    fields, silently unless asked for strict field validation.  Here a typo in
+    a template fails, as kubernetes-validate's strict mode does for built-in kinds.
+    """
+    out = dict(schema)
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(out.get(key), dict):
+            out[key] = _strict(out[key])
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in out:
+            out[key] = [_strict(s) for s in out[key]]
+    if "properties" in out:
+        out["properties"] = {name: _strict(s) for name, s in out["properties"].items()}
+        if "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    return out
+
+
+def _list_type(validator: Any, list_type: str, instance: Any, schema: dict[str, Any]) -> Iterator[Any]:
+    """x-kubernetes-list-type, as the API server checks it: no duplicate in a set, no duplicate key in a map."""
+    if list_type not in ("set", "map") or not validator.is_type(instance, "array"):
+        return
+    keys = schema.get("x-kubernetes-list-map-keys", [])
+    seen = set()
+    for item in instance:
+        key = json.dumps({k: item.get(k) for k in keys} if list_type == "map" else item, sort_keys=True)
+        if key in seen:
+            yield jsonschema.ValidationError(f"duplicate entry {key} in a list of type {list_type}")
+        seen.add(key)
+
+
+# Kubernetes validates CRD schemas with OpenAPI v3.0 semantics, close to JSON Schema draft 4.
+_CrdValidator = jsonschema.validators.extend(jsonschema.Draft4Validator, {"x-kubernetes-list-type": _list_type})
+
+
+def _crd_validators() -> dict[tuple[str, str], Any]:
+    """(apiVersion, kind) to a validator of every served version of the vendored CRDs."""
+    validators = {}
+    for path in sorted((ROOT / "tests" / "chart_schemas").glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        for version in crd["spec"]["versions"]:
+            if version["served"]:
+                key = (f"{crd['spec']['group']}/{version['name']}", crd["spec"]["names"]["kind"])
+                validators[key] = _CrdValidator(_strict(version["schema"]["openAPIV3Schema"]))
+    return validators
+
+
+CRDS = _crd_validators()
+
+
+def validate(doc: dict[str, Any], version: str) -> None:
+    """Validate one rendered object strictly: built-in kinds with kubernetes-validate, CRD kinds with their schema.
+
+    Raises kubernetes_validate.ValidationError or jsonschema.ValidationError.
+    """
+    crd = CRDS.get((doc["apiVersion"], doc["kind"]))
+    if crd is None:
+        kubernetes_validate.validate(doc, version, strict=True)
+        return
+    error = jsonschema.exceptions.best_match(crd.iter_errors(doc))
+    if error is not None:
+        raise jsonschema.ValidationError(f"at {error.json_path}: {error.message}")
+    # A CRD schema leaves metadata to the API server: check it as any object's ObjectMeta.
+    kubernetes_validate.validate(
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc["metadata"]}, version, strict=True
+    )
+
+
+@pytest.mark.parametrize("values", [{}, MONITORING], ids=["defaults", "monitoring"])
+def test_lint_is_clean(values: dict[str, Any]) -> None:
+    report = lint(str(CHART), values, strict=True)
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert report["errors"] == [] and problems == [], report
 
@@ -128,8 +255,8 @@ def test_every_object_validates_against_oldest_and_newest_kubernetes(name: str) 
     for version in (OLDEST_NATIVE if native else OLDEST_PLAIN, NEWEST):
         for doc in docs:
             try:
-                kubernetes_validate.validate(doc, version, strict=True)
-            except kubernetes_validate.ValidationError as exc:
+                validate(doc, version)
+            except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as exc:
                 pytest.fail(f"{name}: {doc['kind']} {doc['metadata']['name']} invalid on {version}: {exc.message}")
 
 
@@ -231,6 +358,16 @@ def test_every_daemon_setting_is_a_chart_value() -> None:
         ({"externalZookeeper": {"connect": "zk1:2181,"}}, "/externalZookeeper/connect"),
         ({"zookeeper": {"replicas": 2}}, "/zookeeper/replicas"),
         ({"image": {"digest": "latest"}}, "/image/digest"),
+        ({"metrics": {"serviceMonitor": {"enable": True}}}, "additional properties 'enable'"),
+        ({"metrics": {"serviceMonitor": {"interval": "30"}}}, "/metrics/serviceMonitor/interval"),
+        ({"metrics": {"serviceMonitor": {"labels": {"release": "prom etheus"}}}}, "/metrics/serviceMonitor/labels"),
+        ({"metrics": {"podSelector": {"app": 3}}}, "/metrics/podSelector/app"),
+        ({"metrics": {"prometheusRule": {"seriesSelector": '{job="shop"}'}}}, "/metrics/prometheusRule/seriesSelector"),
+        ({"metrics": {"prometheusRule": {"alertLabels": {"severity": "page"}}}}, "/metrics/prometheusRule/alertLabels"),
+        ({"metrics": {"prometheusRule": {"alerts": {"inconsistent": {"window": "0m"}}}}}, "/inconsistent/window"),
+        ({"metrics": {"prometheusRule": {"alerts": {"notReady": {"for": "2 min"}}}}}, "/notReady/for"),
+        ({"metrics": {"prometheusRule": {"alerts": {"zooKeeperSlow": {"thresholdSeconds": 0}}}}}, "/thresholdSeconds"),
+        ({"metrics": {"prometheusRule": {"alerts": {"lag": {}}}}}, "additional properties 'lag'"),
     ],
 )
 def test_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None:
@@ -250,6 +387,24 @@ def test_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None
             "shutdown_timeout=30s must be below sidecar.terminationGracePeriodSeconds=30",
         ),
         ({"sidecar": {"opsPort": 7070}}, "sidecar.port and sidecar.opsPort are both 7070"),
+        (
+            {"metrics": {"serviceMonitor": {"enabled": True, "interval": "1m30s", "scrapeTimeout": "1m31s"}}},
+            "metrics.serviceMonitor.scrapeTimeout=1m31s exceeds interval=1m30s",
+        ),
+        (
+            {"example": {"enabled": False}, "metrics": {"serviceMonitor": {"enabled": True}}},
+            "metrics.serviceMonitor.enabled needs metrics.podSelector",
+        ),
+        (
+            {"metrics": {"prometheusRule": {"enabled": True}}},
+            "without metrics.serviceMonitor.enabled needs metrics.prometheusRule.seriesSelector",
+        ),
+        (
+            merged(
+                MONITORING, {"metrics": {"prometheusRule": {"alerts": {a: {"enabled": False} for a in ALERT_KEYS}}}}
+            ),
+            "metrics.prometheusRule.enabled with every alert disabled",
+        ),
     ],
 )
 def test_templates_refuse_settings_that_cannot_work(values: dict[str, Any], message: str) -> None:
@@ -262,6 +417,227 @@ def test_memory_check_accepts_a_limit_that_fits() -> None:
     assert sidecar_of(pod_spec(render(values)))["resources"]["limits"]["memory"] == "314Mi"
 
 
+# --- Monitoring: Prometheus Operator's ServiceMonitor and PrometheusRule.
+
+
+def alert_rules(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    [rule] = of_kind(docs, "PrometheusRule")
+    return {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+
+
+def selectors(expr: str) -> list[promql_parser.VectorSelector]:
+    """The series selectors of ``expr``, which must parse as PromQL (with its functions' argument types)."""
+    found: list[promql_parser.VectorSelector] = []
+
+    def visit(node: promql_parser.Expr) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            found.append(node)
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return found
+
+
+def equal_matchers(selector: promql_parser.VectorSelector) -> dict[str, str]:
+    return {m.name: m.value for m in selector.matchers.matchers if m.op == promql_parser.MatchOp.Equal}
+
+
+def ranges(expr: str) -> set[timedelta]:
+    found: set[timedelta] = set()
+
+    def visit(node: promql_parser.Expr) -> None:
+        if isinstance(node, promql_parser.MatrixSelector):
+            found.add(node.range)
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return found
+
+
+class _Families(Collector):
+    """Empty metric families of the given names and types, for prometheus_client to name their samples."""
+
+    def __init__(self, families: dict[str, str]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        for name, kind in self._families.items():
+            if kind == "counter":
+                yield CounterMetricFamily(name, name, value=0)
+            elif kind == "gauge":
+                yield GaugeMetricFamily(name, name, value=0)
+            else:
+                yield HistogramMetricFamily(name, name, buckets=[("+Inf", 0)], sum_value=0)
+
+
+def scraped_names(families: dict[str, str]) -> set[str]:
+    """The sample names a scrape of these families shows, as prometheus_client writes them."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))
+    text = generate_latest(registry).decode()
+    return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_monitoring_is_off_by_default() -> None:
+    metrics = yaml.safe_load((CHART / "values.yaml").read_text())["metrics"]
+    assert metrics["serviceMonitor"]["enabled"] is False and metrics["prometheusRule"]["enabled"] is False
+    for name, values in VALUE_SETS.items():
+        if name == "monitoring":
+            continue
+        docs = render(values)
+        assert not [d for d in docs if d["kind"] in MONITORING_KINDS], name
+        assert not [d for d in of_kind(docs, "Service") if "metrics" in d["metadata"]["name"]], name
+
+
+def test_monitoring_objects_validate_against_prometheus_operator_crds() -> None:
+    docs = render(MONITORING)
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "PrometheusRule", "Service", "ServiceMonitor"]
+    for doc in docs:
+        if doc["kind"] in MONITORING_KINDS:
+            assert (doc["apiVersion"], doc["kind"]) in CRDS, f"no vendored CRD for {doc['apiVersion']} {doc['kind']}"
+            assert doc["metadata"]["labels"]["release"] == "prometheus", "the Prometheus' selector label is missing"
+        validate(doc, NEWEST)
+
+
+@pytest.mark.parametrize(
+    ("kind", "breakage", "message"),
+    [
+        ("ServiceMonitor", lambda d: d["spec"]["endpoints"][0].update(scrapeTimout="10s"), "'scrapeTimout' was unexp"),
+        ("ServiceMonitor", lambda d: d["spec"]["endpoints"][0].update(interval="30 s"), "'30 s' does not match"),
+        ("ServiceMonitor", lambda d: d["spec"]["endpoints"][0].update(scheme="tcp"), "'tcp' is not one of"),
+        ("ServiceMonitor", lambda d: d["spec"].pop("selector"), "'selector' is a required property"),
+        ("PrometheusRule", lambda d: d["spec"]["groups"][0]["rules"][0].pop("expr"), "'expr' is a required property"),
+        ("PrometheusRule", lambda d: d["spec"]["groups"][0]["rules"][0].update(For="5m"), "'For' was unexpected"),
+        ("PrometheusRule", lambda d: d["spec"]["groups"].append(d["spec"]["groups"][0]), "duplicate entry"),
+        ("PrometheusRule", lambda d: d["metadata"]["labels"].update(release=1), "1 is not of type 'string'"),
+    ],
+)
+def test_crd_validation_catches_broken_objects(
+    kind: str, breakage: Callable[[dict[str, Any]], object], message: str
+) -> None:
+    # The check is real: the vendored schemas, made strict, reject what the API server would refuse or prune.
+    [doc] = of_kind(render(MONITORING), kind)
+    breakage(doc)
+    with pytest.raises(jsonschema.ValidationError, match=re.escape(message)):
+        validate(doc, NEWEST)
+
+
+def test_service_monitor_scrapes_the_sidecars_ops_port() -> None:
+    docs = render(VALUE_SETS["monitoring"])  # the ZooKeeper ensemble's Services and pods too
+    [monitor] = of_kind(docs, "ServiceMonitor")
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["shop"]}
+    # The Service it picks: the metrics one only, not ZooKeeper's.
+    services = [
+        s
+        for s in of_kind(docs, "Service")
+        if s["metadata"]["namespace"] == "shop"
+        and labels_match(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+    ]
+    assert [s["metadata"]["name"] for s in services] == ["cache-zk-cache-sidecar-metrics"]
+    [service] = services
+    # Headless, and NotReady pods (a sidecar without ZooKeeper) still scraped.
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    # The pods that Service picks: the sidecar's, not ZooKeeper's.
+    workloads = [
+        d
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet")
+        and labels_match(service["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])
+    ]
+    assert [w["kind"] for w in workloads] == ["Deployment"]
+    # The port: ServiceMonitor endpoint -> Service port -> the sidecar's named container port -> ops_listen.
+    sidecar = sidecar_of(pod_spec(workloads))
+    [endpoint] = monitor["spec"]["endpoints"]
+    [port] = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+    [container_port] = [p for p in sidecar["ports"] if p["name"] == port["targetPort"]]
+    host, _, ops_port = rendered_env(sidecar, ZKCACHE_MEMBER_ID="pod-0")["ZKCACHE_OPS_LISTEN"].rpartition(":")
+    assert container_port["containerPort"] == port["port"] == int(ops_port)
+    assert host == "0.0.0.0", "Prometheus scrapes the pod IP: the metrics listener must not be loopback"
+    assert (endpoint["scheme"], endpoint["path"], endpoint["interval"], endpoint["scrapeTimeout"]) == (
+        "http",
+        "/metrics",
+        "30s",
+        "10s",
+    )
+
+
+def test_service_monitor_for_the_sidecar_in_your_own_pods(tmp_path: Path) -> None:
+    extra = (
+        "  metrics:\n    podSelector: {app: shop}\n"
+        "    serviceMonitor: {enabled: true}\n    prometheusRule: {enabled: true}\n"
+    )
+    docs = render({}, chart=parent_chart(tmp_path, extra))
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "PrometheusRule", "Service", "ServiceMonitor"]
+    [service] = of_kind(docs, "Service")
+    [deployment] = of_kind(docs, "Deployment")
+    assert labels_match(service["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"])
+    assert service["spec"]["ports"][0]["targetPort"] in {p["name"] for p in sidecar_of(pod_spec(docs))["ports"]}
+    for doc in docs:
+        validate(doc, NEWEST)
+
+
+def test_alert_expressions_parse_as_promql_and_read_the_scraped_series() -> None:
+    docs = render(MONITORING)
+    rules = alert_rules(docs)
+    assert set(rules) == set(ALERT_METRICS) == set(ALERT_KEYS.values())
+    # Prometheus Operator names the job after the Service the ServiceMonitor picks.
+    [service] = of_kind(docs, "Service")
+    release = {"namespace": "shop", "job": service["metadata"]["name"]}
+    for alert, rule in rules.items():
+        try:
+            found = selectors(rule["expr"])
+        except ValueError as exc:
+            pytest.fail(f"{alert}: {rule['expr']!r} is not PromQL: {exc}")
+        scraped = scraped_names(ALERT_METRICS[alert])
+        assert {s.name for s in found} <= scraped, f"{alert} reads a series no scrape shows: {rule['expr']}"
+        for family, kind in ALERT_METRICS[alert].items():
+            assert {s.name for s in found} & scraped_names({family: kind}), f"{alert} does not read {family}"
+        for selector in found:
+            matchers = equal_matchers(selector)
+            assert {k: matchers.get(k) for k in release} == release, f"{alert}: {selector} is not this release's"
+            assert len(selector.matchers.matchers) == len(matchers), f"{alert}: {selector}: only = matchers expected"
+        own = {k: v for s in found for k, v in equal_matchers(s).items() if k not in TARGET_LABELS}
+        assert own == ({"result": "disagreed"} if alert == "ZkCacheInconsistent" else {}), alert
+        assert rule["labels"]["severity"] and rule["labels"]["team"] == "cache"
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+
+
+def test_alert_thresholds_durations_and_labels_are_values() -> None:
+    alerts: dict[str, dict[str, Any]] = {
+        "notReady": {"for": "10m", "severity": "page"},
+        "propagationLag": {"thresholdSeconds": 0.25, "window": "15m", "for": "1h", "severity": "ticket"},
+        "inconsistent": {"window": "1h", "for": "1m", "severity": "page"},
+        "zooKeeperSlow": {"thresholdSeconds": 2, "window": "30m", "for": "15m", "severity": "ticket"},
+        "noHousekeeper": {"for": "1h30m", "severity": "ticket"},
+    }
+    values = merged(
+        MONITORING,
+        {
+            "metrics": {
+                "serviceMonitor": {"interval": "1m30s", "scrapeTimeout": "90s"},  # equal is fine
+                "prometheusRule": {"seriesSelector": 'job="shop", namespace=~"shop|shop-canary"', "alerts": alerts},
+            }
+        },
+    )
+    docs = render(values)
+    [endpoint] = of_kind(docs, "ServiceMonitor")[0]["spec"]["endpoints"]
+    assert (endpoint["interval"], endpoint["scrapeTimeout"]) == ("1m30s", "90s")
+    rules = alert_rules(docs)
+    for key, settings in alerts.items():
+        rule = rules[ALERT_KEYS[key]]
+        assert rule["for"] == settings["for"]
+        assert rule["labels"] == {"severity": settings["severity"], "team": "cache"}
+        window = {promql_parser.parse_duration(settings["window"])} if "window" in settings else set()
+        assert ranges(rule["expr"]) == window, rule["expr"]
+        comparison = promql_parser.parse(rule["expr"])
+        assert isinstance(comparison, promql_parser.BinaryExpr) and isinstance(
+            comparison.rhs, promql_parser.NumberLiteral
+        )
+        assert comparison.rhs.val == settings.get("thresholdSeconds", 0), rule["expr"]
+        for selector in selectors(rule["expr"]):
+            assert 'job="shop"' in str(selector) and 'namespace=~"shop|shop-canary"' in str(selector), rule["expr"]
+    off = merged(MONITORING, {"metrics": {"prometheusRule": {"alerts": {"noHousekeeper": {"enabled": False}}}}})
+    assert set(alert_rules(render(off))) == set(ALERT_KEYS.values()) - {"ZkCacheNoHousekeeper"}
+
+
 def readme_snippet() -> str:
     text = (CHART / "README.md").read_text()
     match = re.search(r"<!-- snippet: pod-spec[^>]*-->\s*```yaml\n(.*?)```", text, re.S)
@@ -269,7 +645,8 @@ def readme_snippet() -> str:
     return match.group(1)
 
 
-def test_readme_snippet_works_from_a_parent_chart(tmp_path: Path) -> None:
+def parent_chart(tmp_path: Path, extra_values: str = "") -> Path:
+    """A chart "shop" with this one as a dependency and the README's snippet in its Deployment (pods: app=shop)."""
     parent = tmp_path / "shop"
     (parent / "templates").mkdir(parents=True)
     shutil.copytree(CHART, parent / "charts" / "zk-cache-sidecar")
@@ -279,19 +656,48 @@ def test_readme_snippet_works_from_a_parent_chart(tmp_path: Path) -> None:
     )
     (parent / "values.yaml").write_text(
         "zk-cache-sidecar:\n  example: {enabled: false}\n  externalZookeeper: {connect: 'zk-0.zk:2181'}\n"
+        + extra_values
     )
     (parent / "templates" / "deployment.yaml").write_text(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: shop\nspec:\n"
         "  selector:\n    matchLabels: {app: shop}\n  template:\n    metadata:\n      labels: {app: shop}\n"
         + readme_snippet()
     )
-    docs = render({}, chart=parent)
+    return parent
+
+
+def test_readme_snippet_works_from_a_parent_chart(tmp_path: Path) -> None:
+    docs = render({}, chart=parent_chart(tmp_path))
     assert [d["kind"] for d in docs] == ["Deployment"], "the example must be off in a parent chart"
     kubernetes_validate.validate(docs[0], NEWEST, strict=True)
     spec = pod_spec(docs)
     sidecar = sidecar_of(spec)
     assert sidecar in spec["initContainers"] and sidecar["restartPolicy"] == "Always"
     assert rendered_env(sidecar, ZKCACHE_MEMBER_ID="p")["ZKCACHE_ZK"] == "zk-0.zk:2181"
+
+
+@contextmanager
+def rendered_daemon(
+    sidecar: dict[str, Any], tmp_path: Path, zk_hosts: str, **valued_from: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The daemon, started with the environment the chart renders for ``sidecar``."""
+    env = rendered_env(sidecar, **valued_from)
+    # Only what a cluster would supply differently: the ensemble's address, a
+    # writable data dir, and loopback for the ops port (tests bind no wider).
+    env |= {
+        "ZKCACHE_ZK": zk_hosts,
+        "ZKCACHE_ORIGIN": f"sqlite:///{tmp_path}/zkcache.db",
+        "ZKCACHE_OPS_LISTEN": env["ZKCACHE_OPS_LISTEN"].replace("0.0.0.0", "127.0.0.1"),
+    }
+    with open(tmp_path / "sidecar.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar"], env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+        )
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            proc.wait(15)
 
 
 @pytest.mark.slow
@@ -301,29 +707,51 @@ def test_daemon_answers_probes_with_the_rendered_environment(
     port, ops_port = free_port(), free_port()
     values = {"sidecar": {"port": port, "opsPort": ops_port, "config": {"namespace": namespace}}}
     sidecar = sidecar_of(pod_spec(render(values)))
-    env = rendered_env(sidecar, ZKCACHE_MEMBER_ID="cache-example-0")
-    # Only what a cluster would supply differently: the ensemble's address, a
-    # writable data dir, and loopback for the ops port (tests bind no wider).
-    env |= {
-        "ZKCACHE_ZK": zk_server.hosts,
-        "ZKCACHE_ORIGIN": f"sqlite:///{tmp_path}/zkcache.db",
-        "ZKCACHE_OPS_LISTEN": env["ZKCACHE_OPS_LISTEN"].replace("0.0.0.0", "127.0.0.1"),
-    }
-    log = open(tmp_path / "sidecar.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar"], env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
-    )
     ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
-    try:
+    with rendered_daemon(sidecar, tmp_path, zk_server.hosts, ZKCACHE_MEMBER_ID="cache-example-0") as proc:
         for kind in ("startup", "readiness", "liveness"):
             probe = sidecar[f"{kind}Probe"]["httpGet"]
             url = f"http://127.0.0.1:{ports[probe['port']]}{probe['path']}"
             assert _eventually_200(url, proc), f"{kind} probe {url} never answered 200:\n{_tail(tmp_path)}"
         assert "ignoring" not in _tail(tmp_path), "the daemon warned about a rendered variable"
-    finally:
-        proc.terminate()
-        proc.wait(15)
-        log.close()
+
+
+@pytest.mark.slow
+def test_daemon_exposes_every_series_the_alerts_read(tmp_path: Path, zk_server: LocalZooKeeper, namespace: str) -> None:
+    port, ops_port = free_port(), free_port()
+    values = merged(
+        MONITORING,
+        {
+            "sidecar": {
+                "port": port,
+                "opsPort": ops_port,
+                "config": {"namespace": namespace},
+                # The API wants a token; the metrics port must not (the ServiceMonitor sends none).
+                "apiTokenSecret": {"name": "cache-api"},
+            }
+        },
+    )
+    docs = render(values)
+    sidecar = sidecar_of(pod_spec(docs))
+    [endpoint] = of_kind(docs, "ServiceMonitor")[0]["spec"]["endpoints"]
+    [service_port] = [p for p in of_kind(docs, "Service")[0]["spec"]["ports"] if p["name"] == endpoint["port"]]
+    [container_port] = [p for p in sidecar["ports"] if p["name"] == service_port["targetPort"]]
+    base = f"http://127.0.0.1:{container_port['containerPort']}"
+    with rendered_daemon(
+        sidecar, tmp_path, zk_server.hosts, ZKCACHE_MEMBER_ID="cache-example-0", ZKCACHE_AUTH_TOKEN="secret"
+    ) as proc:
+        assert _eventually_200(f"{base}/readyz", proc), f"never ready:\n{_tail(tmp_path)}"
+        with urllib.request.urlopen(f"{base}{endpoint['path']}", timeout=5) as resp:
+            text = resp.read().decode()
+    samples = [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+    missing = []
+    for alert, rule in alert_rules(docs).items():
+        for selector in selectors(rule["expr"]):
+            own = {k: v for k, v in equal_matchers(selector).items() if k not in TARGET_LABELS}
+            if not any(s.name == selector.name and own.items() <= s.labels.items() for s in samples):
+                missing.append(f"{alert}: {selector.name}{own or ''}")
+    # A labelled series must be there (at 0) before it first counts, or increase() misses that first count.
+    assert not missing, "series the alerts read that the daemon does not expose:\n" + "\n".join(missing)
 
 
 def _eventually_200(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from kazoo.client import KazooClient
 from cli.main import cli
 from sidecar.coordination.layout import Layout
 from sidecar.dev import LocalEnsemble, LocalZooKeeper, free_port
-from tests.conftest import cachectl
+from tests.conftest import SidecarFactory, cachectl, eventually
 
 
 @pytest.fixture
@@ -82,7 +83,37 @@ def test_doctor_reports_a_healthy_server_and_exits_0(zk_server: LocalZooKeeper, 
     lines = out.stdout.splitlines()
     assert lines[0].startswith(f"ok {zk_server.hosts}: standalone, latency min/avg/max "), lines
     assert "znodes" in lines[0] and "watches" in lines[0]
-    assert lines[-1].startswith("ok ensemble: a standalone server"), lines
+    assert lines[1].startswith("ok ensemble: a standalone server"), lines
+    assert lines[2:] == [
+        f"ok namespace /zkcache/{namespace}: no leader: no sidecar stands, so nothing keeps ZooKeeper small",
+        f"ok namespace /zkcache/{namespace}: no live sidecars",
+    ]
+
+
+async def test_doctor_names_the_leader_and_times_every_member_and_finds_one_that_does_not_apply(
+    sidecars: SidecarFactory, zk_server: LocalZooKeeper, namespace: str
+) -> None:
+    procs = [sidecars(name, housekeeping_interval="0.2s") for name in ("a", "b", "c")]
+    await eventually(lambda: any(p.stats()["housekeeping"]["rounds"] for p in procs), what="the leader's first round")
+    out = cachectl(zk_server.hosts, namespace, "doctor")
+    assert out.returncode == 0, out.stdout + out.stderr
+    leader = next(p.name for p in procs if p.stats()["housekeeping"]["leader"])
+    assert f"ok namespace /zkcache/{namespace}: leader {leader} (session 0x" in out.stdout, out.stdout
+    assert "last housekeeping round" in out.stdout and "oldest open intent" in out.stdout
+    for proc in procs:
+        tag = " (leader)" if proc.name == leader else ""
+        assert re.search(rf"^ok member {proc.name}{re.escape(tag)}: applied zxid 0x[0-9a-f]+ within \d+ ms$",
+                         out.stdout, re.M), out.stdout  # fmt: skip
+    frozen = next(p for p in procs if p.name != leader)
+    frozen.pause()  # its session lives for a while, but it applies nothing
+    try:
+        out = cachectl(zk_server.hosts, namespace, "doctor")
+    finally:
+        frozen.resume()
+    assert out.returncode == 1, out.stdout
+    assert re.search(rf"^PROBLEM member {frozen.name}: did not confirm zxid 0x[0-9a-f]+ within 2s", out.stdout, re.M), (
+        out.stdout
+    )
 
 
 def test_doctor_finds_a_session_timeout_the_servers_would_not_grant(zk_server: LocalZooKeeper, namespace: str) -> None:
@@ -107,14 +138,15 @@ def test_doctor_sees_an_ensemble_lose_its_quorum(tmp_path: Path, namespace: str)
     try:
         out = cachectl(ensemble.hosts, namespace, "doctor")
         assert out.returncode == 0, out.stdout
-        assert out.stdout.splitlines()[-1] == "ok ensemble: 3 of 3 servers serve, one leader"
+        assert "ok ensemble: 3 of 3 servers serve, one leader" in out.stdout.splitlines()
         leader = ensemble.leader()
         follower = next(s for s in ensemble.servers if s is not leader)
         leader.stop()
         follower.stop()
-        out = cachectl(ensemble.hosts, namespace, "doctor")
+        out = cachectl(ensemble.hosts, namespace, "--timeout", "2", "doctor")
         assert out.returncode == 1, out.stdout
         assert f"PROBLEM {leader.hosts}: not reachable" in out.stdout
+        assert f"PROBLEM namespace {namespace}: not checked: could not connect" in out.stdout
         assert "PROBLEM ensemble: no server of the connect string is leader" in out.stdout
     finally:
         ensemble.stop()
@@ -128,4 +160,5 @@ def test_doctor_finds_a_server_that_accepts_but_never_answers(zk_private: LocalZ
         zk_private.resume()
     assert out.returncode == 1, out.stdout + out.stderr
     assert f"PROBLEM {zk_private.hosts}: no answer within 1s" in out.stdout, out.stdout
+    assert f"PROBLEM namespace {namespace}: not checked" in out.stdout, out.stdout
     assert "Traceback" not in out.stderr

@@ -29,7 +29,8 @@ def test_version_path_maps_back_to_key(key: str) -> None:
     layout = Layout("/zkcache/ns")
     path = layout.version_path(key)
     assert path.startswith("/zkcache/ns/versions/")
-    assert path.count("/") == 5  # root(2) + versions + bucket + name
+    assert path.count("/") == 6  # root(2) + versions + bucket(2) + name
+    assert layout.lock_path_of_version_path(path) == layout.lock_path(key)
     assert layout.key_of_version_path(path) == key
 
 

@@ -54,6 +54,8 @@ from kazoo.protocol.states import EventType, WatchedEvent
 from .. import bridge
 from ..config import Config
 from ..errors import CoordinationError, NotConnected, ZkAccessDenied
+from .election import Election
+from .housekeeping import Housekeeper, HousekeepingSettings, absent_version, read_retired
 from .kazoo_watches import set_watches_async
 from .key_watches import KeyWatches
 from .layout import Layout
@@ -67,7 +69,6 @@ from .operations import (
     ensure_layout,
     invalidate_key,
     publish_invalidation,
-    read_version,
     version_note,
 )
 from .session import ZkSession, ZkState
@@ -92,14 +93,21 @@ class KeyState(NamedTuple):
     invalidate-all, so comparing leases catches all of them.
     """
 
-    version: int
+    version: int  # 0: no version znode
     writing: bool
     floor: int  # newest namespace invalidation covering the key, applied here
+    absent: int = 0  # the version of keys with no version znode (housekeeping.absent_version)
+    modified_ms: int = 0  # the version znode's mtime (ZooKeeper's clock); 0: none
+
+    @property
+    def etag(self) -> int:
+        """The key's version as clients see it: an absent key's is ``absent``, never 0 again once retired."""
+        return self.version or self.absent
 
     @property
     def lease(self) -> int:
         """The key's coverage version: what a cache-aside lease is."""
-        return max(self.version, self.floor)
+        return max(self.etag, self.floor)
 
 
 class Events(Protocol):
@@ -182,6 +190,7 @@ class Coordinator:
         member_info: dict[str, Any],
         events: Events | None = None,
         auth: str | None = None,
+        housekeeping: HousekeepingSettings | None = None,
     ) -> None:
         self.layout = Layout(root)
         self.member_id = member_id
@@ -220,6 +229,15 @@ class Coordinator:
         # Key watches we may hold; the cache reports vacated keys through
         # `release_watch`, so they stay bounded by what it holds.
         self.key_watches = KeyWatches(self.zk, self.layout.version_path, self._version_watch)
+        # Every sidecar stands; the one elected keeps the namespace small.
+        self.election = Election(self.zk, self.layout, member_id)
+        self.housekeeper = Housekeeper(
+            self.zk,
+            self.layout,
+            self.election,
+            housekeeping or HousekeepingSettings(retention=86400.0, lock_timeout=10.0),
+            member_id,
+        )
 
     @classmethod
     def from_config(cls, config: Config, origin_name: str, software_version: str) -> Coordinator:
@@ -237,6 +255,12 @@ class Coordinator:
                 "origin": origin_name,
             },
             auth=config.zk_auth,
+            housekeeping=HousekeepingSettings(
+                retention=config.version_retention,
+                lock_timeout=config.lock_timeout,
+                interval=config.housekeeping_interval,
+                rate=config.housekeeping_rate,
+            ),
         )
 
     def attach(self, events: Events) -> None:
@@ -249,6 +273,8 @@ class Coordinator:
         """Begin connecting; ``ready`` turns True once the session is set up."""
         self.zk.start()
         self._heartbeat_task = asyncio.ensure_future(self._heartbeat())
+        self.election.start()
+        self.housekeeper.start()
 
     async def stop(self, timeout: float | None = None) -> None:
         """Leave the fleet: close the session (the member znode goes with it)."""
@@ -256,6 +282,8 @@ class Coordinator:
         for task in [self._setup_task, self._heartbeat_task, *self._rearm_tasks]:
             if task is not None:
                 task.cancel()
+        await self.housekeeper.stop()
+        await self.election.stop()
         self.membership.stop()
         await self.zk.close(timeout)
 
@@ -367,6 +395,20 @@ class Coordinator:
         self.key_watches.arming(versions, results[-1])
         await self.zk.call_all(*((result, "setWatches") for result in results))
         await self.zk.drain_events()
+        if exist:
+            # Read after the setWatches: a key created after `zxid` and
+            # retired before them fired nothing, and its retirement bumped
+            # `retired` first (housekeeping.py). Which keys is unknown here.
+            absent, max_czxid = await read_retired(self.zk, self.layout)
+            self.namespace.catch_up_retired(absent)
+            if max_czxid > zxid:
+                log.warning(
+                    "version znodes created while this sidecar was away were retired meanwhile; "
+                    "dropping its %d entries of keys that had none",
+                    len(exist),
+                )
+                for key in exist:
+                    self._events.key_changed(key)
 
     async def key_state(self, key: str, *, watch: bool = False, strong: bool = False) -> KeyState:
         """The key's version and its namespace floor, caught up with ZooKeeper.
@@ -391,30 +433,48 @@ class Coordinator:
             (armed, "exists"),
             (client.exists_async(layout.epoch), "exists"),
             (client.exists_async(layout.prefixes), "exists"),
+            (client.exists_async(layout.retired), "exists"),
         ]
-        stat, epoch, prefixes = (await self.zk.call_all(*calls))[-3:]
-        await self.namespace.catch_up(int(epoch.mzxid) if epoch else 0, int(prefixes.pzxid) if prefixes else 0)
+        stat, epoch, prefixes, retired = (await self.zk.call_all(*calls))[-4:]
+        absent = absent_version(retired)
+        await self.namespace.catch_up(int(epoch.mzxid) if epoch else 0, int(prefixes.pzxid) if prefixes else 0, absent)
         version, writing = (int(stat.mzxid), stat.dataLength == 0) if stat else (0, False)
-        return KeyState(version, writing, self.namespace.floor.floor(key))
+        return KeyState(version, writing, self.namespace.floor.floor(key), absent, int(stat.mtime) if stat else 0)
 
     def release_watch(self, key: str) -> None:
         """The cache holds nothing for ``key`` any more: remove its watch (``KeyWatches.vacated``)."""
         self.key_watches.vacated(key)
 
     async def read_version(self, key: str) -> int:
-        """The key's current version as this session sees it, without a watch."""
-        self.require_writable()
-        return await read_version(self.zk, self.layout, key)
+        """The key's current version as clients see it (its ETag), without a watch."""
+        return (await self.read_version_for_cas(key))[0]
+
+    def etag(self, version: int) -> int:
+        """The ETag of a cached or filled ``version``: an absent key's (0) is the absent version applied here."""
+        return version or self.namespace.retired
 
     def note(self, op: str, write_id: str = "") -> bytes:
         """A version znode's data for ``op`` by this member (see ``operations.version_note``)."""
         return version_note(op, self.member_id, write_id)
 
     async def read_version_for_cas(self, key: str) -> tuple[int, int]:
-        """``(version, data version)`` of ``key`` for a conditional write: ``(0, -1)`` if never written."""
+        """``(ETag, data version)`` of ``key`` for a conditional write; data version -1: no version znode.
+
+        One pipelined round trip with ``retired``: an absent key's ETag is
+        the absent version, so one handed out before a retirement never
+        matches after it.
+        """
         self.require_writable()
-        stat = await self.zk.exists(self.layout.version_path(key))
-        return (int(stat.mzxid), int(stat.version)) if stat else (0, -1)
+        client = self.zk.client
+        stat, retired = await self.zk.call_all(
+            (client.exists_async(self.layout.version_path(key)), "exists"),
+            (client.exists_async(self.layout.retired), "exists"),
+        )
+        if stat is not None:
+            return int(stat.mzxid), int(stat.version)
+        absent = absent_version(retired)
+        self.namespace.catch_up_retired(absent)
+        return absent, -1
 
     async def lock_for_write(
         self,
@@ -553,6 +613,7 @@ class Coordinator:
         # On the loop (ZkSession posts it). Order matters: fills are voided
         # before anything else can run.
         self.state_generation += 1
+        self.election.state_changed(state)
         self._not_ready()
         if state is ZkState.CONNECTED:
             self.key_watches.connected()

@@ -13,10 +13,19 @@ cannot be seen.
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
 from dataclasses import dataclass
 
-__all__ = ["Finding", "check_ensemble", "four_letter"]
+import orjson
+
+from .election import current_leader
+from .layout import Layout
+from .operations import list_members
+from .session import ZkSession
+
+__all__ = ["Finding", "check_ensemble", "check_namespace", "four_letter"]
 
 # Above this many requests waiting in a server's queue, clients see latency.
 _OUTSTANDING_LIMIT = 100
@@ -130,4 +139,101 @@ def check_ensemble(connect: str, session_timeout: float, timeout: float = 2.0) -
         findings.append(Finding("ensemble", f"only {serving} of {len(modes)} servers serve: quorum at risk", True))
     else:
         findings.append(Finding("ensemble", f"{serving} of {len(modes)} servers serve, one leader"))
+    return findings
+
+
+async def check_namespace(zk: ZkSession, layout: Layout, ack_timeout: float = 2.0) -> list[Finding]:
+    """The namespace: its leader and last housekeeping round, and how fast each member applies a change.
+
+    Bumps ``ackreq`` (what ``invalidate --wait`` does) and times each member's
+    confirmation: a member that does not confirm within ``ack_timeout`` is
+    not applying invalidations, and its applied zxid says how far behind it is.
+    """
+    subject = f"namespace {layout.root}"
+    findings: list[Finding] = []
+    leader = await current_leader(zk, layout)
+    members = await list_members(zk, layout)
+    if leader is None:
+        findings.append(
+            Finding(subject, "no leader: no sidecar stands, so nothing keeps ZooKeeper small", bool(members))
+        )
+    else:
+        findings.append(Finding(subject, f"leader {leader.get('member_id', '?')} (session {leader['session']})"))
+        findings += _last_round(subject, await zk.get(layout.leader))
+    if not members:
+        findings.append(Finding(subject, "no live sidecars"))
+        return findings
+    findings += await _acknowledgements(zk, layout, members, ack_timeout)
+    return findings
+
+
+def _last_round(subject: str, leader_znode: tuple[bytes, object]) -> list[Finding]:
+    try:
+        report = orjson.loads(leader_znode[0] or b"{}")
+    except orjson.JSONDecodeError:
+        report = {}
+    if not report.get("finished_at"):
+        return [Finding(subject, "no housekeeping round completed yet")]
+    age = time.time() - float(report["finished_at"])
+    interval = float(report.get("interval", 60))
+    findings = [
+        Finding(
+            subject,
+            f"last housekeeping round {age:.0f}s ago by {report.get('member_id', '?')}: "
+            f"{report.get('scanned', '?')} version znodes (retention {report.get('retention', 0):g}s), "
+            f"{report.get('retired', 0)} retired, {report.get('repaired', 0)} intents repaired, "
+            f"oldest open intent {report.get('oldest_intent_seconds', 0):g}s",
+        )
+    ]
+    # A round takes scanned / rate seconds; three intervals plus that is late.
+    if age > 3 * interval + float(report.get("seconds", 0)) + 30:
+        findings.append(Finding(subject, f"no housekeeping round for {age:.0f}s (interval {interval:g}s)", True))
+    lock_timeout = float(report.get("lock_timeout", 0))
+    if lock_timeout and float(report.get("oldest_intent_seconds", 0)) > 2 * lock_timeout:
+        findings.append(
+            Finding(
+                subject,
+                f"a write has held its key in intent for {report['oldest_intent_seconds']:g}s "
+                f"(lock_timeout {lock_timeout:g}s): a writer stuck with its lock; the key is not cached anywhere",
+                True,
+            )
+        )
+    return findings
+
+
+async def _acknowledgements(
+    zk: ZkSession, layout: Layout, members: list[dict[str, object]], timeout: float
+) -> list[Finding]:
+    stat = await zk.set(layout.ackreq, b"{}")
+    target = int(stat.mzxid)
+    started = time.monotonic()
+    confirmed: dict[str, float] = {}
+    latest = {str(m["member_id"]): m for m in members}
+    while time.monotonic() - started < timeout:
+        for member in await list_members(zk, layout):
+            name = str(member["member_id"])
+            latest[name] = member
+            applied = member.get("applied_zxid")
+            if name not in confirmed and isinstance(applied, int) and applied >= target:
+                confirmed[name] = time.monotonic() - started
+        if all(name in confirmed for name in latest):
+            break
+        await asyncio.sleep(0.01)
+    findings = []
+    for name, member in sorted(latest.items()):
+        who = f"member {name}{' (leader)' if member.get('leader') else ''}"
+        if name in confirmed:
+            findings.append(Finding(who, f"applied zxid 0x{target:x} within {confirmed[name] * 1000:.0f} ms"))
+        else:
+            applied = member.get("applied_zxid")
+            behind = target - applied if isinstance(applied, int) else "?"
+            findings.append(
+                Finding(
+                    who,
+                    f"did not confirm zxid 0x{target:x} within {timeout:g}s (applied "
+                    f"0x{applied if isinstance(applied, int) else 0:x}, {behind} transactions behind): "
+                    "not ready, or not receiving ZooKeeper's events",
+                    True,
+                )
+            )
     return findings

@@ -2,9 +2,16 @@
 
 Under the namespace root (``<zk_root>/<namespace>``, default ``/zkcache/default``)::
 
-    versions/<bucket>/<escaped key>   version znode; its mzxid is the key's version
-    locks/<bucket>/<escaped key>      ephemeral: the key's write lock (see lock.py)
+    versions/<hh>/<hh>/<escaped key>  version znode; its mzxid is the key's version
+    locks/<hh>/<hh>/<escaped key>     ephemeral: the key's write lock (see lock.py)
     members/<member id>               ephemeral, JSON describing one live sidecar
+    leader/c-<id>-<seq>               ephemeral sequential: housekeeper election
+                                      (election.py); the parent's data is the last
+                                      housekeeping round's report
+    retired                           bumped by the housekeeper before it deletes
+                                      version znodes: absent keys' version (see
+                                      housekeeping.py)
+    layout                            the layout's name: sidecars of another refuse it
     epoch                             bumped by invalidate-all; every sidecar watches it
     ackreq                            bumped to ask every sidecar to acknowledge what it
                                       applied (invalidate --wait); every sidecar watches it
@@ -13,10 +20,24 @@ Under the namespace root (``<zk_root>/<namespace>``, default ``/zkcache/default`
 
 Keys are escaped with percent-encoding of every byte of their UTF-8 form except
 ``A-Z a-z 0-9 - _ ~``, so a znode name never contains ``/``, never is ``.`` or
-``..`` and never contains characters ZooKeeper rejects.  ``<bucket>`` is the
-first three hex digits of the key's BLAKE2b hash (4096 buckets), which keeps
-each parent's child list small (a million keys is about 250 children each).
-The bucket count is part of the wire layout: changing it splits a fleet.
+``..`` and never contains characters ZooKeeper rejects.  ``<hh>/<hh>`` (the
+bucket) is the key's 16-bit BLAKE2b hash in hex, split in two levels: 65,536
+buckets, and no parent lists more than 256 of them.
+
+Why 65,536: a ``getChildren`` reply must stay well under ZooKeeper's 1 MB
+packet limit (``jute.maxbuffer``), and it carries every child's name.  At
+10^7 version znodes (about 10 GB of ZooKeeper heap at 1 KB each, so beyond
+any ensemble we claim) a bucket holds about 153 children, under 220 for the
+fullest by the binomial tail, which is under 700 KB even if every key is
+1,024 bytes escaped to 3,072; typical 40-byte keys make 10 KB.  At 10^8 keys
+of at most 100 escaped bytes it is about 160 KB.  4,096 buckets held about
+24,000 children each at 10^8 keys (2.4 MB with 100-byte names).  Version
+znodes exist only for keys written within ``version_retention``
+(housekeeping.py), so these are counts of recently written keys.
+
+The bucket function is part of the wire layout: sidecars of one namespace
+must agree on it, so the namespace records it (``LAYOUT_NAME`` in
+``layout``) and a sidecar of another layout refuses to join.
 """
 
 from __future__ import annotations
@@ -27,9 +48,11 @@ from urllib.parse import quote, unquote
 
 from ..errors import InvalidKey
 
-__all__ = ["MAX_KEY_BYTES", "Layout", "escape", "unescape", "validate_key"]
+__all__ = ["LAYOUT_NAME", "MAX_KEY_BYTES", "Layout", "escape", "unescape", "validate_key"]
 
 MAX_KEY_BYTES = 1024
+# Changing the bucket function needs a new name here: it splits a fleet.
+LAYOUT_NAME = b"zkcache-layout-2 buckets=blake2b16/2x256"
 _SAFE = "-_~"  # quote() also keeps A-Z a-z 0-9; '.' must go (".", "..")
 _SEQ_SEP = "~"  # never produced by escape() followed by 10 digits at the end
 _PREFIX_ENTRY = re.compile(r"^(?P<prefix>.*)~(?P<seq>\d{10})$")
@@ -57,7 +80,8 @@ def unescape(name: str) -> str:
 
 
 def _bucket(key: str) -> str:
-    return hashlib.blake2b(key.encode("utf-8"), digest_size=2).hexdigest()[:3]
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=2).hexdigest()
+    return f"{digest[:2]}/{digest[2:]}"
 
 
 class Layout:
@@ -71,6 +95,9 @@ class Layout:
         self.epoch = f"{root}/epoch"
         self.ackreq = f"{root}/ackreq"
         self.prefixes = f"{root}/prefixes"
+        self.leader = f"{root}/leader"
+        self.retired = f"{root}/retired"
+        self.layout = f"{root}/layout"
 
     def version_path(self, key: str) -> str:
         """The version znode of ``key``."""
@@ -84,10 +111,14 @@ class Layout:
         """The ephemeral membership znode of a sidecar."""
         return f"{self.members}/{member_id}"
 
+    def lock_path_of_version_path(self, path: str) -> str:
+        """The lock znode of the key whose version znode is ``path``."""
+        return self.locks + path[len(self.versions) :]
+
     def key_of_version_path(self, path: str) -> str | None:
         """The key whose version znode is ``path``, or ``None`` if it is not one."""
         head, _, name = path.rpartition("/")
-        if not name or head.rpartition("/")[0] != self.versions:
+        if not name or head.rpartition("/")[0].rpartition("/")[0] != self.versions:
             return None
         return unescape(name)
 

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from kazoo.protocol.states import EventType, WatchedEvent
 
 from .. import bridge
+from .housekeeping import absent_version
 from .layout import Layout
 from .session import ZkSession
 
@@ -167,6 +168,9 @@ class NamespaceWatches:
         self.floor = InvalidationFloor()
         self.prefix_log = PrefixLog()
         self._epoch_mzxid: int | None = None
+        # The version of keys with no version znode, as applied here (see
+        # housekeeping.py): ETags of cached absent keys are rendered with it.
+        self.retired = 0
 
     def attach(self, events: NamespaceEvents) -> None:
         """Send what the watches report to ``events``."""
@@ -187,6 +191,7 @@ class NamespaceWatches:
         self._events.flush(reason)
         self.new_session()
         self.floor.reset()
+        self.retired = 0
 
     async def arm(self, *, new_session: bool = False) -> bool:
         """Arm both watches, applying whatever changed since the baselines.
@@ -206,10 +211,16 @@ class NamespaceWatches:
         if await self.arm_prefixes(rebase_if_behind=new_session and not rebased):
             rebased = True
             await self.arm_epoch()  # the new history's epoch: the baseline, and the floor again
+        await self.arm_retired()
         return rebased
 
-    async def catch_up(self, epoch_mzxid: int, prefixes_pzxid: int) -> None:
+    def catch_up_retired(self, absent: int) -> None:
+        """An absent version read from ZooKeeper (it only grows)."""
+        self.retired = max(self.retired, absent)
+
+    async def catch_up(self, epoch_mzxid: int, prefixes_pzxid: int, retired: int = 0) -> None:
         """Apply what ZooKeeper shows beyond what was applied here (a strong read saw it first)."""
+        self.catch_up_retired(retired)
         if self._epoch_mzxid is not None and epoch_mzxid != self._epoch_mzxid:
             await self.arm_epoch()
         if prefixes_pzxid > self.prefix_log.pzxid:
@@ -236,6 +247,25 @@ class NamespaceWatches:
             self._events.flush("invalidate-all (epoch changed; watch re-armed)")
         self._epoch_mzxid = mzxid
         self.floor.apply_epoch(mzxid)
+
+    # -- retired: the version of absent keys -----------------------------------
+    def _retired_watch(self, event: WatchedEvent) -> None:
+        if event.type != EventType.NONE:
+            bridge.post(self._zk.loop, self._on_retired_event)
+
+    def _on_retired_event(self) -> None:
+        self._spawn(self.arm_retired())
+
+    async def arm_retired(self) -> None:
+        """Watch ``retired``; take its absent version.
+
+        Nothing is dropped when it moves: an entry of an absent key was
+        watched all along (its ``exists`` watch fires on a creation), so only
+        its ETag moves.  What a sidecar away meanwhile may have missed is
+        ``Coordinator.restore_watches``'s to check.
+        """
+        stat = await self._zk.exists(self._layout.retired, watch=self._retired_watch)
+        self.retired = max(self.retired, absent_version(stat))
 
     # -- prefix log ---------------------------------------------------------
     def _prefix_watch(self, event: WatchedEvent) -> None:

@@ -14,8 +14,9 @@ from typing import Any
 import orjson
 from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
 
-from ..errors import CoordinationError
-from .layout import Layout
+from ..errors import CoordinationError, LayoutMismatch
+from .election import current_leader
+from .layout import LAYOUT_NAME, Layout
 from .session import ZkSession
 
 __all__ = [
@@ -33,24 +34,47 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Prefix log entries kept; a sidecar that falls further behind than this
-# (it sees a gap in the sequence) flushes everything instead.
+# Prefix log entries the housekeeper keeps (housekeeping.py); a sidecar that
+# falls further behind than this (it sees a gap) flushes everything instead.
 PREFIX_LOG_RETAIN = 1000
-_TRIM_EVERY = 100
 # A key written without pause moves under a conditional set; each try is one
 # round trip, and any try that lands is enough.
 _INVALIDATE_ATTEMPTS = 20
 
 
 async def ensure_layout(zk: ZkSession, layout: Layout) -> None:
-    """Create the namespace's fixed parents if they are missing (idempotent)."""
-    for path in (layout.versions, layout.locks, layout.members, layout.prefixes):
+    """Create the namespace's fixed parents if they are missing (idempotent).
+
+    Raises :class:`LayoutMismatch` if the namespace was laid out by sidecars
+    that bucket keys differently: the two would never see each other's writes.
+    """
+    for path in (layout.versions, layout.locks, layout.members, layout.prefixes, layout.leader):
         await zk.ensure_path(path)
-    for path in (layout.epoch, layout.ackreq):
+    for path in (layout.epoch, layout.ackreq, layout.retired):
         try:
-            await zk.create(path, b"0")
+            await zk.create(path, b"0" if path != layout.retired else b"{}")
         except NodeExistsError:
             pass
+    try:
+        marker, _ = await zk.get(layout.layout)
+    except NoNodeError:
+        # Version 1 had three-hex-digit buckets and no marker.
+        old = [name for name in await zk.get_children(layout.versions) if len(name) == 3]
+        if old:
+            raise LayoutMismatch(
+                f"{layout.root} was laid out by an older sidecar (buckets like versions/{old[0]}); "
+                "use a new namespace, or stop every older sidecar and delete the namespace"
+            ) from None
+        try:
+            await zk.create(layout.layout, LAYOUT_NAME)
+            return
+        except NodeExistsError:
+            marker, _ = await zk.get(layout.layout)
+    if marker != LAYOUT_NAME:
+        raise LayoutMismatch(
+            f"{layout.root} uses layout {marker.decode('utf-8', 'replace')!r}, this sidecar "
+            f"{LAYOUT_NAME.decode()!r}: sidecars of one namespace must agree on it"
+        )
 
 
 async def read_version(zk: ZkSession, layout: Layout, key: str) -> int:
@@ -93,8 +117,8 @@ async def invalidate_key(zk: ZkSession, layout: Layout, key: str, by: str) -> in
             data = b""  # a live writer's intent: bump it, keep it
         try:
             return int((await zk.set(path, data, stat.version)).mzxid)
-        except BadVersionError:
-            continue
+        except (BadVersionError, NoNodeError):
+            continue  # written meanwhile, or retired by the housekeeper: look again
     raise CoordinationError(f"invalidating {key!r}: its version znode kept changing ({_INVALIDATE_ATTEMPTS} tries)")
 
 
@@ -165,8 +189,6 @@ async def publish_invalidation(
         seq = parsed[0] if parsed else -1
         zxids.append(int(stat.mzxid))
         receipt.prefixes[prefix] = seq
-        if seq % _TRIM_EVERY == 0:
-            await _trim_prefix_log(zk, layout)
     if everything:
         data = orjson.dumps({"by": by})
         try:
@@ -179,25 +201,13 @@ async def publish_invalidation(
     return receipt
 
 
-async def _trim_prefix_log(zk: ZkSession, layout: Layout) -> None:
-    entries = sorted(
-        (parsed[0], name)
-        for name in await zk.get_children(layout.prefixes)
-        if (parsed := layout.parse_prefix_entry(name)) is not None
-    )
-    for _, name in entries[:-PREFIX_LOG_RETAIN]:
-        try:
-            await zk.delete(f"{layout.prefixes}/{name}")
-        except NoNodeError:
-            pass
-
-
 async def list_members(zk: ZkSession, layout: Layout) -> list[dict[str, Any]]:
-    """The live sidecars of the namespace, from their ephemeral znodes."""
+    """The live sidecars of the namespace, from their ephemeral znodes; ``leader`` marks the housekeeper."""
     try:
         names = await zk.get_children(layout.members)
     except NoNodeError:
         return []
+    leader = await current_leader(zk, layout)
     members = []
     for name in sorted(names):
         try:
@@ -210,6 +220,7 @@ async def list_members(zk: ZkSession, layout: Layout) -> list[dict[str, Any]]:
             info = {"raw": data.decode("utf-8", "replace")}
         info.setdefault("member_id", name)
         info["session"] = f"0x{stat.ephemeralOwner:x}"
+        info["leader"] = leader is not None and leader.get("session") == info["session"]
         members.append(info)
     return members
 

@@ -29,6 +29,7 @@ from kazoo.exceptions import (
 from kazoo.protocol.states import Callback, ZnodeStat
 from kazoo.retry import KazooRetry
 from kazoo.security import CREATOR_ALL_ACL
+from prometheus_client import Histogram
 
 from .. import bridge
 from ..errors import CoordinationError, NotConnected, ZkAccessDenied
@@ -108,6 +109,14 @@ class ZkSession:
         # every event for a change up to it was read before that reply.
         self.loss_zxid = 0
         self._connected_waiters: list[asyncio.Future[None]] = []
+        # Request to answer on the loop (kazoo's queue, the network, the
+        # server, the hop back); unregistered: the sidecar's collector exports it.
+        self.latency = Histogram(
+            "zkcache_zookeeper_request_seconds",
+            "ZooKeeper requests of this sidecar, from sent to answered on the event loop",
+            registry=None,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+        )
         # Reconnect forever with capped backoff: the sidecar outlives outages.
         # Commands kazoo retries itself (client.retry) use the same cap but give
         # up after two session timeouts: kazoo's default backs off to an hour.
@@ -223,9 +232,11 @@ class ZkSession:
         except KazooException as exc:
             error = self._translate(exc, what, sent)
             if error is exc:
+                self.latency.observe(time.monotonic() - sent)  # answered, with an error
                 raise
             raise error from exc
         self.last_heard = max(self.last_heard, sent)
+        self.latency.observe(time.monotonic() - sent)
         return result
 
     async def call_all(self, *calls: tuple[Any, str]) -> list[Any]:

@@ -123,6 +123,12 @@ class SidecarProcess:
         self.proc = None
         return code
 
+    def kill(self) -> None:
+        """SIGKILL: a crash; its ZooKeeper session lives on until it expires."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
     def pause(self) -> None:
         """SIGSTOP the process (a long GC pause, a frozen VM)."""
         if self.proc is not None:

@@ -66,7 +66,7 @@ are powers of 1000, ki/mi/gi/ti powers of 1024; a trailing "b" is ignored.
 {{- $text := . | toString | trim | lower -}}
 {{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $text -}}
 {{- $unit := trimPrefix $number $text -}}
-{{- $units := dict "" 1.0 "s" 1.0 "ms" 0.001 "m" 60.0 "h" 3600.0 -}}
+{{- $units := dict "" 1.0 "s" 1.0 "ms" 0.001 "m" 60.0 "h" 3600.0 "d" 86400.0 -}}
 {{- if or (not $number) (not (hasKey $units $unit)) -}}
 {{- fail (printf "zk-cache-sidecar: %q is not a duration (use e.g. 10s, 250ms)" (toString .)) -}}
 {{- end -}}
@@ -214,4 +214,62 @@ volumeMounts:
 - name: zkcache-tmp
   emptyDir:
     sizeLimit: 64Mi
+{{- end -}}
+
+{{/*
+Monitoring (Prometheus Operator). The metrics Service is headless and
+publishes NotReady pods: Prometheus must keep scraping a sidecar that lost
+ZooKeeper, since that is when ZkCacheNotReady has something to say.
+*/}}
+{{- define "zk-cache-sidecar.metrics.fullname" -}}
+{{- printf "%s-metrics" (include "zk-cache-sidecar.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The pods whose sidecars are scraped: metrics.podSelector, or the example workload's. */}}
+{{- define "zk-cache-sidecar.metrics.podSelector" -}}
+{{- if .Values.metrics.podSelector -}}
+{{- toYaml .Values.metrics.podSelector -}}
+{{- else if .Values.example.enabled -}}
+{{- include "zk-cache-sidecar.selectorLabels" . }}
+app.kubernetes.io/component: example
+{{- else -}}
+{{- fail "zk-cache-sidecar: metrics.serviceMonitor.enabled needs metrics.podSelector (the labels of your pods that run the sidecar) when example.enabled is false" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+PromQL label matchers for this release's series: metrics.prometheusRule.seriesSelector,
+or the job (the metrics Service's name) and namespace the ServiceMonitor gives them.
+*/}}
+{{- define "zk-cache-sidecar.metrics.seriesSelector" -}}
+{{- $rule := .Values.metrics.prometheusRule -}}
+{{- if $rule.seriesSelector -}}
+{{- trim $rule.seriesSelector -}}
+{{- else if .Values.metrics.serviceMonitor.enabled -}}
+{{- printf "namespace=%q,job=%q" .Release.Namespace (include "zk-cache-sidecar.metrics.fullname" .) -}}
+{{- else -}}
+{{- fail "zk-cache-sidecar: metrics.prometheusRule.enabled without metrics.serviceMonitor.enabled needs metrics.prometheusRule.seriesSelector (PromQL label matchers of the sidecars' series, e.g. job=\"shop\")" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A Prometheus duration ("30s", "1m30s", "250ms") in seconds. */}}
+{{- define "zk-cache-sidecar.promSeconds" -}}
+{{- $units := dict "ms" 0.001 "s" 1.0 "m" 60.0 "h" 3600.0 "d" 86400.0 "w" 604800.0 "y" 31536000.0 -}}
+{{- $total := 0.0 -}}
+{{- range regexFindAll "[0-9]+(ms|[smhdwy])" (toString .) -1 -}}
+{{- $number := regexFind "^[0-9]+" . -}}
+{{- $total = addf $total (mulf (float64 $number) (get $units (trimPrefix $number .))) -}}
+{{- end -}}
+{{- $total -}}
+{{- end -}}
+
+{{- define "zk-cache-sidecar.metrics.checks" -}}
+{{- $monitor := .Values.metrics.serviceMonitor -}}
+{{- if $monitor.enabled -}}
+{{- $interval := include "zk-cache-sidecar.promSeconds" $monitor.interval | float64 -}}
+{{- $timeout := include "zk-cache-sidecar.promSeconds" $monitor.scrapeTimeout | float64 -}}
+{{- if gt $timeout $interval -}}
+{{- fail (printf "zk-cache-sidecar: metrics.serviceMonitor.scrapeTimeout=%v exceeds interval=%v; Prometheus Operator drops such a ServiceMonitor" $monitor.scrapeTimeout $monitor.interval) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}

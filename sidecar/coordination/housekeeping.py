@@ -1,0 +1,468 @@
+"""What the elected housekeeper does to keep a namespace's ZooKeeper state small.
+
+One round, every ``housekeeping_interval`` on the leader only (``election``):
+
+1. **Stamp**: set ``leader``'s data (the last round's report).  Its ``mtime``
+   is ZooKeeper's clock now, so ages below never depend on this host's clock.
+2. **Scan** every bucket: ``getChildren``, then ``exists`` on each version
+   znode, at most ``housekeeping_rate`` requests per second all told, so
+   ZooKeeper's latency for the sidecars' own requests stays flat.
+3. **Repair** intents whose writer is gone: a version znode in intent (empty
+   data) for longer than ``lock_timeout`` with no lock znode.  Closed with a
+   ``repair`` note, so the key is cacheable again without a human.  The
+   transaction creates and deletes the key's lock around the set, so it
+   fails if a writer holds the lock at that instant.
+4. **Retire** version znodes not modified for ``version_retention``: bump
+   ``retired`` first, then delete each, conditional on the data version the
+   scan saw, so that a key written meanwhile is never touched.
+5. **Trim** the prefix log to its newest ``PREFIX_LOG_RETAIN`` entries.
+
+Every write is a transaction fenced by ``Election.fence``: a deposed leader's
+late request is refused by ZooKeeper, whatever this process believes.
+
+Why ``retired`` keeps ETags monotonic.  A key with no version znode has the
+version ``retired`` gives it: 0 while nothing was ever retired in the
+namespace, else ``retired``'s mzxid (``absent_version``).  The bump comes
+after the scan read every candidate's stat and before any delete, and every
+delete is conditional on that stat's data version, so a deleted znode's last
+mzxid is below the new absent version, and a re-created one gets a later
+zxid still.  Without it a key's versions would go 0, v1..vn, 0: an
+``If-Match: "0"``, a lease 0 or a cached absent entry from before the first
+write would compare equal again after the deletion.
+
+Its data also carries ``max_czxid``, the newest creation among retired
+znodes: a sidecar that restores its watches relative to a zxid below it may
+have missed a key created *and* deleted while it was away (an ``exists``
+watch restored on a znode that is gone again fires nothing), so it drops its
+entries of absent keys (``Coordinator.restore_watches``).  Only znodes older
+than ``version_retention`` are deleted, so that happens only to a sidecar
+away for longer than that.
+
+What retiring costs: every sidecar holding a retired key drops it (its data
+watch fires NodeDeleted) and reads the origin once on its next read, and the
+absent version of every never-written key moves, so a client's conditional
+GET of one gets a 200 instead of a 304 once per round that retired anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import orjson
+from aiolimiter import AsyncLimiter
+from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError, RolledBackError, RuntimeInconsistency
+
+from ..errors import CoordinationError
+from .election import Election, NotLeader
+from .layout import Layout
+from .operations import PREFIX_LOG_RETAIN, version_note
+from .session import ZkSession, ZnodeStat
+
+__all__ = [
+    "Candidate",
+    "Housekeeper",
+    "HousekeepingSettings",
+    "Plan",
+    "RoundReport",
+    "absent_version",
+    "read_retired",
+]
+
+log = logging.getLogger(__name__)
+
+# Operations per fenced transaction: one proposal each, and small enough that
+# a batch failing on one racing write costs little to send again.
+_BATCH = 100
+# Fenced transactions of one round in flight at once.
+_IN_FLIGHT = 8
+# Reads pipelined per round trip of the scan.
+_SCAN_BATCH = 1000
+# Retirements one round lists at most (about 200 bytes each in memory).
+_MAX_CANDIDATES = 200_000
+
+
+def absent_version(retired: ZnodeStat | None) -> int:
+    """The version of every key with no version znode: 0 until the first retirement, then ``retired``'s mzxid."""
+    if retired is None or retired.version == 0:
+        return 0
+    return int(retired.mzxid)
+
+
+async def read_retired(zk: ZkSession, layout: Layout) -> tuple[int, int]:
+    """``(absent version, max_czxid)`` of the namespace, from ``retired``."""
+    try:
+        data, stat = await zk.get(layout.retired)
+    except NoNodeError:
+        return 0, 0
+    return absent_version(stat), _max_czxid(data)
+
+
+def _max_czxid(data: bytes) -> int:
+    try:
+        value = orjson.loads(data).get("max_czxid", 0) if data else 0
+    except (orjson.JSONDecodeError, AttributeError):
+        return 0
+    return int(value) if isinstance(value, int) else 0
+
+
+@dataclass(frozen=True, slots=True)
+class HousekeepingSettings:
+    """How the housekeeper works (``Config``: version_retention, housekeeping_*)."""
+
+    retention: float  # seconds a version znode may stay unmodified
+    lock_timeout: float  # seconds after which a writer's intent without its lock is dead
+    interval: float = 60.0  # seconds between rounds
+    rate: float = 1000.0  # ZooKeeper requests per second, all told
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A version znode the scan found, with what the later conditional write needs."""
+
+    path: str
+    version: int  # data version: the condition of the write
+    czxid: int
+
+
+@dataclass(slots=True)
+class Plan:
+    """What a scan found: znodes to retire, intents to repair, and ZooKeeper's clock then."""
+
+    now_ms: int
+    scanned: int = 0
+    oldest_intent_seconds: float = 0.0
+    retire: list[Candidate] = field(default_factory=list)
+    repair: list[Candidate] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class RoundReport:
+    """One round's outcome, kept on ``leader``'s data for ``cachectl doctor``."""
+
+    member_id: str = ""
+    finished_at: float = 0.0  # unix time
+    seconds: float = 0.0
+    scanned: int = 0  # version znodes looked at
+    retired: int = 0
+    repaired: int = 0
+    skipped: int = 0  # written, repaired or gone between scan and write: left alone
+    prefix_entries_trimmed: int = 0
+    oldest_intent_seconds: float = 0.0  # the oldest intent seen, dead or alive
+    # The leader's settings, for whoever reads the report (cachectl doctor).
+    retention: float = 0.0
+    interval: float = 0.0
+    lock_timeout: float = 0.0
+
+
+class Housekeeper:
+    """The housekeeping loop of one sidecar: it works only while its election says it leads."""
+
+    def __init__(
+        self,
+        zk: ZkSession,
+        layout: Layout,
+        election: Election,
+        settings: HousekeepingSettings,
+        member_id: str,
+    ) -> None:
+        self._zk = zk
+        self._layout = layout
+        self._election = election
+        self.settings = settings
+        self._member_id = member_id
+        self._limiter = AsyncLimiter(max(1.0, settings.rate), 1.0)
+        self.last: RoundReport | None = None
+        self.rounds = 0
+        self.totals = RoundReport(member_id=member_id)
+        self._task: asyncio.Task[None] | None = None
+        # Tests run a step between the scan and the writes here.
+        self.before_writes: Callable[[Plan], Awaitable[None]] | None = None
+
+    def start(self) -> None:
+        """Run rounds in the background whenever this sidecar leads."""
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        """Stop after the request in flight (every write is fenced, so none is left half done)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            await self._election.wait_leading()
+            try:
+                await self.round()
+            except asyncio.CancelledError:
+                raise
+            except NotLeader:
+                log.info("housekeeping round stopped: no longer the leader")
+                continue
+            except Exception as exc:
+                log.warning("housekeeping round failed (%s); next round in %gs", exc, self.settings.interval)
+            try:
+                await asyncio.wait_for(self._election.wait_not_leading(), self.settings.interval)
+            except TimeoutError:
+                pass
+
+    async def round(self) -> RoundReport:
+        """One round (see the module docstring); raises :class:`NotLeader` if deposed midway."""
+        started = time.monotonic()
+        plan = await self.scan()
+        if self.before_writes is not None:
+            await self.before_writes(plan)
+        report = RoundReport(
+            member_id=self._member_id,
+            scanned=plan.scanned,
+            retention=self.settings.retention,
+            interval=self.settings.interval,
+            lock_timeout=self.settings.lock_timeout,
+        )
+        report.oldest_intent_seconds = round(plan.oldest_intent_seconds, 3)
+        report.repaired, skipped_repairs = await self.repair(plan.repair)
+        report.retired, skipped_retires = await self.retire(plan.retire)
+        report.skipped = skipped_repairs + skipped_retires
+        report.prefix_entries_trimmed = await self.trim_prefix_log()
+        report.finished_at = time.time()
+        report.seconds = round(time.monotonic() - started, 3)
+        await self._fenced_set(self._layout.leader, orjson.dumps(asdict(report)))
+        self.last = report
+        self.rounds += 1
+        t = self.totals
+        t.scanned += report.scanned
+        t.retired += report.retired
+        t.repaired += report.repaired
+        t.skipped += report.skipped
+        t.prefix_entries_trimmed += report.prefix_entries_trimmed
+        if report.retired or report.repaired or report.prefix_entries_trimmed:
+            log.info(
+                "housekeeping: %d version znodes scanned, %d retired, %d intents repaired, %d skipped, "
+                "%d prefix entries trimmed in %.1fs",
+                report.scanned,
+                report.retired,
+                report.repaired,
+                report.skipped,
+                report.prefix_entries_trimmed,
+                report.seconds,
+            )
+        return report
+
+    # -- scan ---------------------------------------------------------------
+    async def scan(self) -> Plan:
+        """Read every version znode's stat; list what is due for retirement or repair.
+
+        Stops listing retirements at ``_MAX_CANDIDATES`` (the next round goes
+        on from there, since what this one retires is gone by then): a round's
+        memory stays bounded on a namespace that never had a housekeeper.
+        """
+        # Re-set the report in place: the set's mtime is ZooKeeper's clock now.
+        await self._limiter.acquire()
+        report, _ = await self._zk.get(self._layout.leader)
+        stamp = await self._fenced_set(self._layout.leader, report)
+        plan = Plan(now_ms=int(stamp.mtime))
+        retention_ms = self.settings.retention * 1000
+        dead_ms = self.settings.lock_timeout * 1000
+        versions = self._layout.versions
+        step = self._batch(_SCAN_BATCH)
+        for bucket in await self._children(versions):
+            leaves = [f"{versions}/{bucket}/{leaf}" for leaf in await self._children(f"{versions}/{bucket}")]
+            paths: list[str] = []
+            for start in range(0, len(leaves), step):
+                parents = leaves[start : start + step]
+                for parent, names in zip(parents, await self._children_of(parents), strict=True):
+                    paths += [f"{parent}/{name}" for name in names]
+            # Stats in pipelined batches across leaves: one round trip each.
+            for start in range(0, len(paths), step):
+                chunk = paths[start : start + step]
+                plan.scanned += len(chunk)
+                for path, stat in zip(chunk, await self._stats(chunk), strict=True):
+                    if stat is not None:
+                        self._classify(plan, path, stat, retention_ms, dead_ms)
+            if len(plan.retire) >= _MAX_CANDIDATES:
+                break
+        return plan
+
+    def _batch(self, size: int) -> int:
+        # aiolimiter refuses to take more than its capacity at once.
+        return max(1, min(size, int(self.settings.rate)))
+
+    @staticmethod
+    def _classify(plan: Plan, path: str, stat: ZnodeStat, retention_ms: float, dead_ms: float) -> None:
+        age_ms = plan.now_ms - int(stat.mtime)
+        candidate = Candidate(path, int(stat.version), int(stat.czxid))
+        if stat.dataLength == 0:
+            plan.oldest_intent_seconds = max(plan.oldest_intent_seconds, age_ms / 1000)
+            if age_ms > dead_ms:
+                plan.repair.append(candidate)
+        elif age_ms > retention_ms:
+            plan.retire.append(candidate)
+
+    async def _children(self, path: str) -> list[str]:
+        await self._limiter.acquire()
+        try:
+            return sorted(await self._zk.get_children(path))
+        except NoNodeError:
+            return []
+
+    async def _children_of(self, paths: Sequence[str]) -> list[list[str]]:
+        # One pipelined round trip; a parent deleted meanwhile lists nothing.
+        await self._limiter.acquire(len(paths))
+        client = self._zk.client
+        results = await asyncio.gather(
+            *(self._zk.call(client.get_children_async(path), "get_children") for path in paths),
+            return_exceptions=True,
+        )
+        listed: list[list[str]] = []
+        for result in results:
+            if isinstance(result, NoNodeError):
+                listed.append([])
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                listed.append(sorted(result))
+        return listed
+
+    async def _stats(self, paths: Sequence[str]) -> list[ZnodeStat | None]:
+        # One pipelined round trip per batch, within the request budget.
+        await self._limiter.acquire(len(paths))
+        client = self._zk.client
+        return await self._zk.call_all(*((client.exists_async(path), "exists") for path in paths))
+
+    # -- repair -------------------------------------------------------------
+    async def repair(self, intents: Sequence[Candidate]) -> tuple[int, int]:
+        """Close dead writers' intents with a ``repair`` note; returns ``(repaired, skipped)``."""
+        repaired = skipped = 0
+        note = version_note("repair", self._member_id)
+        for intent in intents:
+            lock = self._layout.lock_path_of_version_path(intent.path)
+            await self._limiter.acquire(2)
+            if await self._zk.exists(lock) is not None:
+                skipped += 1  # a live writer's (or one whose session has not expired yet)
+                continue
+            await self._zk.ensure_path(lock.rpartition("/")[0])
+            tx = self._zk.client.transaction()
+            self._election.fence(tx)
+            # The lock's create fails if a writer holds it now; the set fails if
+            # the version moved (a writer came and went, or an invalidation).
+            tx.create(lock, b"", ephemeral=True)
+            tx.set_data(intent.path, note, intent.version)
+            tx.delete(lock)
+            if self._outcome(await self._zk.commit(tx, "repair")) is None:
+                repaired += 1
+                log.warning("closed the intent of %s: its writer's lock has been gone for over %gs",
+                            intent.path, self.settings.lock_timeout)  # fmt: skip
+            else:
+                skipped += 1
+        return repaired, skipped
+
+    # -- retire -------------------------------------------------------------
+    async def retire(self, candidates: Sequence[Candidate]) -> tuple[int, int]:
+        """Delete ``candidates`` unless written since the scan; returns ``(retired, skipped)``.
+
+        ``retired`` is bumped first (the module docstring says why), then the
+        deletes go out in fenced transactions, ``_IN_FLIGHT`` at a time.
+        """
+        if not candidates:
+            return 0, 0
+        await self._bump_retired(max(c.czxid for c in candidates))
+        size = self._batch(_BATCH)
+        batches = iter([list(candidates[i : i + size]) for i in range(0, len(candidates), size)])
+        counts = [0, 0]  # retired, skipped
+
+        async def worker() -> None:
+            for pending in batches:  # shared: each batch goes to one worker
+                while pending:
+                    await self._limiter.acquire(len(pending))
+                    tx = self._zk.client.transaction()
+                    self._election.fence(tx)
+                    for candidate in pending:
+                        tx.delete(candidate.path, candidate.version)
+                    failed = self._outcome(await self._zk.commit(tx, "retire"))
+                    if failed is None:
+                        counts[0] += len(pending)
+                        break
+                    # Written since the scan (BadVersion) or gone (NoNode):
+                    # leave it; send the rest again.
+                    counts[1] += 1
+                    del pending[failed - 1]
+
+        results = await asyncio.gather(*(worker() for _ in range(_IN_FLIGHT)), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result  # NotLeader first if deposed: every worker's fence failed the same way
+        return counts[0], counts[1]
+
+    async def _bump_retired(self, czxid: int) -> None:
+        for _ in range(5):
+            await self._limiter.acquire()
+            try:
+                data, stat = await self._zk.get(self._layout.retired)
+            except NoNodeError:
+                data, stat = b"", None
+            body = orjson.dumps({"max_czxid": max(czxid, _max_czxid(data)), "by": self._member_id, "at": time.time()})
+            tx = self._zk.client.transaction()
+            self._election.fence(tx)
+            if stat is None:
+                tx.create(self._layout.retired, body)
+            else:
+                tx.set_data(self._layout.retired, body, stat.version)
+            if self._outcome(await self._zk.commit(tx, "retire")) is None:
+                return
+        raise CoordinationError(f"{self._layout.retired} kept changing")
+
+    # -- prefix log -----------------------------------------------------------
+    async def trim_prefix_log(self) -> int:
+        """Delete all but the newest ``PREFIX_LOG_RETAIN`` prefix-log entries; returns how many went."""
+        names = await self._children(self._layout.prefixes)
+        entries = sorted(
+            (parsed[0], name) for name in names if (parsed := self._layout.parse_prefix_entry(name)) is not None
+        )
+        doomed = [f"{self._layout.prefixes}/{name}" for _, name in entries[:-PREFIX_LOG_RETAIN]]
+        trimmed = 0
+        size = self._batch(_BATCH)
+        for start in range(0, len(doomed), size):
+            pending = doomed[start : start + size]
+            while pending:
+                await self._limiter.acquire(len(pending))
+                tx = self._zk.client.transaction()
+                self._election.fence(tx)
+                for path in pending:
+                    tx.delete(path)
+                failed = self._outcome(await self._zk.commit(tx, "trim"))
+                if failed is None:
+                    trimmed += len(pending)
+                    break
+                del pending[failed - 1]  # trimmed by an older sidecar's publish meanwhile
+        return trimmed
+
+    # -- fenced writes ----------------------------------------------------------
+    async def _fenced_set(self, path: str, data: bytes) -> ZnodeStat:
+        await self._limiter.acquire()
+        tx = self._zk.client.transaction()
+        self._election.fence(tx)
+        tx.set_data(path, data)
+        results = await self._zk.commit(tx, "stamp")
+        failed = self._outcome(results)
+        if failed is not None:
+            raise CoordinationError(f"setting {path}: {results[failed]!r}")
+        return results[1]
+
+    def _outcome(self, results: list[Any]) -> int | None:
+        """Index of the operation that failed a fenced transaction (None: it committed).
+
+        Raises :class:`NotLeader` when the fence itself failed: nothing else
+        in the transaction was applied, and nothing more may be tried.
+        """
+        for index, result in enumerate(results):
+            if isinstance(result, Exception) and not isinstance(result, RolledBackError | RuntimeInconsistency):
+                if index == 0:
+                    raise NotLeader("ZooKeeper refused the housekeeper's fence: another sidecar leads now")
+                if not isinstance(result, BadVersionError | NoNodeError | NodeExistsError):
+                    raise CoordinationError(f"housekeeping transaction failed: {result!r}")
+                return index
+        return None
