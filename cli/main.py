@@ -203,7 +203,7 @@ def invalidate(
 @click.pass_obj
 def members(obj: dict[str, Any], as_json: bool) -> None:
     """List the live sidecars of the namespace."""
-    found = _run_zk(obj, list_members)
+    found = _run_zk(obj, lambda zk, layout: list_members(zk, layout, with_leader=True))
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return

@@ -86,6 +86,7 @@ class _ServiceCollector(Collector):
             ("skipped", totals.skipped, "Housekeeping writes left out: the znode was written or gone since the scan"),
             ("prefix_entries_trimmed", totals.prefix_entries_trimmed, "Prefix-log entries trimmed as leader"),
             ("rounds", keeper.rounds, "Housekeeping rounds completed as leader"),
+            ("round_failures", keeper.failures, "Housekeeping rounds that failed (ZooKeeper errors), as leader"),
         ):
             yield CounterMetricFamily(f"zkcache_housekeeping_{name}", doc, value=value)
         yield from svc.coord.zk.latency.collect()

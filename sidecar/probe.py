@@ -2,7 +2,8 @@
 
 At ``consistency_probe_rate`` (a fraction of hits; 0, the default, is off)
 a hit is re-checked in the background once it has been served: a strong
-look at the key in ZooKeeper (``sync``, then its version), then the origin.
+look at the key in ZooKeeper (``sync``, then its version), then the origin,
+then the key's version again (moved meanwhile: inconclusive).
 Each check is counted as one of
 
 * ``agreed``: the version is still the one served, and the origin holds the
@@ -133,11 +134,17 @@ class ConsistencyProbe:
         try:
             state = await self._coord.key_state(key, strong=True)
             stored = await self._origin.get(key)
+            # A write that landed between the two reads makes a correct hit
+            # look stale: the key must not have moved while the origin was read.
+            after = await self._coord.key_state(key)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self.counts.failed += 1
             log.debug("consistency probe of %r failed: %s", key, exc)
+            return
+        if (after.version, after.writing) != (state.version, state.writing):
+            self.counts.inconclusive += 1
             return
         verdict, stale = judge(entry, served_at, state, stored, self.window)
         if verdict is Verdict.AGREED:

@@ -237,6 +237,7 @@ class CacheService:
             "candidate": election.node,
             "terms": election.terms,
             "rounds": keeper.rounds,
+            "round_failures": keeper.failures,
             "totals": dataclasses.asdict(keeper.totals),
             "last_round": None if keeper.last is None else dataclasses.asdict(keeper.last),
             "absent_version": self.coord.namespace.retired,

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Config
-from .coordination import Coordinator, LockLost, VersionConflict, WriteLock, validate_key
+from .coordination import CasBasis, Coordinator, LockLost, VersionConflict, WriteLock, validate_key
 from .errors import (
     CoordinationError,
     InvalidationNotPublished,
@@ -280,17 +280,24 @@ class WriteProtocol:
         async with local:
             if self.janitor.pending(key):
                 await self._unless_stopping(self.janitor.settle(key, remaining()))
-            expected: int | None = None
+            expected: CasBasis | None = None
             if if_match is not None:
-                current, expected = await self._coord.read_version_for_cas(key)
-                if current != if_match:
-                    raise PreconditionFailed(f'If-Match "{if_match}" but the current version is "{current}"', current)
+                expected = await self._coord.read_version_for_cas(key)
+                if expected.etag != if_match:
+                    raise PreconditionFailed(
+                        f'If-Match "{if_match}" but the current version is "{expected.etag}"', expected.etag
+                    )
             lap("check")
             session = self._coord.zk.session_id
             try:
                 # If-None-Match may still refuse after the lock: intent only once it cannot.
                 lock, generation = await self._coord.lock_for_write(
-                    key, remaining(), expected, intent=not if_none_match, wanted=still_wanted
+                    key,
+                    remaining(),
+                    expected,
+                    intent=not if_none_match,
+                    mark=self._origin.applies_late,
+                    wanted=still_wanted,
                 )
             except VersionConflict:
                 current = await self._coord.read_version(key)
@@ -302,7 +309,8 @@ class WriteProtocol:
             except CoordinationError:
                 # The transaction may have landed before the connection broke:
                 # release whatever this session may hold, in the background.
-                self.janitor.release(key, self._coord.adopt_lock(key, session), self._note("abort"))
+                adopted = self._coord.adopt_lock(key, session, intent=not if_none_match, mark=self._origin.applies_late)
+                self.janitor.release(key, adopted, self._note("abort"))
                 raise
             lap("lock")
             origin_touched = False

@@ -99,7 +99,7 @@ async def test_doctor_names_the_leader_and_times_every_member_and_finds_one_that
     assert out.returncode == 0, out.stdout + out.stderr
     leader = next(p.name for p in procs if p.stats()["housekeeping"]["leader"])
     assert f"ok namespace /zkcache/{namespace}: leader {leader} (session 0x" in out.stdout, out.stdout
-    assert "last housekeeping round" in out.stdout and "oldest open intent" in out.stdout
+    assert "last housekeeping round" in out.stdout and "open, the oldest" in out.stdout
     for proc in procs:
         tag = " (leader)" if proc.name == leader else ""
         assert re.search(rf"^ok member {proc.name}{re.escape(tag)}: applied zxid 0x[0-9a-f]+ within \d+ ms$",

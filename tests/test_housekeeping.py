@@ -370,3 +370,26 @@ async def test_the_prefix_log_is_trimmed_by_the_leader(
         assert len(names) == 1000 and min(int(n.rpartition("~")[2]) for n in names) == 100
         assert a.is_ready(), "a sidecar that had applied every entry must not flush or stall"
         assert (await current_leader(leader.zk, leader.layout) or {}).get("member_id") == "test-leader"
+
+
+# -- layout -------------------------------------------------------------------------
+async def test_a_namespace_used_by_sidecars_of_an_older_layout_is_refused(
+    sidecars: SidecarFactory, zk_server: LocalZooKeeper, namespace: str, http: aiohttp.ClientSession
+) -> None:
+    """An older sidecar (three-hex-digit buckets, no layout in its member znode) is live: never join it."""
+    layout = Layout(f"/zkcache/{namespace}")
+    old = KazooClient(hosts=zk_server.hosts, timeout=SESSION)
+    await asyncio.to_thread(old.start, 10)
+    try:
+        await asyncio.to_thread(old.create, layout.member_path("old-1"), b'{"member_id": "old-1"}', ephemeral=True,
+                                makepath=True)  # fmt: skip
+        a = sidecars("a", wait_ready=False)
+        await eventually(lambda: "older layout" in a.log_tail(200), timeout=10, what="a refusing the namespace")
+        async with http.get(a.url + "/readyz") as resp:
+            assert resp.status == 503
+            assert "older layout" in (await resp.json(content_type=None))["detail"]
+    finally:
+        await asyncio.to_thread(old.stop)
+        await asyncio.to_thread(old.close)
+    # The older sidecar gone, the namespace is free: a lays it out and serves.
+    await eventually(a.is_ready, timeout=10, what="a ready once the older sidecar left")

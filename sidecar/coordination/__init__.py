@@ -2,7 +2,7 @@
 
 from .coordinator import Coordinator, EventDelivery, Events, KeyState, KeyVersion
 from .layout import MAX_KEY_BYTES, Layout, escape, unescape, validate_key
-from .lock import LockLost, VersionConflict, WriteLock
+from .lock import CasBasis, LockLost, VersionConflict, WriteLock
 from .operations import (
     Acknowledgement,
     InvalidationReceipt,
@@ -17,6 +17,7 @@ from .session import ZkSession, ZkState
 __all__ = [
     "MAX_KEY_BYTES",
     "Acknowledgement",
+    "CasBasis",
     "Coordinator",
     "EventDelivery",
     "Events",

@@ -59,7 +59,7 @@ from .housekeeping import Housekeeper, HousekeepingSettings, absent_version, rea
 from .kazoo_watches import set_watches_async
 from .key_watches import KeyWatches
 from .layout import Layout
-from .lock import WriteLock, acquire_write_lock
+from .lock import UNKNOWN, CasBasis, WriteLock, acquire_write_lock
 from .membership import Membership
 from .namespace import NamespaceWatches
 from .operations import (
@@ -210,6 +210,7 @@ class Coordinator:
         self._session_id: int | None = None
         self._was_connected = False
         self._setup_task: asyncio.Task[None] | None = None
+        self._setup_error: str | None = None  # why the last setup failed (for /readyz)
         # Namespace re-arms (epoch, prefix log) and acknowledgements are kept
         # apart: an acknowledgement waits for the re-arms, never for another
         # acknowledgement (two of them waiting on each other deadlocked).
@@ -359,10 +360,15 @@ class Coordinator:
         still fires when the znode is created).
         """
         self.require_usable()
-        stat = await self.zk.exists_armed(
-            self.layout.version_path(key), self._version_watch, lambda request: self.key_watches.arming([key], request)
-        )
+        client = self.zk.client
+        armed = client.exists_async(self.layout.version_path(key), watch=self._version_watch)
+        self.key_watches.arming([key], armed)
+        # `retired` in the same round trip: the ETag of an absent key is the
+        # absent version, which must be no older than this read (a lagging
+        # copy could answer a conditional GET with 304 across a retirement).
+        stat, retired = await self.zk.call_all((armed, "exists"), (client.exists_async(self.layout.retired), "exists"))
         if stat is None:
+            self.namespace.catch_up_retired(absent_version(retired))
             return KeyVersion(0, False)
         return KeyVersion(int(stat.mzxid), stat.dataLength == 0)
 
@@ -447,7 +453,7 @@ class Coordinator:
 
     async def read_version(self, key: str) -> int:
         """The key's current version as clients see it (its ETag), without a watch."""
-        return (await self.read_version_for_cas(key))[0]
+        return (await self.read_version_for_cas(key)).etag
 
     def etag(self, version: int) -> int:
         """The ETag of a cached or filled ``version``: an absent key's (0) is the absent version applied here."""
@@ -457,8 +463,8 @@ class Coordinator:
         """A version znode's data for ``op`` by this member (see ``operations.version_note``)."""
         return version_note(op, self.member_id, write_id)
 
-    async def read_version_for_cas(self, key: str) -> tuple[int, int]:
-        """``(ETag, data version)`` of ``key`` for a conditional write; data version -1: no version znode.
+    async def read_version_for_cas(self, key: str) -> CasBasis:
+        """What an If-Match write compares and then locks on (see ``lock.CasBasis``).
 
         One pipelined round trip with ``retired``: an absent key's ETag is
         the absent version, so one handed out before a retirement never
@@ -470,19 +476,21 @@ class Coordinator:
             (client.exists_async(self.layout.version_path(key)), "exists"),
             (client.exists_async(self.layout.retired), "exists"),
         )
+        retired_version = int(retired.version) if retired is not None else -1
         if stat is not None:
-            return int(stat.mzxid), int(stat.version)
+            return CasBasis(int(stat.mzxid), int(stat.version), int(stat.czxid), retired_version)
         absent = absent_version(retired)
         self.namespace.catch_up_retired(absent)
-        return absent, -1
+        return CasBasis(absent, -1, 0, retired_version)
 
     async def lock_for_write(
         self,
         key: str,
         timeout: float,
-        expected_data_version: int | None = None,
+        expected: CasBasis | None = None,
         *,
         intent: bool = True,
+        mark: bool = False,
         wanted: Callable[[], bool] = lambda: True,
     ) -> tuple[WriteLock, int]:
         """Take ``key``'s write lock with its intent bump (see ``lock``); also a token for :meth:`check_lock`.
@@ -490,14 +498,14 @@ class Coordinator:
         The token is the state generation from *before* the request: any
         session state change since then (which may mean the ephemeral lock
         node is gone) makes :meth:`check_lock` fail.  Raises ``LockTimeout``,
-        ``VersionConflict`` (``expected_data_version`` moved) or
+        ``VersionConflict`` (the key moved since ``expected`` was read) or
         ``CoordinationError`` (the lock may then be held: see
         :meth:`adopt_lock`).
         """
         self.require_writable()
         generation = self.state_generation
         lock = await acquire_write_lock(
-            self.zk, self.layout, key, self.member_id, timeout, expected_data_version, intent=intent, wanted=wanted
+            self.zk, self.layout, key, self.member_id, timeout, expected, intent=intent, mark=mark, wanted=wanted
         )
         return lock, generation
 
@@ -505,10 +513,22 @@ class Coordinator:
         """Bump ``key``'s version (keeping a live writer's intent): see ``operations.invalidate_key``."""
         return await invalidate_key(self.zk, self.layout, key, self.member_id)
 
-    def adopt_lock(self, key: str, session: int | None) -> WriteLock:
-        """``key``'s lock as this session may hold it after a lock transaction of unknown outcome."""
+    def adopt_lock(self, key: str, session: int | None, *, intent: bool = True, mark: bool = False) -> WriteLock:
+        """``key``'s lock as this session may hold it after a lock transaction of unknown outcome.
+
+        ``intent`` and ``mark``: what that transaction would have done (``lock_for_write``).
+        """
         layout = self.layout
-        return WriteLock(self.zk, layout.lock_path(key), layout.version_path(key), intent_version=None, session=session)
+        return WriteLock(
+            self.zk,
+            layout.lock_path(key),
+            layout.version_path(key),
+            intent_version=None,
+            session=session,
+            marker_path=layout.uncertain_path(key) if mark else None,
+            marker=UNKNOWN if mark else None,
+            sets_intent=intent,
+        )
 
     def check_lock(self, generation: int) -> None:
         """Raise unless the session is writable and unchanged since ``generation``.
@@ -532,6 +552,8 @@ class Coordinator:
             return f"no answer from ZooKeeper for {self.silence():.1f}s (lease {self.lease:g}s)"
         if self.ready:
             return "ZooKeeper session connected"
+        if self.state is ZkState.CONNECTED and self._setup_error:
+            return f"ZooKeeper session connected; setting up failed: {self._setup_error}"
         if self.state is ZkState.CONNECTED:
             return "ZooKeeper session connected; arming namespace watches"
         return f"ZooKeeper session is {self.state.value}"
@@ -675,11 +697,13 @@ class Coordinator:
             self.ready = True
             self.unwatched_since = None
             self._restore_zxid = None
+            self._setup_error = None
             log.info("ready: member %s in %s", self.member_id, self.layout.root)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.warning("session setup failed (%s); retrying", exc)
+            self._setup_error = str(exc)
             self._setup_task = asyncio.ensure_future(self._retry_setup())
 
     async def _retry_setup(self) -> None:

@@ -93,7 +93,8 @@ class Election:
         self.node: str | None = None  # our candidate's path
         self._node_session: int | None = None  # the session that created it
         self._token = ""  # the name part of a create whose reply may be lost
-        self._verified = False  # our candidate was first on the current connection
+        self._verified: str | None = None  # our candidate that a listing on this connection showed first
+        self._announced = False  # `leading` as last announced (log, waiters, terms)
         self._wake = asyncio.Event()
         self._leading_changed = asyncio.Event()
         self.terms = 0  # times this sidecar became leader
@@ -103,8 +104,8 @@ class Election:
     def leading(self) -> bool:
         """True while this sidecar leads, as far as it can know (writes are fenced anyway)."""
         return (
-            self._verified
-            and self.node is not None
+            self._verified is not None
+            and self._verified == self.node
             and self._zk.state is ZkState.CONNECTED
             and self._zk.session_id == self._node_session
         )
@@ -112,11 +113,15 @@ class Election:
     def fence(self, transaction: Any) -> None:
         """Make ``transaction`` fail unless this sidecar still leads: add it as the first operation.
 
-        Raises :class:`NotLeader` at once if there is no candidate to check.
+        The check is on the candidate that a listing showed first, never on
+        a newer one of ours (after an operator deleted the old one, another
+        sidecar may lead while our new candidate exists).  Raises
+        :class:`NotLeader` at once if this sidecar knows it does not lead.
         """
-        if self.node is None or not self.leading:
+        verified = self._verified
+        if verified is None or not self.leading:
             raise NotLeader("this sidecar does not lead its namespace")
-        transaction.check(self.node, -1)  # -1: any version; fails once the znode is gone
+        transaction.check(verified, -1)  # -1: any version; fails once the znode is gone
 
     def start(self) -> None:
         """Stand for election in the background (for as long as the sidecar runs)."""
@@ -131,9 +136,9 @@ class Election:
 
     def state_changed(self, state: ZkState) -> None:
         """The session's state moved (on the loop): stop leading until a new listing shows us first."""
-        self._set_verified(False)
         if state is ZkState.LOST:
             self.node = None  # expired with the session
+        self._set_verified(False)
         self._wake.set()
 
     async def wait_leading(self) -> None:
@@ -149,10 +154,13 @@ class Election:
             await self._leading_changed.wait()
 
     def _set_verified(self, verified: bool) -> None:
-        was = self.leading
-        self._verified = verified
-        if self.leading != was:
-            if self.leading:
+        # Compared with what was last announced, not with `leading` before the
+        # call: by the time a loss reaches us the session's state has moved.
+        self._verified = self.node if verified else None
+        now = self.leading
+        if now != self._announced:
+            self._announced = now
+            if now:
                 self.terms += 1
                 log.info("leading namespace %s as %s", self._layout.root, self.node)
             else:
@@ -182,13 +190,16 @@ class Election:
             return
         if self.node is not None and self._node_session != session:
             self.node = None  # a candidate of an expired session: gone, or about to be
+            self._set_verified(False)
         names = _candidates(await self._zk.get_children(self._layout.leader))
         if self.node is None:
+            self._set_verified(False)
             self.node = await self._adopt_or_create(names, session)
             names = _candidates(await self._zk.get_children(self._layout.leader))
         ours = self.node.rpartition("/")[2]
         if ours not in names:
             self.node = None  # deleted under us (by an operator, or expiry): stand again
+            self._set_verified(False)
             return
         index = names.index(ours)
         if index == 0:
@@ -196,6 +207,7 @@ class Election:
             # candidate goes (the watch on it says so).
             if await self._zk.exists(self.node, watch=self._watch) is None:
                 self.node = None
+                self._set_verified(False)
                 return
             self._set_verified(True)
         else:

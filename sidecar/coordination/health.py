@@ -152,7 +152,7 @@ async def check_namespace(zk: ZkSession, layout: Layout, ack_timeout: float = 2.
     subject = f"namespace {layout.root}"
     findings: list[Finding] = []
     leader = await current_leader(zk, layout)
-    members = await list_members(zk, layout)
+    members = await list_members(zk, layout, with_leader=True)
     if leader is None:
         findings.append(
             Finding(subject, "no leader: no sidecar stands, so nothing keeps ZooKeeper small", bool(members))
@@ -182,7 +182,7 @@ def _last_round(subject: str, leader_znode: tuple[bytes, object]) -> list[Findin
             f"last housekeeping round {age:.0f}s ago by {report.get('member_id', '?')}: "
             f"{report.get('scanned', '?')} version znodes (retention {report.get('retention', 0):g}s), "
             f"{report.get('retired', 0)} retired, {report.get('repaired', 0)} intents repaired, "
-            f"oldest open intent {report.get('oldest_intent_seconds', 0):g}s",
+            f"{report.get('open_intents', 0)} open, the oldest {report.get('oldest_intent_seconds', 0):g}s old",
         )
     ]
     # A round takes scanned / rate seconds; three intervals plus that is late.
@@ -193,8 +193,9 @@ def _last_round(subject: str, leader_znode: tuple[bytes, object]) -> list[Findin
         findings.append(
             Finding(
                 subject,
-                f"a write has held its key in intent for {report['oldest_intent_seconds']:g}s "
-                f"(lock_timeout {lock_timeout:g}s): a writer stuck with its lock; the key is not cached anywhere",
+                f"a key has been in intent for {report['oldest_intent_seconds']:g}s (lock_timeout "
+                f"{lock_timeout:g}s): a writer stuck with its lock, or a write of unknown outcome kept it "
+                "(check the origin, then cachectl invalidate the key); it is not cached anywhere meanwhile",
                 True,
             )
         )
@@ -210,7 +211,7 @@ async def _acknowledgements(
     confirmed: dict[str, float] = {}
     latest = {str(m["member_id"]): m for m in members}
     while time.monotonic() - started < timeout:
-        for member in await list_members(zk, layout):
+        for member in await list_members(zk, layout, with_leader=True):
             name = str(member["member_id"])
             latest[name] = member
             applied = member.get("applied_zxid")

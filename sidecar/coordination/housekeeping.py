@@ -8,10 +8,14 @@ One round, every ``housekeeping_interval`` on the leader only (``election``):
    znode, at most ``housekeeping_rate`` requests per second all told, so
    ZooKeeper's latency for the sidecars' own requests stays flat.
 3. **Repair** intents whose writer is gone: a version znode in intent (empty
-   data) for longer than ``lock_timeout`` with no lock znode.  Closed with a
-   ``repair`` note, so the key is cacheable again without a human.  The
-   transaction creates and deletes the key's lock around the set, so it
-   fails if a writer holds the lock at that instant.
+   data) seen by this leader with no lock znode and no kept-intent marker
+   for ``lock_timeout`` (its own monotonic clock).  Closed with a ``repair``
+   note, so the key is cacheable again without a human.  The transaction
+   creates and deletes the key's lock around the set, so it fails if a
+   writer holds the lock at that instant.  Intents a live writer kept on
+   purpose (the origin write's outcome unknown) carry a marker under
+   ``uncertain/`` and are left for the key's next write or invalidation;
+   markers of ended intents are swept.
 4. **Retire** version znodes not modified for ``version_retention``: bump
    ``retired`` first, then delete each, conditional on the data version the
    scan saw, so that a key written meanwhile is never touched.
@@ -137,7 +141,7 @@ class Plan:
     scanned: int = 0
     oldest_intent_seconds: float = 0.0
     retire: list[Candidate] = field(default_factory=list)
-    repair: list[Candidate] = field(default_factory=list)
+    repair: list[Candidate] = field(default_factory=list)  # every intent seen
 
 
 @dataclass(slots=True)
@@ -150,8 +154,10 @@ class RoundReport:
     scanned: int = 0  # version znodes looked at
     retired: int = 0
     repaired: int = 0
-    skipped: int = 0  # written, repaired or gone between scan and write: left alone
+    open_intents: int = 0  # intents left: writes under way, kept on purpose, or not dead long enough
+    skipped: int = 0  # retirements left out: written or gone between scan and delete
     prefix_entries_trimmed: int = 0
+    markers_swept: int = 0  # kept-intent markers of intents that have ended
     oldest_intent_seconds: float = 0.0  # the oldest intent seen, dead or alive
     # The leader's settings, for whoever reads the report (cachectl doctor).
     retention: float = 0.0
@@ -178,6 +184,10 @@ class Housekeeper:
         self._limiter = AsyncLimiter(max(1.0, settings.rate), 1.0)
         self.last: RoundReport | None = None
         self.rounds = 0
+        self.failures = 0  # rounds that failed (not counting being deposed)
+        # Intents with no lock and no marker: path -> (data version, first seen, monotonic).
+        self._dead_since: dict[str, tuple[int, float]] = {}
+        self._term = -1
         self.totals = RoundReport(member_id=member_id)
         self._task: asyncio.Task[None] | None = None
         # Tests run a step between the scan and the writes here.
@@ -204,6 +214,7 @@ class Housekeeper:
                 log.info("housekeeping round stopped: no longer the leader")
                 continue
             except Exception as exc:
+                self.failures += 1
                 log.warning("housekeeping round failed (%s); next round in %gs", exc, self.settings.interval)
             try:
                 await asyncio.wait_for(self._election.wait_not_leading(), self.settings.interval)
@@ -224,10 +235,10 @@ class Housekeeper:
             lock_timeout=self.settings.lock_timeout,
         )
         report.oldest_intent_seconds = round(plan.oldest_intent_seconds, 3)
-        report.repaired, skipped_repairs = await self.repair(plan.repair)
-        report.retired, skipped_retires = await self.retire(plan.retire)
-        report.skipped = skipped_repairs + skipped_retires
+        report.repaired, report.open_intents = await self.repair(plan.repair)
+        report.retired, report.skipped = await self.retire(plan.retire)
         report.prefix_entries_trimmed = await self.trim_prefix_log()
+        report.markers_swept = await self.sweep_markers()
         report.finished_at = time.time()
         report.seconds = round(time.monotonic() - started, 3)
         await self._fenced_set(self._layout.leader, orjson.dumps(asdict(report)))
@@ -266,7 +277,6 @@ class Housekeeper:
         stamp = await self._fenced_set(self._layout.leader, report)
         plan = Plan(now_ms=int(stamp.mtime))
         retention_ms = self.settings.retention * 1000
-        dead_ms = self.settings.lock_timeout * 1000
         versions = self._layout.versions
         step = self._batch(_SCAN_BATCH)
         for bucket in await self._children(versions):
@@ -282,7 +292,7 @@ class Housekeeper:
                 plan.scanned += len(chunk)
                 for path, stat in zip(chunk, await self._stats(chunk), strict=True):
                     if stat is not None:
-                        self._classify(plan, path, stat, retention_ms, dead_ms)
+                        self._classify(plan, path, stat, retention_ms)
             if len(plan.retire) >= _MAX_CANDIDATES:
                 break
         return plan
@@ -292,13 +302,12 @@ class Housekeeper:
         return max(1, min(size, int(self.settings.rate)))
 
     @staticmethod
-    def _classify(plan: Plan, path: str, stat: ZnodeStat, retention_ms: float, dead_ms: float) -> None:
+    def _classify(plan: Plan, path: str, stat: ZnodeStat, retention_ms: float) -> None:
         age_ms = plan.now_ms - int(stat.mtime)
         candidate = Candidate(path, int(stat.version), int(stat.czxid))
         if stat.dataLength == 0:
             plan.oldest_intent_seconds = max(plan.oldest_intent_seconds, age_ms / 1000)
-            if age_ms > dead_ms:
-                plan.repair.append(candidate)
+            plan.repair.append(candidate)  # repair() decides, on its own clock
         elif age_ms > retention_ms:
             plan.retire.append(candidate)
 
@@ -335,30 +344,96 @@ class Housekeeper:
 
     # -- repair -------------------------------------------------------------
     async def repair(self, intents: Sequence[Candidate]) -> tuple[int, int]:
-        """Close dead writers' intents with a ``repair`` note; returns ``(repaired, skipped)``."""
-        repaired = skipped = 0
+        """Close dead writers' intents with a ``repair`` note; returns ``(repaired, not repaired)``.
+
+        ``intents`` are every intent the scan saw.  One is dead once this
+        leader has seen it, at the same data version, with no lock znode and
+        no kept-intent marker, for ``lock_timeout`` on its own monotonic
+        clock: no ZooKeeper clock is involved, and a writer's lock taken in
+        between moves the data version and starts the count again.  An
+        intent kept on purpose (``WriteLock.abandon`` without a note: the
+        origin write's outcome is unknown) carries a marker and is never
+        repaired: it waits for the key's next write or invalidation.
+        """
+        if self._term != self._election.terms:
+            self._term, self._dead_since = self._election.terms, {}
+        now = time.monotonic()
+        repaired = left = 0
         note = version_note("repair", self._member_id)
+        client = self._zk.client
+        seen: dict[str, tuple[int, float]] = {}
         for intent in intents:
             lock = self._layout.lock_path_of_version_path(intent.path)
-            await self._limiter.acquire(2)
-            if await self._zk.exists(lock) is not None:
-                skipped += 1  # a live writer's (or one whose session has not expired yet)
+            marker = self._layout.uncertain_path_of_version_path(intent.path)
+            await self._limiter.acquire()
+            await self._limiter.acquire()
+            held, kept = await self._zk.call_all(
+                (client.exists_async(lock), "exists"), (client.exists_async(marker), "exists")
+            )
+            if held is not None or kept is not None:
+                left += 1  # a live writer's, or kept on purpose
+                continue
+            version, since = self._dead_since.get(intent.path, (intent.version, now))
+            if version != intent.version:
+                since = now  # a writer came and went: count again
+            seen[intent.path] = (intent.version, since)
+            if now - since < self.settings.lock_timeout:
+                left += 1
                 continue
             await self._zk.ensure_path(lock.rpartition("/")[0])
-            tx = self._zk.client.transaction()
+            await self._zk.ensure_path(marker.rpartition("/")[0])
+            tx = client.transaction()
             self._election.fence(tx)
-            # The lock's create fails if a writer holds it now; the set fails if
+            # The lock's create fails if a writer holds it now, the marker's if
+            # a kept intent was marked since the look above; the set fails if
             # the version moved (a writer came and went, or an invalidation).
             tx.create(lock, b"", ephemeral=True)
+            tx.create(marker, b"")
             tx.set_data(intent.path, note, intent.version)
+            tx.delete(marker)
             tx.delete(lock)
             if self._outcome(await self._zk.commit(tx, "repair")) is None:
                 repaired += 1
-                log.warning("closed the intent of %s: its writer's lock has been gone for over %gs",
+                seen.pop(intent.path, None)
+                log.warning("closed the intent of %s: no writer's lock on it for over %gs",
                             intent.path, self.settings.lock_timeout)  # fmt: skip
             else:
-                skipped += 1
-        return repaired, skipped
+                left += 1
+        self._dead_since = seen  # intents gone since are forgotten
+        return repaired, left
+
+    async def sweep_markers(self) -> int:
+        """Delete kept-intent markers whose intent has ended (the key was written or invalidated since).
+
+        The marker's own version is read first and its delete is conditional
+        on it: a writer that takes over a marker touches it, so a sweep that
+        read it before never deletes the marker of an intent under way.
+        """
+        swept = 0
+        client = self._zk.client
+        for bucket in await self._children(self._layout.uncertain):
+            parent = f"{self._layout.uncertain}/{bucket}"
+            for name in await self._children(parent):
+                marker = f"{parent}/{name}"
+                version_path = self._layout.version_path_of_uncertain_path(marker)
+                if version_path is None:
+                    continue
+                await self._limiter.acquire()
+                await self._limiter.acquire()
+                marker_stat, stat = await self._zk.call_all(
+                    (client.exists_async(marker), "exists"), (client.exists_async(version_path), "exists")
+                )
+                if marker_stat is None or (stat is not None and stat.dataLength == 0):
+                    continue  # gone, or still kept
+                await self._limiter.acquire()
+                tx = client.transaction()
+                self._election.fence(tx)
+                if stat is not None:
+                    tx.check(version_path, stat.version)  # still out of intent
+                tx.delete(marker, marker_stat.version)
+                if self._outcome(await self._zk.commit(tx, "sweep")) is None:
+                    swept += 1
+        return swept
 
     # -- retire -------------------------------------------------------------
     async def retire(self, candidates: Sequence[Candidate]) -> tuple[int, int]:

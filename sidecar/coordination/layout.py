@@ -5,6 +5,9 @@ Under the namespace root (``<zk_root>/<namespace>``, default ``/zkcache/default`
     versions/<hh>/<hh>/<escaped key>  version znode; its mzxid is the key's version
     locks/<hh>/<hh>/<escaped key>     ephemeral: the key's write lock (see lock.py)
     members/<member id>               ephemeral, JSON describing one live sidecar
+    uncertain/<hh>/<escaped key>      a writer kept the key in intent on purpose (its
+                                      origin write's outcome is unknown): the
+                                      housekeeper never repairs that intent
     leader/c-<id>-<seq>               ephemeral sequential: housekeeper election
                                       (election.py); the parent's data is the last
                                       housekeeping round's report
@@ -98,6 +101,7 @@ class Layout:
         self.leader = f"{root}/leader"
         self.retired = f"{root}/retired"
         self.layout = f"{root}/layout"
+        self.uncertain = f"{root}/uncertain"
 
     def version_path(self, key: str) -> str:
         """The version znode of ``key``."""
@@ -107,6 +111,10 @@ class Layout:
         """The ephemeral znode that is ``key``'s write lock (see ``lock``)."""
         return f"{self.locks}/{_bucket(key)}/{escape(key)}"
 
+    def uncertain_path(self, key: str) -> str:
+        """The marker of an intent ``key``'s writer kept on purpose (one bucket level: such keys are few)."""
+        return f"{self.uncertain}/{_bucket(key)[:2]}/{escape(key)}"
+
     def member_path(self, member_id: str) -> str:
         """The ephemeral membership znode of a sidecar."""
         return f"{self.members}/{member_id}"
@@ -114,6 +122,21 @@ class Layout:
     def lock_path_of_version_path(self, path: str) -> str:
         """The lock znode of the key whose version znode is ``path``."""
         return self.locks + path[len(self.versions) :]
+
+    def uncertain_path_of_version_path(self, path: str) -> str:
+        """The kept-intent marker of the key whose version znode is ``path``."""
+        bucket, _, name = path[len(self.versions) + 1 :].split("/")
+        return f"{self.uncertain}/{bucket}/{name}"
+
+    def version_path_of_uncertain_path(self, path: str) -> str | None:
+        """The version znode of the key whose kept-intent marker is ``path`` (None if foreign)."""
+        head, _, name = path.rpartition("/")
+        if not name or head.rpartition("/")[0] != self.uncertain:
+            return None
+        try:
+            return self.version_path(unescape(name))
+        except UnicodeDecodeError:
+            return None
 
     def key_of_version_path(self, path: str) -> str | None:
         """The key whose version znode is ``path``, or ``None`` if it is not one."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from kazoo.exceptions import (
@@ -40,15 +40,31 @@ from kazoo.exceptions import (
 from .. import bridge
 from ..errors import CoordinationError, LockTimeout, WriteAbandoned
 from .layout import Layout
-from .session import ZkSession, ZnodeStat
+from .session import ZkSession, ZkState, ZnodeStat
 
-__all__ = ["LockLost", "VersionConflict", "WriteLock", "acquire_write_lock"]
+__all__ = ["CasBasis", "LockLost", "VersionConflict", "WriteLock", "acquire_write_lock"]
 
 log = logging.getLogger(__name__)
 
 
 class VersionConflict(Exception):
     """The key's version moved between the If-Match read and the lock."""
+
+
+class CasBasis(NamedTuple):
+    """What an If-Match write read of its key, to make its lock conditional on exactly that.
+
+    A data version alone is not enough once version znodes can be retired
+    and created again (housekeeping.py): a new incarnation counts its data
+    versions from 0 again.  So a present key's lock also checks the
+    znode's ``czxid``, and an absent key's checks that ``retired`` did not
+    move (its absent version is ``retired``'s mzxid).
+    """
+
+    etag: int  # the version clients see
+    data_version: int  # -1: no version znode
+    czxid: int  # the version znode's creation; 0: none
+    retired_version: int  # ``retired``'s data version; -1: missing
 
 
 def _failure(results: list[Any]) -> Exception | None:
@@ -82,11 +98,28 @@ class WriteLock:
     """
 
     def __init__(
-        self, zk: ZkSession, lock_path: str, version_path: str, *, intent_version: int | None, session: int | None
+        self,
+        zk: ZkSession,
+        lock_path: str,
+        version_path: str,
+        *,
+        intent_version: int | None,
+        session: int | None,
+        marker_path: str | None = None,
+        marker: str | None = None,
+        sets_intent: bool = True,
     ) -> None:
         self.zk = zk
         self.lock_path = lock_path
         self.version_path = version_path
+        # The key's kept-intent marker (see "Markers" in the module
+        # docstring); None: this origin never applies a write late.
+        self.marker_path = marker_path
+        # MINE: created by this write, ours to delete when the intent ends;
+        # ADOPTED: another write's kept intent was there first (never end it
+        # without a value); None: no marker; UNKNOWN: an adopted lock, not read yet.
+        self.marker = marker
+        self.sets_intent = sets_intent  # the lock transaction included an intent
         self.session = session  # the session that created the lock znode
         self.held = True
         # The version znode's data version right after our intent; None: no
@@ -99,9 +132,15 @@ class WriteLock:
         return self.intent_version is not None
 
     async def mark_intent(self) -> None:
-        """Put the version znode in intent now (for a lock taken with ``intent=False``)."""
+        """Put the version znode in intent now (for a lock taken with ``intent=False``).
+
+        The marker first, when this origin needs one: never an intent without it.
+        """
+        if self.marker_path is not None:
+            self.marker = await _place_marker(self.zk, self.marker_path, self.session)
         stat = await _set_or_create(self.zk, self.version_path, b"")
         self.intent_version = int(stat.version)
+        self.sets_intent = True
 
     async def publish(self, note: bytes) -> int:
         """Set the version znode to ``note`` and release, in one fenced transaction; return the new version.
@@ -118,24 +157,36 @@ class WriteLock:
             if self.zk.session_id is None:
                 raise CoordinationError("not connected to ZooKeeper")
             if self.held and self.intent_version is not None and self.zk.session_id == self.session:
+                if self.marker == UNKNOWN:
+                    await self._learn_marker()
                 tx = self.zk.client.transaction()
                 tx.set_data(self.version_path, note, self.intent_version)
                 tx.delete(self.lock_path)
+                if self.marker is not None:
+                    tx.delete(self.marker_path)  # the new value ends any kept intent too
                 results = await self.zk.commit(tx, "publish")
-                if _failure(results) is None:
+                error = _failure(results)
+                if error is None:
                     self.held = False
                     return int(results[0].mzxid)
+                if len(results) > 2 and results[2] is error:
+                    self.marker = None  # gone already: publish without it
+                    continue
             mzxid = await self._reconcile(note)
             if mzxid is not None:
                 return mzxid
         raise CoordinationError(f"publishing {self.version_path}: the version znode kept changing")
 
     async def abandon(self, note: bytes | None) -> None:
-        """Release without a new value: with ``note``, also clear the intent (nothing was written).
+        """Release without a new value: with ``note``, also clear our intent (nothing was written).
 
         Without ``note`` the intent stays, so no sidecar caches the key until
         its next write or invalidation: right when the origin write failed
-        midway and its outcome is unknown.  Deletes the lock only while it is
+        midway and its outcome is unknown.  With a marker (an origin that
+        may apply a write late) it stays too, so the housekeeper never ends
+        that intent.  ``note`` never ends an intent this write did not set,
+        nor one another write kept on purpose before us (a refused or
+        aborted write changes nothing).  Deletes the lock only while it is
         still ours (see the class docstring); raises ``CoordinationError`` if
         ZooKeeper cannot be reached.
         """
@@ -145,26 +196,60 @@ class WriteLock:
             if not await self._still_ours():
                 self.held = False  # gone with our session, or someone else's now
                 return
+            if self.marker == UNKNOWN:
+                await self._learn_marker()
             stat = await self.zk.exists(self.version_path)
             expected = self.intent_version if self.intent_version is not None else (stat.version if stat else None)
+            ending = (
+                note is not None
+                and stat is not None
+                and stat.dataLength == 0
+                and (self.intent or self.sets_intent)
+                and self.marker != ADOPTED
+            )
             tx = self.zk.client.transaction()
             if stat is not None and expected is not None:
-                # Under our lock, empty data is our intent, also when we did not
-                # know our lock transaction landed (an adopted lock).
-                if note is not None and (self.intent or stat.dataLength == 0):
+                if ending:
                     tx.set_data(self.version_path, note, expected)
                 else:
                     tx.check(self.version_path, expected)
             tx.delete(self.lock_path)
-            if _failure(await self.zk.commit(tx, "unlock")) is None:
+            marker_op = ending and self.marker == MINE
+            if marker_op:
+                tx.delete(self.marker_path)
+            # No await between this check and the send: a release built on
+            # one session must not go out on the next (kazoo would send it
+            # there), where our lock may be another writer's now.
+            if self.zk.session_id != self.session or self.zk.state is not ZkState.CONNECTED:
+                raise CoordinationError("the ZooKeeper session moved while releasing the lock")
+            results = await self.zk.commit(tx, "unlock")
+            error = _failure(results)
+            if error is None:
                 self.held = False
                 return
+            if marker_op and results[-1] is error:
+                self.marker = None  # gone already: release without it
+                continue
             # The version znode moved under our lock (an invalidation keeps an
             # intent but bumps it): take its new data version and try again.
             if self.intent_version is not None and stat is not None:
                 fresh = await self.zk.exists(self.version_path)
                 self.intent_version = int(fresh.version) if fresh else None
         raise CoordinationError(f"releasing {self.lock_path}: the version znode kept changing")
+
+    async def _learn_marker(self) -> None:
+        # An adopted lock (its transaction's reply was lost): whose marker is there?
+        if self.marker_path is None:
+            self.marker = None
+            return
+        try:
+            data, _ = await self.zk.get(self.marker_path)
+        except NoNodeError:
+            self.marker = None
+            return
+        info = _marker_info(data)
+        mine = info.get("session") == f"0x{self.session or 0:x}" and not info.get("adopted")
+        self.marker = MINE if mine else ADOPTED
 
     async def _still_ours(self) -> bool:
         current = self.zk.session_id
@@ -197,15 +282,52 @@ class WriteLock:
         if data == b"" and await self.zk.exists(self.lock_path) is None:
             # Still in intent and nobody holds the lock: ours (our session
             # lost the lock before we published) or a dead writer's. The
-            # origin has our value: end the intent with our note.
-            try:
-                return int((await self.zk.set(self.version_path, note, stat.version)).mzxid)
-            except BadVersionError:
-                return None
+            # origin has our value: end the intent with our note (and its
+            # marker, whoever kept it: our value is the newer one).
+            tx = self.zk.client.transaction()
+            tx.set_data(self.version_path, note, stat.version)
+            if self.marker_path is not None and await self.zk.exists(self.marker_path) is not None:
+                tx.delete(self.marker_path)
+            results = await self.zk.commit(tx, "publish")
+            if _failure(results) is None:
+                return int(results[0].mzxid)
+            return None
         raise LockLost(
             f"{self.lock_path}: another writer entered after this session lost the lock; "
             "the key was published by it or will be"
         )
+
+
+MINE, ADOPTED, UNKNOWN = "mine", "adopted", "unknown"
+
+
+def _marker_data(session: int | None, *, adopted: bool = False) -> bytes:
+    return orjson.dumps({"session": f"0x{session or 0:x}", "adopted": adopted})
+
+
+def _marker_info(data: bytes) -> dict[str, Any]:
+    try:
+        info = orjson.loads(data) if data else {}
+    except orjson.JSONDecodeError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+async def _place_marker(zk: ZkSession, path: str, session: int | None) -> str:
+    """Create the key's marker (MINE), or touch one a kept intent left (ADOPTED): the touch moves its
+    version, so a sweep that read it before fails its conditional delete."""
+    for _ in range(5):
+        try:
+            await zk.create(path, _marker_data(session), makepath=True)
+            return MINE
+        except NodeExistsError:
+            pass
+        try:
+            await zk.set(path, _marker_data(session, adopted=True))
+            return ADOPTED
+        except NoNodeError:
+            continue  # swept meanwhile: create it
+    raise CoordinationError(f"{path}: the marker kept coming and going")
 
 
 async def _set_or_create(zk: ZkSession, path: str, data: bytes) -> ZnodeStat:
@@ -226,15 +348,20 @@ async def acquire_write_lock(
     key: str,
     owner: str,
     timeout: float,
-    expected_version: int | None = None,
+    expected: CasBasis | None = None,
     *,
     intent: bool = True,
+    mark: bool = False,
     wanted: Callable[[], bool] = lambda: True,
 ) -> WriteLock:
     """Take ``key``'s lock and put its version znode in intent, atomically.
 
-    ``expected_version`` (the znode's data version; -1: it must not exist yet)
-    makes the intent conditional: :class:`VersionConflict` if it moved.
+    ``mark`` (an origin that may apply a write late): the key's kept-intent
+    marker is created (or, left by a kept intent, touched) in the same
+    transaction, so no intent of such a write is ever without it.
+
+    ``expected`` (what an If-Match read: see :class:`CasBasis`) makes the
+    intent conditional: :class:`VersionConflict` if the key moved since.
     ``intent=False`` takes only the lock, for a write that may still be
     refused without leaving a trace (If-None-Match); it then calls
     :meth:`WriteLock.mark_intent` itself.  Waits up to ``timeout`` seconds
@@ -246,7 +373,10 @@ async def acquire_write_lock(
     deadline = loop.time() + timeout
     lock_path, version_path = layout.lock_path(key), layout.version_path(key)
     data = orjson.dumps({"member": owner, "session": f"0x{zk.session_id or 0:x}"})
+    expected_version = None if expected is None else expected.data_version
     version_exists = expected_version != -1
+    marker_path = layout.uncertain_path(key) if mark else None
+    adopt_marker = False
     while True:
         if not wanted():
             raise WriteAbandoned("the client went away (or the sidecar is stopping) before the write took its lock")
@@ -256,7 +386,16 @@ async def acquire_write_lock(
             tx.set_data(version_path, b"", -1 if expected_version is None else expected_version)
         elif intent:
             tx.create(version_path, b"")
+            if expected is not None and expected.retired_version >= 0:
+                tx.check(layout.retired, expected.retired_version)  # the absent version did not move
         session = zk.session_id
+        marker_index = None
+        if marker_path is not None and intent:
+            marker_index = len(tx.operations)
+            if adopt_marker:
+                tx.set_data(marker_path, _marker_data(session, adopted=True))
+            else:
+                tx.create(marker_path, _marker_data(session))
         if session is None:
             # kazoo would queue the request and send it on whatever session
             # comes next, and the lock would not be known as ours.
@@ -267,7 +406,37 @@ async def acquire_write_lock(
             # set_data answers the znode's stat; a create in a multi only its
             # path, and a new znode's data version is 0.
             intent_version = (int(results[1].version) if version_exists else 0) if intent else None
-            return WriteLock(zk, lock_path, version_path, intent_version=intent_version, session=session)
+            marker = (ADOPTED if adopt_marker else MINE) if marker_index is not None else None
+            lock = WriteLock(
+                zk,
+                lock_path,
+                version_path,
+                intent_version=intent_version,
+                session=session,
+                marker_path=marker_path,
+                marker=marker,
+                sets_intent=intent,
+            )
+            if expected is not None and intent and version_exists and int(results[1].czxid) != expected.czxid:
+                # The same data version on another incarnation of the znode
+                # (retired and written again since the read): not the version
+                # the client saw. Give it back, with a note ending our intent.
+                await lock.abandon(orjson.dumps({"op": "abort", "by": owner}))
+                raise VersionConflict(version_path)
+            return lock
+        if marker_index is not None and results[marker_index] is error:
+            if isinstance(error, NodeExistsError):
+                adopt_marker = True  # a kept intent's marker: touch it instead
+            elif isinstance(error, NoNodeError):
+                if adopt_marker:
+                    adopt_marker = False  # swept meanwhile: create it
+                else:
+                    await zk.ensure_path(_parent(marker_path))  # type: ignore[arg-type]
+            else:
+                raise CoordinationError(f"lock {lock_path}: {error!r}")
+            continue
+        if not version_exists and len(results) > 2 and results[2] is error:  # the check on `retired`
+            raise VersionConflict(version_path)
         if results[0] is error:  # the lock node
             if isinstance(error, NoNodeError):
                 await zk.ensure_path(_parent(lock_path))  # first lock in this bucket

@@ -27,7 +27,7 @@ from kazoo.protocol.states import EventType, WatchedEvent
 
 from .. import bridge
 from ..errors import CoordinationError
-from .layout import Layout
+from .layout import LAYOUT_NAME, Layout
 from .session import ZkSession, ZnodeStat
 
 __all__ = ["Membership"]
@@ -105,7 +105,14 @@ class Membership:
             pass  # registration (with the current value) is under way
 
     def _member_data(self) -> bytes:
-        return orjson.dumps(dict(self._info, session=f"0x{self._zk.session_id or 0:x}", applied_zxid=self.applied_zxid))
+        return orjson.dumps(
+            dict(
+                self._info,
+                session=f"0x{self._zk.session_id or 0:x}",
+                applied_zxid=self.applied_zxid,
+                layout=LAYOUT_NAME.decode(),  # a sidecar of another layout refuses the namespace (ensure_layout)
+            )
+        )
 
     async def register(self, applied: ZnodeStat | None) -> None:
         """Create (or take over) our ephemeral member znode, confirming everything up to ``applied``.

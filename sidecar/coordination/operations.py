@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
+from kazoo.exceptions import NodeExistsError, NoNodeError
 
 from ..errors import CoordinationError, LayoutMismatch
 from .election import current_leader
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # Prefix log entries the housekeeper keeps (housekeeping.py); a sidecar that
 # falls further behind than this (it sees a gap) flushes everything instead.
 PREFIX_LOG_RETAIN = 1000
+_TRIM_CHECK_EVERY = 100
 # A key written without pause moves under a conditional set; each try is one
 # round trip, and any try that lands is enough.
 _INVALIDATE_ATTEMPTS = 20
@@ -58,11 +59,14 @@ async def ensure_layout(zk: ZkSession, layout: Layout) -> None:
     try:
         marker, _ = await zk.get(layout.layout)
     except NoNodeError:
-        # Version 1 had three-hex-digit buckets and no marker.
+        # Version 1 had three-hex-digit buckets, no marker, and members that
+        # do not name their layout: any of those means older sidecars.
         old = [name for name in await zk.get_children(layout.versions) if len(name) == 3]
-        if old:
+        older = [m["member_id"] for m in await list_members(zk, layout) if m.get("layout") != LAYOUT_NAME.decode()]
+        if old or older:
+            found = f"buckets like versions/{old[0]}" if old else f"live members {', '.join(map(str, older[:3]))}"
             raise LayoutMismatch(
-                f"{layout.root} was laid out by an older sidecar (buckets like versions/{old[0]}); "
+                f"{layout.root} is used by sidecars of an older layout ({found}); "
                 "use a new namespace, or stop every older sidecar and delete the namespace"
             ) from None
         try:
@@ -99,7 +103,9 @@ async def invalidate_key(zk: ZkSession, layout: Layout, key: str, by: str) -> in
     the new version still fires every watch, and only that writer's publish
     ends the intent; ending it here would let sidecars cache the old value
     while its origin write is under way.  An intent whose lock is gone (its
-    writer died midway) is ended with a note.  Every set is conditional on
+    writer died midway, or kept it because its origin write's outcome is
+    unknown) is ended with a note, and its kept-intent marker deleted in the
+    same transaction.  Every set is conditional on
     the data version just read, so a writer entering meanwhile is never
     overwritten: the loop reads again.
     """
@@ -113,12 +119,20 @@ async def invalidate_key(zk: ZkSession, layout: Layout, key: str, by: str) -> in
             except NodeExistsError:
                 continue
         data = note
-        if stat.dataLength == 0 and await zk.exists(layout.lock_path(key)) is not None:
-            data = b""  # a live writer's intent: bump it, keep it
-        try:
-            return int((await zk.set(path, data, stat.version)).mzxid)
-        except (BadVersionError, NoNodeError):
-            continue  # written meanwhile, or retired by the housekeeper: look again
+        marker = None
+        if stat.dataLength == 0:
+            if await zk.exists(layout.lock_path(key)) is not None:
+                data = b""  # a live writer's intent: bump it, keep it
+            elif await zk.exists(layout.uncertain_path(key)) is not None:
+                marker = layout.uncertain_path(key)  # ending a kept intent: its marker goes with it
+        tx = zk.client.transaction()
+        tx.set_data(path, data, stat.version)
+        if marker is not None:
+            tx.delete(marker)
+        results = await zk.commit(tx, "invalidate")
+        if not any(isinstance(r, Exception) for r in results):
+            return int(results[0].mzxid)
+        # Written meanwhile, retired by the housekeeper, or the marker gone: look again.
     raise CoordinationError(f"invalidating {key!r}: its version znode kept changing ({_INVALIDATE_ATTEMPTS} tries)")
 
 
@@ -189,6 +203,8 @@ async def publish_invalidation(
         seq = parsed[0] if parsed else -1
         zxids.append(int(stat.mzxid))
         receipt.prefixes[prefix] = seq
+        if seq % _TRIM_CHECK_EVERY == 0:
+            await _trim_if_unkept(zk, layout)
     if everything:
         data = orjson.dumps({"by": by})
         try:
@@ -201,13 +217,28 @@ async def publish_invalidation(
     return receipt
 
 
-async def list_members(zk: ZkSession, layout: Layout) -> list[dict[str, Any]]:
-    """The live sidecars of the namespace, from their ephemeral znodes; ``leader`` marks the housekeeper."""
+async def _trim_if_unkept(zk: ZkSession, layout: Layout) -> None:
+    # The housekeeper trims the log every round; this is the fallback for a
+    # namespace where none runs (invalidations from cachectl alone, or every
+    # round failing), so the log never outgrows a getChildren reply.
+    names = await zk.get_children(layout.prefixes)
+    if len(names) <= 2 * PREFIX_LOG_RETAIN:
+        return
+    entries = sorted((parsed[0], name) for name in names if (parsed := layout.parse_prefix_entry(name)) is not None)
+    for _, name in entries[:-PREFIX_LOG_RETAIN]:
+        try:
+            await zk.delete(f"{layout.prefixes}/{name}")
+        except NoNodeError:
+            pass  # the housekeeper got there first
+
+
+async def list_members(zk: ZkSession, layout: Layout, *, with_leader: bool = False) -> list[dict[str, Any]]:
+    """The live sidecars of the namespace, from their ephemeral znodes; ``with_leader``: mark the housekeeper."""
     try:
         names = await zk.get_children(layout.members)
     except NoNodeError:
         return []
-    leader = await current_leader(zk, layout)
+    leader = await current_leader(zk, layout) if with_leader else None
     members = []
     for name in sorted(names):
         try:
@@ -220,7 +251,8 @@ async def list_members(zk: ZkSession, layout: Layout) -> list[dict[str, Any]]:
             info = {"raw": data.decode("utf-8", "replace")}
         info.setdefault("member_id", name)
         info["session"] = f"0x{stat.ephemeralOwner:x}"
-        info["leader"] = leader is not None and leader.get("session") == info["session"]
+        if with_leader:
+            info["leader"] = leader is not None and leader.get("session") == info["session"]
         members.append(info)
     return members
 

@@ -271,14 +271,6 @@ class ZkSession:
         """``exists`` (arming a data watch if ``watch`` is given)."""
         return await self.call(self.client.exists_async(path, watch=watch), "exists")
 
-    async def exists_armed(
-        self, path: str, watch: Callable[[Any], None], armed: Callable[[Any], None]
-    ) -> ZnodeStat | None:
-        """``exists`` with a watch; ``armed(request)`` is called with kazoo's request as soon as it is queued."""
-        request = self.client.exists_async(path, watch=watch)
-        armed(request)
-        return await self.call(request, "exists")
-
     async def get(self, path: str, watch: Callable[[Any], None] | None = None) -> tuple[bytes, ZnodeStat]:
         """``getData`` (arming a data watch if ``watch`` is given)."""
         return await self.call(self.client.get_async(path, watch=watch), "get")  # type: ignore[no-any-return]

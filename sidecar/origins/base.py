@@ -26,6 +26,11 @@ class Origin(Protocol):
     """
 
     name: str
+    # True if a write the sidecar gave up on (timed out, connection lost) may
+    # still be applied later (an HTTP upstream finishing the request). Such
+    # a writer marks its key before the origin write (coordination/lock.py),
+    # and the housekeeper never ends that intent on its own.
+    applies_late: bool
 
     async def get(self, key: str) -> OriginValue | None:
         """The stored value, or ``None`` if the origin has none."""

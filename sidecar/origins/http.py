@@ -23,6 +23,7 @@ class HttpOrigin:
     def __init__(self, base_url: str, timeout: float, max_value_bytes: int) -> None:
         self.base = base_url.rstrip("/")
         self.name = self.base
+        self.applies_late = True  # a request may finish at the upstream after we gave up
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._seconds = timeout
         self._max = max_value_bytes

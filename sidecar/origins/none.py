@@ -22,6 +22,7 @@ class NoOrigin:
     """The origin that holds nothing."""
 
     name = "none"
+    applies_late = False  # writes nothing
 
     async def get(self, key: str) -> OriginValue | None:
         """Always a miss."""

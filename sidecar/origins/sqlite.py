@@ -47,6 +47,7 @@ class SqliteOrigin:
     def __init__(self, url: str, timeout: float, threads: int = 4) -> None:
         self.path = sqlite_path(url)
         self.name = f"sqlite:{self.path}"
+        self.applies_late = False  # one process's transaction: applied before we answer, or never
         self._timeout = timeout
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="sqlite")
         self._local = threading.local()
