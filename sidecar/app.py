@@ -77,7 +77,9 @@ async def serve(config: Config, started: asyncio.Event | None = None) -> None:
         service.refuse_writes()  # writes still waiting answer now, instead of holding the drain up
         for runner in runners:
             await runner.cleanup()
+        log.debug("HTTP drained; stopping the service")
         await service.stop(timeout=max(0.5, deadline - loop.time()))
+        log.debug("stopped")
 
 
 def _site(runner: web.BaseRunner, listen: Listen) -> web.BaseSite:

@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-__all__ = ["KazooAsyncResult", "post", "wait"]
+__all__ = ["KazooAsyncResult", "cancel_and_wait", "post", "wait"]
 
 T = TypeVar("T")
 
@@ -69,3 +69,16 @@ def wait(result: KazooAsyncResult, loop: asyncio.AbstractEventLoop | None = None
 
     result.rawlink(on_complete)
     return fut
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and return once it has ended, cancelling again as long as it runs.
+
+    One ``cancel()`` is not enough on Python 3.11: ``asyncio.wait_for`` loses
+    a cancellation that arrives as the awaited call completes (CPython
+    gh-86296), and a background loop then carries on (a housekeeping round,
+    then its pause) while the stop waits for it.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.05)

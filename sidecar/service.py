@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,6 +35,8 @@ from .stats import Stats
 from .writes import WriteProtocol, Written
 
 __all__ = ["CacheService", "Fetched", "Stats", "Written"]
+
+log = logging.getLogger(__name__)
 
 
 class CacheService:
@@ -91,6 +94,7 @@ class CacheService:
         await self.writes.janitor.stop(timeout=max(0.0, deadline - loop.time() - 1.0))
         for task in self._background:
             task.cancel()
+        log.debug("writes and origin closed; leaving ZooKeeper")
         await self.coord.stop(timeout=max(0.1, deadline - loop.time()))
 
     def refuse_writes(self) -> None:

@@ -51,3 +51,24 @@ def test_post_to_a_closed_loop_is_dropped() -> None:
     loop = asyncio.new_event_loop()
     loop.close()
     bridge.post(loop, lambda: None)  # no exception: shutdown races are normal
+
+
+async def test_cancel_and_wait_ends_a_loop_whose_first_cancellation_was_swallowed() -> None:
+    """What asyncio.wait_for does on Python 3.11 when the call completes as the cancellation arrives."""
+    rounds = 0
+
+    async def stubborn() -> None:
+        nonlocal rounds
+        while True:
+            rounds += 1
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                if rounds < 3:
+                    continue  # swallowed, as the race does
+                raise
+
+    task = asyncio.ensure_future(stubborn())
+    await asyncio.sleep(0.02)
+    await asyncio.wait_for(bridge.cancel_and_wait(task), 2)
+    assert task.cancelled()

@@ -280,9 +280,12 @@ class Coordinator:
     async def stop(self, timeout: float | None = None) -> None:
         """Leave the fleet: close the session (the member znode goes with it)."""
         self.ready = False
-        for task in [self._setup_task, self._heartbeat_task, *self._rearm_tasks]:
+        for task in [self._setup_task, *self._rearm_tasks]:
             if task is not None:
                 task.cancel()
+        # The loops, cancelled until they end (bridge.cancel_and_wait says why).
+        if self._heartbeat_task is not None:
+            await bridge.cancel_and_wait(self._heartbeat_task)
         await self.housekeeper.stop()
         await self.election.stop()
         self.membership.stop()

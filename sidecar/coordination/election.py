@@ -131,8 +131,7 @@ class Election:
         """Stop standing; the candidate goes with the session when it closes."""
         self._set_verified(False)
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await bridge.cancel_and_wait(self._task)
 
     def state_changed(self, state: ZkState) -> None:
         """The session's state moved (on the loop): stop leading until a new listing shows us first."""

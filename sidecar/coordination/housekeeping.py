@@ -61,6 +61,7 @@ import orjson
 from aiolimiter import AsyncLimiter
 from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError, RolledBackError, RuntimeInconsistency
 
+from .. import bridge
 from ..errors import CoordinationError
 from .election import Election, NotLeader
 from .layout import Layout
@@ -200,8 +201,7 @@ class Housekeeper:
     async def stop(self) -> None:
         """Stop after the request in flight (every write is fenced, so none is left half done)."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await bridge.cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         while True:
