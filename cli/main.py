@@ -31,7 +31,7 @@ from sidecar.coordination import (
     publish_invalidation,
     validate_key,
 )
-from sidecar.coordination.health import Finding, check_ensemble, check_namespace
+from sidecar.coordination.health import Finding, check_ensemble, check_namespace, check_origin
 from sidecar.errors import CoordinationError, SidecarError
 
 __all__ = ["main"]
@@ -234,9 +234,15 @@ def _check_duration(ctx: click.Context, param: click.Parameter, value: str) -> f
     callback=_check_duration,
     help="The sidecars' zk_session_timeout, checked against each server's maxSessionTimeout.",
 )
+@click.option(
+    "--origin",
+    default=None,
+    envvar="ZKCACHE_ORIGIN",
+    help="The sidecars' origin, read once to check it (default: the http(s) origin every member reports, if one).",
+)
 @click.pass_obj
-def doctor(obj: dict[str, Any], zk_session_timeout: float) -> None:
-    """Check every ZooKeeper server of --zk, then the namespace: one line per finding; exit 1 on any problem.
+def doctor(obj: dict[str, Any], zk_session_timeout: float, origin: str | None) -> None:
+    """Check every ZooKeeper server of --zk, the namespace, the origin: one line per finding; exit 1 on any problem.
 
     The namespace part names the leader and its last housekeeping round, and
     times every member's confirmation of a fresh zxid (as invalidate --wait).
@@ -244,10 +250,23 @@ def doctor(obj: dict[str, Any], zk_session_timeout: float) -> None:
     findings = check_ensemble(obj["zk"], zk_session_timeout, timeout=min(obj["timeout"], 5.0))
     for finding in findings:
         click.echo(str(finding))
+    members: list[dict[str, Any]] = []
+
+    async def namespace_part(zk: ZkSession, layout: Layout) -> list[Finding]:
+        members.extend(await list_members(zk, layout))
+        return await check_namespace(zk, layout)
+
     try:
-        namespace = asyncio.run(_with_zk(obj, lambda zk, layout: check_namespace(zk, layout)))
+        namespace = asyncio.run(_with_zk(obj, namespace_part))
     except SidecarError as exc:
         namespace = [Finding(f"namespace {obj['namespace']}", f"not checked: {exc.detail}", True)]
+    reported = {str(m.get("origin", "")) for m in members}
+    if origin is None and len(reported) == 1 and next(iter(reported)).startswith(("http://", "https://")):
+        origin = next(iter(reported))
+    if origin is not None:
+        namespace += asyncio.run(check_origin(origin, timeout=min(obj["timeout"], 5.0)))
+    elif members:
+        namespace.append(Finding("origin", f"not checked: members report {sorted(reported)}; pass --origin URL"))
     for finding in namespace:
         click.echo(str(finding))
     if any(f.problem for f in [*findings, *namespace]):

@@ -30,6 +30,7 @@ __all__ = [
     "flag_names",
     "load_config",
     "parse_duration",
+    "parse_origin",
     "parse_size",
     "parse_zk_auth",
     "parse_zk_hosts",
@@ -140,7 +141,8 @@ def parse_zk_auth(text: str) -> str:
     return str(text)
 
 
-def _parse_origin(text: str) -> str:
+def parse_origin(text: str) -> str:
+    """Check an origin setting: ``sqlite:///path``, ``http(s)://base`` or ``none``."""
     if text == "none":
         return text
     scheme = urlsplit(text).scheme
@@ -270,7 +272,7 @@ class Config:
     )
     origin: str = _setting(
         "sqlite:///./zkcache.db",
-        _parse_origin,
+        parse_origin,
         "backing store: sqlite:///path, http(s)://base, or none (cache-aside fills)",
     )
     origin_timeout: float = _setting(5.0, _positive_duration, "timeout of one origin call")

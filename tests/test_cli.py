@@ -162,3 +162,17 @@ def test_doctor_finds_a_server_that_accepts_but_never_answers(zk_private: LocalZ
     assert f"PROBLEM {zk_private.hosts}: no answer within 1s" in out.stdout, out.stdout
     assert f"PROBLEM namespace {namespace}: not checked" in out.stdout, out.stdout
     assert "Traceback" not in out.stderr
+
+
+async def test_doctor_reads_the_origin_the_members_report_and_finds_one_that_fails(
+    sidecars: SidecarFactory, zk_server: LocalZooKeeper, namespace: str, upstream: str
+) -> None:
+    sidecars("a", origin=upstream + "/kv")
+    out = cachectl(zk_server.hosts, namespace, "doctor")
+    assert re.search(rf"^ok origin {re.escape(upstream)}/kv: answered a read in [\d.]+ ms$", out.stdout, re.M), (
+        out.stdout
+    )
+    dead = f"http://127.0.0.1:{free_port()}/kv"
+    out = cachectl(zk_server.hosts, namespace, "doctor", "--origin", dead)
+    assert out.returncode == 1, out.stdout
+    assert f"PROBLEM origin {dead}: a read failed" in out.stdout, out.stdout

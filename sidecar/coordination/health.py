@@ -1,4 +1,4 @@
-"""ZooKeeper ensemble health from its four-letter words, for ``cachectl doctor``.
+"""What ``cachectl doctor`` checks: the ensemble (four-letter words), the namespace, the origin.
 
 Each server of the connect string is asked ``ruok``, ``srvr``, ``mntr`` and
 ``conf`` on its client port.  The answers become :class:`Finding` lines, one
@@ -8,24 +8,32 @@ when sessions cannot be established (no quorum), which is when it matters.
 
 Servers must allow the words (``4lw.commands.whitelist``, ZooKeeper 3.5+);
 a server that refuses them is reported as a problem, since its health
-cannot be seen.
+cannot be seen.  The namespace part needs a session (:func:`check_namespace`);
+the origin is read once through the sidecars' own origin code
+(:func:`check_origin`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import sqlite3
 import time
 from dataclasses import dataclass
 
 import orjson
 
+from ..config import parse_origin
+from ..errors import SidecarError
+from ..origins import open_origin
+from ..origins.sqlite import sqlite_path
 from .election import current_leader
 from .layout import Layout
 from .operations import list_members
 from .session import ZkSession
 
-__all__ = ["Finding", "check_ensemble", "check_namespace", "four_letter"]
+__all__ = ["Finding", "check_ensemble", "check_namespace", "check_origin", "four_letter"]
 
 # Above this many requests waiting in a server's queue, clients see latency.
 _OUTSTANDING_LIMIT = 100
@@ -238,3 +246,52 @@ async def _acknowledgements(
                 )
             )
     return findings
+
+
+# A key no application uses: the origin is asked for it, and must answer.
+_PROBE_KEY = "__zkcache_doctor__"
+
+
+async def check_origin(url: str, timeout: float) -> list[Finding]:
+    """The origin's own health: one timed read through the sidecars' own origin code.
+
+    A read of a key nobody writes must answer (404, i.e. ``None``, or a
+    value) within ``timeout``; a connection error, an error status or a
+    timeout is a problem.  For SQLite it also runs ``PRAGMA quick_check``
+    on the file (only meaningful where the file is: the sidecar's host).
+    """
+    subject = f"origin {url}"
+    try:
+        checked = parse_origin(url)  # the daemon's own validation of the setting
+    except ValueError as exc:
+        return [Finding(subject, f"not an origin URL: {exc}", True)]
+    if checked == "none":
+        return [Finding(subject, "none: cache-aside fills only, nothing to check")]
+    if checked.startswith("sqlite:") and not await asyncio.to_thread(os.path.exists, sqlite_path(checked)):
+        return [Finding(subject, "no such file here (a SQLite origin is checked on the sidecar's host)", True)]
+    try:
+        origin = await open_origin(checked, timeout, 1024 * 1024)
+    except (SidecarError, OSError) as exc:
+        return [Finding(subject, f"cannot be opened: {exc}", True)]
+    findings: list[Finding] = []
+    try:
+        started = time.monotonic()
+        try:
+            await origin.get(_PROBE_KEY)
+        except SidecarError as exc:
+            return [Finding(subject, f"a read failed: {getattr(exc, 'detail', exc)}", True)]
+        findings.append(Finding(subject, f"answered a read in {(time.monotonic() - started) * 1000:.1f} ms"))
+        if checked.startswith("sqlite:"):
+            result = await asyncio.to_thread(_quick_check, sqlite_path(checked), timeout)
+            findings.append(Finding(subject, f"PRAGMA quick_check: {result}", result != "ok"))
+    finally:
+        await origin.close()
+    return findings
+
+
+def _quick_check(path: str, timeout: float) -> str:
+    db = sqlite3.connect(path, timeout=timeout)
+    try:
+        return str(db.execute("PRAGMA quick_check").fetchone()[0])
+    finally:
+        db.close()
