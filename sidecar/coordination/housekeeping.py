@@ -53,7 +53,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -143,6 +143,8 @@ class Plan:
     oldest_intent_seconds: float = 0.0
     retire: list[Candidate] = field(default_factory=list)
     repair: list[Candidate] = field(default_factory=list)  # every intent seen
+    retired: int = 0  # scan(retire=True): retired as it went
+    skipped: int = 0
 
 
 @dataclass(slots=True)
@@ -191,8 +193,10 @@ class Housekeeper:
         self._term = -1
         self.totals = RoundReport(member_id=member_id)
         self._task: asyncio.Task[None] | None = None
-        # Tests run a step between the scan and the writes here.
-        self.before_writes: Callable[[Plan], Awaitable[None]] | None = None
+        # `retired` must be bumped in every round before its first delete, and
+        # again whenever a batch holds a newer creation than recorded.
+        self._bumped_in_round = False
+        self._recorded_czxid = 0
 
     def start(self) -> None:
         """Run rounds in the background whenever this sidecar leads."""
@@ -224,9 +228,7 @@ class Housekeeper:
     async def round(self) -> RoundReport:
         """One round (see the module docstring); raises :class:`NotLeader` if deposed midway."""
         started = time.monotonic()
-        plan = await self.scan()
-        if self.before_writes is not None:
-            await self.before_writes(plan)
+        plan = await self.scan(retire=True)
         report = RoundReport(
             member_id=self._member_id,
             scanned=plan.scanned,
@@ -236,7 +238,7 @@ class Housekeeper:
         )
         report.oldest_intent_seconds = round(plan.oldest_intent_seconds, 3)
         report.repaired, report.open_intents = await self.repair(plan.repair)
-        report.retired, report.skipped = await self.retire(plan.retire)
+        report.retired, report.skipped = plan.retired, plan.skipped
         report.prefix_entries_trimmed = await self.trim_prefix_log()
         report.markers_swept = await self.sweep_markers()
         report.finished_at = time.time()
@@ -264,18 +266,21 @@ class Housekeeper:
         return report
 
     # -- scan ---------------------------------------------------------------
-    async def scan(self) -> Plan:
+    async def scan(self, *, retire: bool = False) -> Plan:
         """Read every version znode's stat; list what is due for retirement or repair.
 
-        Stops listing retirements at ``_MAX_CANDIDATES`` (the next round goes
-        on from there, since what this one retires is gone by then): a round's
-        memory stays bounded on a namespace that never had a housekeeper.
+        ``retire``: retire what is due bucket by bucket as the scan goes (a
+        round does), so a key is retired within one scan of becoming due,
+        not two; the plan then counts them instead of listing them.
+        Otherwise stops listing retirements at ``_MAX_CANDIDATES`` (the next
+        round goes on from there): a round's memory stays bounded.
         """
         # Re-set the report in place: the set's mtime is ZooKeeper's clock now.
         await self._limiter.acquire()
         report, _ = await self._zk.get(self._layout.leader)
         stamp = await self._fenced_set(self._layout.leader, report)
         plan = Plan(now_ms=int(stamp.mtime))
+        self._bumped_in_round = False
         retention_ms = self.settings.retention * 1000
         versions = self._layout.versions
         step = self._batch(_SCAN_BATCH)
@@ -293,6 +298,11 @@ class Housekeeper:
                 for path, stat in zip(chunk, await self._stats(chunk), strict=True):
                     if stat is not None:
                         self._classify(plan, path, stat, retention_ms)
+            if retire and plan.retire:
+                retired, skipped = await self.retire(plan.retire)
+                plan.retired += retired
+                plan.skipped += skipped
+                plan.retire = []
             if len(plan.retire) >= _MAX_CANDIDATES:
                 break
         return plan
@@ -444,7 +454,14 @@ class Housekeeper:
         """
         if not candidates:
             return 0, 0
-        await self._bump_retired(max(c.czxid for c in candidates))
+        newest = max(c.czxid for c in candidates)
+        # Once per round (every candidate's mzxid is older than the round's
+        # stamp, so the bump's zxid passes them all), and again only for a
+        # newer creation than recorded: a few bumps a round, each one waking
+        # every sidecar's `retired` watch.
+        if not self._bumped_in_round or newest > self._recorded_czxid:
+            await self._bump_retired(newest)
+            self._bumped_in_round = True
         size = self._batch(_BATCH)
         batches = iter([list(candidates[i : i + size]) for i in range(0, len(candidates), size)])
         counts = [0, 0]  # retired, skipped
@@ -479,7 +496,8 @@ class Housekeeper:
                 data, stat = await self._zk.get(self._layout.retired)
             except NoNodeError:
                 data, stat = b"", None
-            body = orjson.dumps({"max_czxid": max(czxid, _max_czxid(data)), "by": self._member_id, "at": time.time()})
+            recorded = max(czxid, _max_czxid(data))
+            body = orjson.dumps({"max_czxid": recorded, "by": self._member_id, "at": time.time()})
             tx = self._zk.client.transaction()
             self._election.fence(tx)
             if stat is None:
@@ -487,6 +505,7 @@ class Housekeeper:
             else:
                 tx.set_data(self._layout.retired, body, stat.version)
             if self._outcome(await self._zk.commit(tx, "retire")) is None:
+                self._recorded_czxid = recorded
                 return
         raise CoordinationError(f"{self._layout.retired} kept changing")
 
