@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import urllib.error
 import urllib.request
@@ -327,6 +328,9 @@ def put(obj: dict[str, Any], key: str, source: Any, content_type: str, if_match:
 
 def main() -> None:
     """Entry point of the ``cachectl`` console script."""
+    # kazoo logs every failed connection attempt (a stopped server of the
+    # connect string) at WARNING; the findings already say it, once.
+    logging.getLogger("kazoo").setLevel(logging.ERROR)
     cli()
 
 
