@@ -208,22 +208,29 @@ class Housekeeper:
             await bridge.cancel_and_wait(self._task)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_round = loop.time()
         while True:
             await self._election.wait_leading()
+            # At most one round per interval, also across a reconnect: a
+            # leader whose connection flaps must not scan on every flap.
+            pause = next_round - loop.time()
+            if pause > 0:
+                try:
+                    await asyncio.wait_for(self._election.wait_not_leading(), pause)
+                    continue  # lost the lead meanwhile: wait to lead again
+                except TimeoutError:
+                    pass
+            next_round = loop.time() + self.settings.interval
             try:
                 await self.round()
             except asyncio.CancelledError:
                 raise
             except NotLeader:
                 log.info("housekeeping round stopped: no longer the leader")
-                continue
             except Exception as exc:
                 self.failures += 1
                 log.warning("housekeeping round failed (%s); next round in %gs", exc, self.settings.interval)
-            try:
-                await asyncio.wait_for(self._election.wait_not_leading(), self.settings.interval)
-            except TimeoutError:
-                pass
 
     async def round(self) -> RoundReport:
         """One round (see the module docstring); raises :class:`NotLeader` if deposed midway."""
