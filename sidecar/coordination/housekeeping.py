@@ -16,19 +16,24 @@ One round, every ``housekeeping_interval`` on the leader only (``election``):
    purpose (the origin write's outcome unknown) carry a marker under
    ``uncertain/`` and are left for the key's next write or invalidation;
    markers of ended intents are swept.
-4. **Retire** version znodes not modified for ``version_retention``: bump
-   ``retired`` first, then delete each, conditional on the data version the
-   scan saw, so that a key written meanwhile is never touched.
+4. **Retire** version znodes not modified for ``version_retention``, bucket
+   by bucket as the scan goes: bump ``retired`` before the round's first
+   delete (and again for a newer creation than recorded), then delete each,
+   conditional on the data version the scan saw, so that a key written
+   meanwhile is never touched.
 5. **Trim** the prefix log to its newest ``PREFIX_LOG_RETAIN`` entries.
+
+At most one round per interval, also across a reconnect.
 
 Every write is a transaction fenced by ``Election.fence``: a deposed leader's
 late request is refused by ZooKeeper, whatever this process believes.
 
 Why ``retired`` keeps ETags monotonic.  A key with no version znode has the
 version ``retired`` gives it: 0 while nothing was ever retired in the
-namespace, else ``retired``'s mzxid (``absent_version``).  The bump comes
-after the scan read every candidate's stat and before any delete, and every
-delete is conditional on that stat's data version, so a deleted znode's last
+namespace, else ``retired``'s mzxid (``absent_version``).  A candidate was
+not modified for the retention before the round's stamp, and the bump comes
+after the stamp and before the round's first delete; every delete is
+conditional on the data version the scan read, so a deleted znode's last
 mzxid is below the new absent version, and a re-created one gets a later
 zxid still.  Without it a key's versions would go 0, v1..vn, 0: an
 ``If-Match: "0"``, a lease 0 or a cached absent entry from before the first
