@@ -31,6 +31,7 @@ from sidecar.dev import LocalZooKeeper, TcpProxy
 from sidecar.origins.sqlite import sqlite_path
 from tests.conftest import SidecarFactory, cachectl, eventually
 from tests.test_coherence import get, get_hit, put
+from tests.test_housekeeping_races import _zk_get
 
 pytestmark = pytest.mark.slow
 
@@ -336,23 +337,13 @@ async def test_a_dead_writers_intent_is_repaired_and_a_live_one_is_not(
     finally:
         live.stop()
         live.close()
-    note, _ = await asyncio.to_thread(_get, zk_server.hosts, layout.version_path("dead"))
+    note, _ = await asyncio.to_thread(_zk_get, zk_server.hosts, layout.version_path("dead"))
     assert orjson.loads(note)["op"] == "repair"
 
 
 async def get_hit_or_none(http: aiohttp.ClientSession, base: str, key: str) -> bool:
     await get(http, base, key)
     return (await get(http, base, key))[1] == "hit"
-
-
-def _get(hosts: str, path: str) -> tuple[bytes, Any]:
-    client = KazooClient(hosts=hosts)
-    client.start(10)
-    try:
-        return client.get(path)  # type: ignore[no-any-return]
-    finally:
-        client.stop()
-        client.close()
 
 
 async def test_the_prefix_log_is_trimmed_by_the_leader(
