@@ -1,7 +1,8 @@
 # Sourced by dev.sh and test.sh: install what is missing, idempotently.
 # - ZooKeeper from Debian's 'zookeeper' package, unless one is installed
 #   (zkServer.sh found) or configured (ZKCACHE_ZK / ZKCACHE_ZKSERVER set);
-# - wrk and redis-server from Debian (the benchmarks compare against them);
+# - wrk and redis-server from Debian (the Redis origin's tests and the benchmarks;
+#   Sentinel is redis-server --sentinel);
 # - a project virtualenv in .venv with the package and its test extras.
 
 _sudo() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

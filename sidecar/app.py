@@ -35,7 +35,7 @@ _HTTP_DRAIN_SHARE = 0.6
 
 async def serve(config: Config, started: asyncio.Event | None = None) -> None:
     """Run the sidecar until SIGTERM or SIGINT (or until cancelled)."""
-    origin = await open_origin(config.origin, config.origin_timeout, config.max_value_bytes)
+    origin = await open_origin(config.origin, config.origin_timeout, config.max_value_bytes, config.origin_connections)
     service = CacheService(config, origin)
     drain = config.shutdown_timeout * _HTTP_DRAIN_SHARE
     # aiohttp (3.14) waits shutdown_timeout twice for a request in progress:

@@ -142,7 +142,7 @@ def parse_zk_auth(text: str) -> str:
 
 
 def parse_origin(text: str) -> str:
-    """Check an origin setting: ``sqlite:///path``, ``http(s)://base`` or ``none``."""
+    """Check an origin setting: ``sqlite:///path``, ``http(s)://base``, ``redis...://`` or ``none``."""
     if text == "none":
         return text
     scheme = urlsplit(text).scheme
@@ -152,8 +152,15 @@ def parse_origin(text: str) -> str:
     elif scheme in ("http", "https"):
         if not urlsplit(text).netloc:
             raise ValueError("an http origin needs a host, e.g. http://127.0.0.1:8080/kv")
+    elif scheme in ("redis", "rediss", "redis+sentinel"):
+        from .origins.redis import parse_redis_url  # redis-py is imported only when used
+
+        parse_redis_url(text)
     else:
-        raise ValueError(f"unsupported origin {text!r} (sqlite:///path, http(s)://base, or none)")
+        raise ValueError(
+            f"unsupported origin {text!r} (sqlite:///path, http(s)://base, redis(s)://host:port/db, "
+            "redis+sentinel://host:port/service, or none)"
+        )
     return text
 
 
@@ -274,9 +281,13 @@ class Config:
     origin: str = _setting(
         "sqlite:///./zkcache.db",
         parse_origin,
-        "backing store: sqlite:///path, http(s)://base, or none (cache-aside fills)",
+        "backing store: sqlite:///path, http(s)://base, redis(s)://host:port/db, "
+        "redis+sentinel://host:port[,host:port]/service/db, or none (cache-aside fills)",
     )
     origin_timeout: float = _setting(5.0, _positive_duration, "timeout of one origin call")
+    origin_connections: int = _setting(
+        32, _positive_int, "most connections open to an HTTP or Redis origin at once (more calls wait)"
+    )
     max_entries: int = _setting(100_000, _positive_int, "cache bound: number of entries")
     max_bytes: int = _setting(256 * 1024**2, _positive_size, "cache bound: bytes (keys, values, per-entry overhead)")
     max_value_bytes: int = _setting(1024**2, _positive_size, "largest value accepted by PUT (413 beyond)")

@@ -305,10 +305,16 @@ async def healthz(service: CacheService, request: web.BaseRequest) -> web.Stream
 
 
 async def readyz(service: CacheService, request: web.BaseRequest) -> web.StreamResponse:
-    """GET /readyz: 200 only while the ZooKeeper session is connected and set up."""
+    """GET /readyz: 200 only while the ZooKeeper session is connected and set up.
+
+    An origin that is down is reported in the body but does not make the
+    sidecar unready: hits are still served, and taking every pod out of
+    service would turn an origin outage into a total one.
+    """
     if not service.ready:
         raise NotConnected(service.describe_state())
-    return web.Response(body=b'{"status":"ready"}', content_type="application/json")
+    body = {"status": "ready", "origin": await service.origin_status()}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
 async def stats(service: CacheService, request: web.BaseRequest) -> web.StreamResponse:

@@ -29,6 +29,7 @@ from .coordination import Coordinator, EventDelivery, InvalidationReceipt, valid
 from .errors import NotAcknowledged, PayloadTooLarge
 from .events import CacheEvents
 from .origins import NoOrigin, Origin, OriginValue
+from .origins.monitor import MonitoredOrigin
 from .reads import Fetched, ReadProtocol
 from .singleflight import Group
 from .stats import Stats
@@ -45,7 +46,8 @@ class CacheService:
     def __init__(self, config: Config, origin: Origin, *, coord: Coordinator | None = None) -> None:
         """``coord``: a coordinator to use (built from ``config`` if not given); its events are set here."""
         self.config = config
-        self.origin = origin
+        # Every call to a real origin is watched, so /readyz can say when it is down.
+        self.origin: Origin = origin if isinstance(origin, NoOrigin) else MonitoredOrigin(origin)
         self.stats = Stats()
         self.cache = CoherentCache(config.max_entries, config.max_bytes, config.ttl)
         flights: Group[Fetched] = Group()
@@ -60,8 +62,8 @@ class CacheService:
         self.coord.attach(self.events)
         # A key left with no entry and no fill gives up its ZooKeeper watch.
         self.cache.on_vacated = self.coord.release_watch
-        self.reads = ReadProtocol(config, origin, self.cache, self.coord, self.stats, flights)
-        self.writes = WriteProtocol(config, origin, self.coord, drop=self.events.drop_key, written=self._written)
+        self.reads = ReadProtocol(config, self.origin, self.cache, self.coord, self.stats, flights)
+        self.writes = WriteProtocol(config, self.origin, self.coord, drop=self.events.drop_key, written=self._written)
         # The read protocol's public surface, as the HTTP layer calls it.
         self.cached = self.reads.cached
         self.read_strong = self.reads.read_strong
@@ -109,6 +111,12 @@ class CacheService:
     def ready(self) -> bool:
         """Connected, every namespace watch armed, and ZooKeeper answered within the lease."""
         return self.coord.usable
+
+    async def origin_status(self) -> dict[str, Any]:
+        """``{"status": "ok"}`` or ``"down"`` with reasons (the last error, the origin's own health check)."""
+        if isinstance(self.origin, MonitoredOrigin):
+            return await self.origin.status()
+        return {"status": "ok"}
 
     def describe_state(self) -> str:
         """One line for operators: why the sidecar is or is not ready."""

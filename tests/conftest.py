@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 
 from sidecar.dev import LocalZooKeeper, SidecarProcess
+from sidecar.dev.redis import LocalRedis
 from sidecar.dev.upstream import UpstreamProcess
 
 
@@ -117,6 +118,31 @@ def upstream(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     server = UpstreamProcess(tmp_path / "upstream.log")
     yield server.base
     _dump_logs_if_failed(request, "upstream", server.log)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    """One real redis-server for the session (do not stop it in a test: use ``redis_private``)."""
+    server = LocalRedis(tmp_path_factory.mktemp("redis-shared"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: LocalRedis, namespace: str) -> str:
+    """A Redis origin URL on the shared server whose keys no other test uses (a key prefix)."""
+    return f"{redis_server.url}?prefix={namespace}:"
+
+
+@pytest.fixture
+def redis_private(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalRedis]:
+    """A redis-server of this test's own, free to be killed or paused."""
+    server = LocalRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    _dump_logs_if_failed(request, "redis", server.log_tail)
     server.stop()
 
 

@@ -258,7 +258,9 @@ async def check_origin(url: str, timeout: float) -> list[Finding]:
     A read of a key nobody writes must answer (404, i.e. ``None``, or a
     value) within ``timeout``; a connection error, an error status or a
     timeout is a problem.  For SQLite it also runs ``PRAGMA quick_check``
-    on the file (only meaningful where the file is: the sidecar's host).
+    on the file (only meaningful where the file is: the sidecar's host); for
+    Redis it reads ``INFO replication`` (a server that is not the primary,
+    or fewer replicas than writes wait for, is a problem).
     """
     subject = f"origin {url}"
     try:
@@ -284,6 +286,15 @@ async def check_origin(url: str, timeout: float) -> list[Finding]:
         if checked.startswith("sqlite:"):
             result = await asyncio.to_thread(_quick_check, sqlite_path(checked), timeout)
             findings.append(Finding(subject, f"PRAGMA quick_check: {result}", result != "ok"))
+        if checked.startswith("redis"):
+            from ..origins.redis import RedisOrigin  # redis-py is imported only when used
+
+            assert isinstance(origin, RedisOrigin)
+            try:
+                findings.append(Finding(subject, f"INFO replication: {await origin.describe()}"))
+            except SidecarError as exc:
+                findings.append(Finding(subject, f"INFO replication failed: {getattr(exc, 'detail', exc)}", True))
+            findings.extend(Finding(subject, problem, True) for problem in await origin.health())
     finally:
         await origin.close()
     return findings

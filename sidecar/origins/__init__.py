@@ -12,7 +12,7 @@ from .sqlite import SqliteOrigin
 __all__ = ["DEFAULT_CONTENT_TYPE", "NoOrigin", "Origin", "OriginValue", "open_origin"]
 
 
-async def open_origin(url: str, timeout: float, max_value_bytes: int) -> Origin:
+async def open_origin(url: str, timeout: float, max_value_bytes: int, max_connections: int = 32) -> Origin:
     """Open the origin named by ``url`` (already validated by ``config``)."""
     if url == "none":
         return NoOrigin()
@@ -21,6 +21,16 @@ async def open_origin(url: str, timeout: float, max_value_bytes: int) -> Origin:
         sqlite = SqliteOrigin(url, timeout)
         await sqlite.open()
         return sqlite
-    http = HttpOrigin(url, timeout, max_value_bytes)
+    if scheme.startswith("redis"):
+        from .redis import RedisOrigin  # redis-py is imported only when used
+
+        redis = RedisOrigin(url, timeout, max_value_bytes, max_connections)
+        try:
+            await redis.open()
+        except BaseException:
+            await redis.close()
+            raise
+        return redis
+    http = HttpOrigin(url, timeout, max_value_bytes, max_connections)
     await http.open()
     return http

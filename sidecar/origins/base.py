@@ -44,6 +44,10 @@ class Origin(Protocol):
         """Remove the value; absent keys are not an error."""
         ...
 
+    async def health(self) -> list[str]:
+        """What is wrong with the origin, one line each; empty when it is healthy (``/readyz``)."""
+        ...
+
     async def close(self) -> None:
         """Release connections and threads."""
         ...

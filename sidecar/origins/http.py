@@ -20,18 +20,20 @@ __all__ = ["HttpOrigin"]
 class HttpOrigin:
     """A REST key-value upstream."""
 
-    def __init__(self, base_url: str, timeout: float, max_value_bytes: int) -> None:
+    def __init__(self, base_url: str, timeout: float, max_value_bytes: int, max_connections: int = 32) -> None:
         self.base = base_url.rstrip("/")
         self.name = self.base
         self.applies_late = True  # a request may finish at the upstream after we gave up
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._seconds = timeout
         self._max = max_value_bytes
+        self._connections = max_connections
         self._session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
         """Create the connection pool."""
-        self._session = aiohttp.ClientSession(timeout=self._timeout, raise_for_status=False)
+        connector = aiohttp.TCPConnector(limit=self._connections)
+        self._session = aiohttp.ClientSession(timeout=self._timeout, raise_for_status=False, connector=connector)
 
     def _url(self, key: str) -> str:
         return f"{self.base}/{quote(key, safe='')}"
@@ -82,6 +84,12 @@ class HttpOrigin:
     def _check(self, resp: aiohttp.ClientResponse, method: str) -> None:
         if not 200 <= resp.status < 300:
             raise OriginError(f"{self.base}: {method} answered {resp.status} {resp.reason}")
+
+    async def health(self) -> list[str]:
+        """One read of a key nobody writes."""
+        from .monitor import probe_read
+
+        return await probe_read(self)
 
     async def close(self) -> None:
         """Close the connection pool."""

@@ -36,5 +36,9 @@ class NoOrigin:
         """Refused: there is no origin."""
         raise BadRequest(_HINT)
 
+    async def health(self) -> list[str]:
+        """Nothing can be wrong."""
+        return []
+
     async def close(self) -> None:
         """Nothing to release."""

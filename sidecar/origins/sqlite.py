@@ -151,6 +151,12 @@ class SqliteOrigin:
         """Delete ``key`` if present."""
         await self._write(lambda c: c.execute("DELETE FROM kv WHERE key = ?", (key,)) and None)
 
+    async def health(self) -> list[str]:
+        """One read of a key nobody writes."""
+        from .monitor import probe_read
+
+        return await probe_read(self)
+
     async def close(self) -> None:
         """Close every thread's connection and stop the pool."""
         # Queued calls are cancelled (a write must not land once its writer
