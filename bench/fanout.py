@@ -291,7 +291,7 @@ async def floor_rounds(hosts: str, watchers: int, rounds: int, deadline: float, 
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=log,
-                    preexec_fn=die_with_parent,
+                    preexec_fn=die_with_parent(),
                 )
             )
         await asyncio.gather(*(_expect(p, "ready", 60) for p in procs))

@@ -691,7 +691,11 @@ def rendered_daemon(
     }
     with open(tmp_path / "sidecar.log", "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar"], env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+            [sys.executable, "-m", "sidecar"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(),
         )
         try:
             yield proc

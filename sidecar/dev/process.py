@@ -9,21 +9,31 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 __all__ = ["SidecarProcess", "die_with_parent", "free_port"]
 
 
-def die_with_parent() -> None:
-    """``preexec_fn``: the child gets SIGTERM when its parent dies (Linux).
+def die_with_parent() -> Callable[[], None] | None:
+    """The ``preexec_fn`` for a child that must not outlive its owner (Linux), or None.
 
-    A test run that is killed must not leave ZooKeepers and sidecars behind.
-    The setting survives exec, so it also covers the JVM that zkServer.sh execs.
+    A test run that is killed must not leave ZooKeepers and sidecars behind, so
+    the child asks for SIGTERM when its parent dies; the setting survives exec,
+    so it also covers the JVM that zkServer.sh execs.  Linux sends it when the
+    *thread* that forked the child ends, not the process: a child started from
+    a worker thread (``asyncio.to_thread``) would be stopped as soon as that
+    thread is reaped.  Such children go without it.
     """
+    return _set_death_signal if threading.current_thread() is threading.main_thread() else None
+
+
+def _set_death_signal() -> None:
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -68,7 +78,7 @@ class SidecarProcess:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
-            preexec_fn=die_with_parent,
+            preexec_fn=die_with_parent(),
         )
         log.close()
         if wait_ready:

@@ -3,7 +3,8 @@
     python -m sidecar.dev.scenarios [--scenario NAME ...] [--seconds 8] [--soak]
 
 Each scenario starts a 3-node ZooKeeper ensemble and three sidecar processes on
-a shared SQLite origin.  Every sidecar reaches every ZooKeeper server through a
+a shared SQLite origin (an HTTP upstream or a redis-server in the origin
+scenarios).  Every sidecar reaches every ZooKeeper server through a
 TCP proxy this process owns, so one sidecar can be partitioned alone.
 Concurrent clients then run reads (eventual and strong), write-through PUTs,
 compare-and-set writes, DELETEs and invalidations on a few keys while the fault
@@ -33,6 +34,7 @@ from ..origins.sqlite import SqliteOrigin
 from .history import Op, Report, check
 from .process import SidecarProcess
 from .proxy import TcpProxy
+from .redis import LocalRedis
 from .upstream import UpstreamProcess
 from .zookeeper import LocalEnsemble
 
@@ -55,6 +57,7 @@ class Cluster:
     dead: set[int]
     keys: list[str]
     upstream: str | None = None  # base URL of the HTTP origin, in origin scenarios
+    redis: LocalRedis | None = None  # the Redis origin, in Redis scenarios
     killed_at: float | None = None  # time.monotonic() of the sidecar SIGKILL
 
 
@@ -134,6 +137,21 @@ async def _origin_faults(cluster: Cluster, seconds: float) -> None:
             await asyncio.sleep(seconds * share)
 
 
+async def _redis_faults(cluster: Cluster, seconds: float) -> None:
+    # Hung past the timeout (origin_timeout is 0.5 s), then crashed and
+    # restarted from its append-only file (fsynced on every write).
+    redis = cluster.redis
+    assert redis is not None
+    await asyncio.sleep(seconds * 0.15)
+    redis.pause()
+    await asyncio.sleep(seconds * 0.2)
+    redis.resume()
+    await asyncio.sleep(seconds * 0.15)
+    await asyncio.to_thread(redis.kill)
+    await asyncio.sleep(seconds * 0.1)
+    await asyncio.to_thread(redis.start)
+
+
 async def _kill_sidecar(cluster: Cluster, seconds: float) -> None:
     await asyncio.sleep(seconds * 0.3)
     victim = cluster.sidecars[2]
@@ -165,8 +183,10 @@ SCENARIOS: dict[str, tuple[str, Callable[[Cluster, float], Awaitable[None]]]] = 
     ),
     "sidecar-kill": ("SIGKILL sidecar 3 in the middle of writes", _kill_sidecar),
     "origin-faults": ("HTTP origin answers 500, then hangs past the timeout, then recovers", _origin_faults),
+    "redis-faults": ("Redis origin hangs past the timeout, then is killed and restarted", _redis_faults),
 }
 _HTTP_ORIGIN = {"origin-faults"}
+_REDIS_ORIGIN = {"redis-faults"}
 
 
 @dataclass
@@ -332,14 +352,17 @@ def run_scenario(name: str, base_dir: Path, seconds: float = 8.0, clients: int =
     db = base_dir / "origin.db"
     asyncio.run(SqliteOrigin(f"sqlite:///{db}", 5).open())
     upstream = UpstreamProcess() if name in _HTTP_ORIGIN else None
-    origin = f"{upstream.base}/kv" if upstream else f"sqlite:///{db}"
+    redis = LocalRedis(base_dir / "redis") if name in _REDIS_ORIGIN else None
+    origin = f"{upstream.base}/kv" if upstream else redis.url if redis else f"sqlite:///{db}"
     ensemble = LocalEnsemble(base_dir / "zk", tick_ms=500)
-    ensemble.start()
     key_names = [f"k{i}" for i in range(keys)]
-    cluster = Cluster(ensemble, [], [], set(), key_names)
+    cluster = Cluster(ensemble, [], [], set(), key_names, redis=redis)
     if upstream is not None:
         cluster.upstream = upstream.base
     try:
+        if redis is not None:
+            redis.start()
+        ensemble.start()
         for i in range(3):
             proxies = [TcpProxy(s.host, s.port) for s in ensemble.servers]
             for proxy in proxies:
@@ -362,7 +385,7 @@ def run_scenario(name: str, base_dir: Path, seconds: float = 8.0, clients: int =
             cluster.sidecars.append(sc)
             sc.start(timeout=60)
         ops = asyncio.run(_workload(cluster, key_names, seconds, clients, fault))
-        final = _final_values(db, cluster.upstream, key_names)
+        final = _final_values(db, cluster, key_names)
         converged = asyncio.run(_converged(cluster, final, WINDOW + 10))
         report = check(ops, final, WINDOW)
     finally:
@@ -374,10 +397,16 @@ def run_scenario(name: str, base_dir: Path, seconds: float = 8.0, clients: int =
         ensemble.stop()
         if upstream is not None:
             upstream.stop()
+        if redis is not None:
+            redis.stop()
     return ScenarioResult(name, description, report, converged, time.monotonic() - started, ops, cluster.killed_at)
 
 
-def _final_values(db: Path, upstream: str | None, keys: list[str]) -> dict[str, bytes | None]:
+def _final_values(db: Path, cluster: Cluster, keys: list[str]) -> dict[str, bytes | None]:
+    upstream = cluster.upstream
+    if cluster.redis is not None:
+        with cluster.redis.client() as plain:
+            return {k: plain.hget(k, "value") for k in keys}
     if upstream is None:
         with sqlite3.connect(db) as conn:
             stored = dict(conn.execute("SELECT key, value FROM kv").fetchall())

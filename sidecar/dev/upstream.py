@@ -116,7 +116,7 @@ class UpstreamProcess:
                 [sys.executable, "-m", "sidecar.dev.upstream", str(port)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent,
+                preexec_fn=die_with_parent(),
             )
         finally:
             if log_path:
