@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.retention [--quick] [--out bench/results]
 
 The same write stream twice, on a fresh ZooKeeper each time, in one run:
-N distinct keys (10^6; --quick: 2 x 10^4) written once each at W keys per
+N distinct keys (10^6; --quick: 6,000) written once each at W keys per
 second, as version znodes at their real paths with a write's note as data
 (multi-op transactions of 1000, as ``bench.scale`` creates them: the
 sidecar's own write path would take hours for 10^6 keys, and what is
@@ -185,7 +185,7 @@ def _phase(tmp: Path, name: str, keys: int, rate: float, retention: float, keep:
 
 def run(quick: bool, out_dir: Path) -> str:
     """Measure both phases, write ``retention.json`` and ``retention.md``, return the Markdown section."""
-    keys, rate, retention = (20_000, 2_000.0, 2.0) if quick else (1_000_000, 2_000.0, 10.0)
+    keys, rate, retention = (6_000, 2_000.0, 1.0) if quick else (1_000_000, 2_000.0, 10.0)
     info = machine()
     with tempfile.TemporaryDirectory(prefix="bench-retention-") as tmp:
         kept = _phase(Path(tmp), "kept", keys, rate, retention, keep=True)
@@ -237,7 +237,7 @@ W x (T + a round + the interval) version znodes: the keys written within the ret
 
 
 def main() -> None:
-    parser = scenario_parser(__doc__, "retention", "20,000 keys at 2,000/s, retention 2 s")
+    parser = scenario_parser(__doc__, "retention", "6,000 keys at 2,000/s, retention 1 s")
     run_scenario(run, parser.parse_args())
 
 
