@@ -22,18 +22,21 @@ from urllib.parse import quote
 
 import click
 
-from sidecar.config import parse_duration, parse_zk_auth, parse_zk_hosts
+from sidecar.config import LIVE_SETTINGS, parse_duration, parse_zk_auth, parse_zk_hosts
 from sidecar.coordination import (
     InvalidationReceipt,
     Layout,
+    LiveConfigChange,
     ZkSession,
     await_acknowledgement,
     list_members,
     publish_invalidation,
+    read_live_config,
+    update_live_config,
     validate_key,
 )
 from sidecar.coordination.health import Finding, check_ensemble, check_namespace, check_origin
-from sidecar.errors import CoordinationError, SidecarError
+from sidecar.errors import ConfigError, CoordinationError, SidecarError
 
 __all__ = ["main"]
 
@@ -272,6 +275,108 @@ def doctor(obj: dict[str, Any], zk_session_timeout: float, origin: str | None) -
         click.echo(str(finding))
     if any(f.problem for f in [*findings, *namespace]):
         sys.exit(1)
+
+
+# -- live settings -----------------------------------------------------------------
+def _check_assignments(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
+    settings: dict[str, str] = {}
+    for item in value:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r}: use NAME=VALUE, e.g. ttl=30s")
+        if name not in LIVE_SETTINGS:
+            raise click.BadParameter(f"{name!r} is not a live setting (live: {', '.join(LIVE_SETTINGS)})")
+        settings[name] = raw
+    return settings
+
+
+def _check_unset(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[str]:
+    for name in value:
+        if name not in LIVE_SETTINGS:
+            raise click.BadParameter(f"{name!r} is not a live setting (live: {', '.join(LIVE_SETTINGS)})")
+    return list(value)
+
+
+def _show_change(change: LiveConfigChange, as_json: bool) -> None:
+    if as_json:
+        rows = [{"setting": n, "before": b, "after": a} for n, b, a in change.changes]
+        click.echo(json.dumps({"changes": rows, "settings": change.after, "version": change.version}))
+        return
+    if not change.changes:
+        click.echo("unchanged")
+    for name, before, after in change.changes:
+        click.echo(f"{name}: {'(unset)' if before is None else before} -> {'(unset)' if after is None else after}")
+
+
+def _change_config(obj: dict[str, Any], settings: dict[str, str], unset: list[str], *, write: bool) -> LiveConfigChange:
+    if not settings and not unset:
+        raise click.UsageError("nothing to change: give NAME=VALUE or --unset NAME")
+
+    def action(zk: ZkSession, layout: Layout) -> Awaitable[LiveConfigChange]:
+        return update_live_config(zk, layout, settings, unset, write=write)
+
+    try:
+        return asyncio.run(_with_zk(obj, action))
+    except ConfigError as exc:
+        click.echo(f"cachectl: {exc.detail}", err=True)
+        sys.exit(2)
+    except SidecarError as exc:
+        _fail(exc)
+    raise AssertionError("unreachable")
+
+
+@cli.group()
+def config() -> None:
+    """Live settings of the namespace: a znode every sidecar watches and applies within milliseconds.
+
+    The znode wins over the sidecars' flags, environment and files for the
+    settings it holds; --unset brings each sidecar's own value back. A
+    sidecar that finds the whole invalid keeps its settings and says so in
+    /readyz and /metrics (zkcache_config_valid).
+    """
+
+
+@config.command("get")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def config_get(obj: dict[str, Any], as_json: bool) -> None:
+    """Print the live settings the namespace's config znode holds."""
+    settings, version = _run_zk(obj, read_live_config)
+    if as_json:
+        click.echo(json.dumps({"settings": settings, "version": version}))
+    elif not settings:
+        click.echo("no live settings: every sidecar uses its own")
+    else:
+        for name in sorted(settings):
+            click.echo(f"{name} = {settings[name]}")
+
+
+_SETTINGS = click.argument("settings", nargs=-1, callback=_check_assignments)
+_UNSET = click.option("--unset", multiple=True, callback=_check_unset, help="Remove this setting (repeatable).")
+
+
+@config.command("set")
+@_SETTINGS
+@_UNSET
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def config_set(obj: dict[str, Any], settings: dict[str, str], unset: list[str], as_json: bool) -> None:
+    """Set live settings NAME=VALUE (checked by the sidecar's own parsers) and print what changed.
+
+    Written with a version check: a concurrent change by someone else is
+    merged, never overwritten.
+    """
+    _show_change(_change_config(obj, settings, unset, write=True), as_json)
+
+
+@config.command("diff")
+@_SETTINGS
+@_UNSET
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def config_diff(obj: dict[str, Any], settings: dict[str, str], unset: list[str], as_json: bool) -> None:
+    """Print what `config set` with these arguments would change; write nothing."""
+    _show_change(_change_config(obj, settings, unset, write=False), as_json)
 
 
 def _http(

@@ -133,16 +133,48 @@ class CoherentCache:
     ) -> None:
         self.counters = CacheCounters()
         self.on_vacated: Callable[[str], None] = on_vacated or _ignore
+        self._timer = timer
+        self._data = self._new_data(max_entries, max_bytes, ttl)
+        self._fills: dict[str, list[FillTicket]] = {}
+
+    def _new_data(self, max_entries: int, max_bytes: int, ttl: float) -> _LRU | _TTLLRU:
         data: _LRU | _TTLLRU
         if ttl > 0:
-            data = _TTLLRU(maxsize=max_bytes, ttl=ttl, timer=timer, getsizeof=_entry_size)
+            data = _TTLLRU(maxsize=max_bytes, ttl=ttl, timer=self._timer, getsizeof=_entry_size)
         else:
             data = _LRU(maxsize=max_bytes, getsizeof=_entry_size)
         data.max_entries = max_entries
         data.counters = self.counters
         data.on_removed = self._removed
-        self._data = data
-        self._fills: dict[str, list[FillTicket]] = {}
+        return data
+
+    def reconfigure(self, max_entries: int, max_bytes: int, ttl: float) -> None:
+        """New bounds and TTL, keeping what fits: the least recently used entries go first.
+
+        Entries move into a new store in LRU order, so a smaller bound evicts
+        (each eviction reported, its watch released) and nothing else is
+        dropped.  Under a TTL, each kept entry's lifetime starts again now:
+        the TTL bounds age in the cache, coherence does not rest on it.
+        O(entries), on the loop.
+        """
+        old = self._data
+        # cachetools' own popitem yields least recently used first (and drops
+        # what has expired, reported by _TTLLRU.expire); ours would count
+        # each as an eviction.
+        pop = cachetools.TTLCache.popitem if isinstance(old, _TTLLRU) else cachetools.LRUCache.popitem
+        kept: list[tuple[str, Entry]] = []
+        while True:
+            try:
+                kept.append(pop(old))
+            except KeyError:
+                break
+        self._data = self._new_data(max_entries, max_bytes, ttl)
+        for key, entry in kept:
+            try:
+                self._data[key] = entry
+            except ValueError:  # larger than the new max_bytes on its own
+                self.counters.evictions += 1
+                self._removed(key)
 
     # -- reads ------------------------------------------------------------
     def get(self, key: str) -> Entry | None:

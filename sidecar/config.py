@@ -20,22 +20,27 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
+
 from .errors import ConfigError
 
 __all__ = [
     "DEFAULT_LISTEN",
     "ENV_PREFIX",
+    "LIVE_SETTINGS",
     "Config",
     "Listen",
     "flag_names",
     "load_config",
     "parse_duration",
+    "parse_live",
     "parse_origin",
     "parse_size",
     "parse_zk_auth",
     "parse_zk_hosts",
     "settings_help",
     "unknown_env_names",
+    "with_live",
 ]
 
 ENV_PREFIX = "ZKCACHE_"
@@ -473,6 +478,52 @@ def unknown_env_names(env: Mapping[str, str] | None = None) -> list[str]:
         and name[len(ENV_PREFIX) :].lower() not in _FIELDS
         and name[len(ENV_PREFIX) :] not in _OTHER_ENV
     )
+
+
+# Settings a namespace's config znode may change at run time (live.py applies them).
+LIVE_SETTINGS = (
+    "ttl",
+    "max_entries",
+    "max_bytes",
+    "consistency",
+    "suspended_reads",
+    "log_level",
+    "consistency_probe_rate",
+    "consistency_probe_window",
+)
+
+
+def parse_live(data: bytes | None) -> dict[str, Any]:
+    """The settings a config znode holds (a JSON object), parsed by the daemon's own parsers.
+
+    Empty or absent data holds none.  Raises :class:`ConfigError` with one
+    line: not JSON, not an object, a setting that is not live, a bad value.
+    """
+    if not data:
+        return {}
+    try:
+        table = orjson.loads(data)
+    except ValueError as exc:
+        raise ConfigError(f"config znode: not JSON: {exc}") from None
+    if not isinstance(table, dict):
+        raise ConfigError("config znode: must hold a JSON object of settings")
+    parsed = {}
+    for name, raw in table.items():
+        if name not in LIVE_SETTINGS:
+            raise ConfigError(f"setting '{name}': not a live setting (live: {', '.join(LIVE_SETTINGS)})")
+        if isinstance(raw, (dict, list, bool)) or raw is None:
+            raise ConfigError(f"setting '{name}': must be a string or a number, got {raw!r}")
+        parsed[name] = _parse_value(name, raw)
+    return parsed
+
+
+def with_live(base: Config, live: Mapping[str, Any]) -> Config:
+    """``base`` with the live settings ``live`` (from :func:`parse_live`) over it, checked as a whole.
+
+    The config znode wins over flags, environment and file for the settings
+    it holds; removing one from the znode brings back ``base``'s value.
+    """
+    return dataclasses.replace(base, **live)
 
 
 def flag_names() -> Sequence[str]:

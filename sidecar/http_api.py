@@ -313,7 +313,7 @@ async def readyz(service: CacheService, request: web.BaseRequest) -> web.StreamR
     """
     if not service.ready:
         raise NotConnected(service.describe_state())
-    body = {"status": "ready", "origin": await service.origin_status()}
+    body = {"status": "ready", "origin": await service.origin_status(), "config": service.live_config.as_json()}
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 

@@ -71,6 +71,15 @@ class _ServiceCollector(Collector):
         yield GaugeMetricFamily("zkcache_bytes", "Bytes charged against max_bytes", value=svc.bytes_cached)
         yield GaugeMetricFamily("zkcache_max_bytes", "Configured byte bound", value=svc.config.max_bytes)
         yield GaugeMetricFamily("zkcache_ready", "1 when the ZooKeeper session is usable", value=int(svc.ready))
+        live = svc.live_config
+        yield GaugeMetricFamily(
+            "zkcache_config_valid",
+            "0 while the namespace's config znode holds settings this sidecar refused (it keeps the previous ones)",
+            value=int(live.error is None),
+        )
+        yield GaugeMetricFamily(
+            "zkcache_config_version", "mzxid of the config znode version last read (0: none)", value=live.version
+        )
         state = GaugeMetricFamily("zkcache_zookeeper_state", "ZooKeeper session state", labels=["state"])
         for candidate in ("connecting", "connected", "suspended", "lost"):
             state.add_metric([candidate], int(svc.zookeeper_state == candidate))

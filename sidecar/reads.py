@@ -91,6 +91,16 @@ class ReadProtocol:
             else None
         )
 
+    def reconfigure(self, config: Config) -> None:
+        """Live settings changed (``suspended_reads``, the probe's rate and window)."""
+        self._config = config
+        if self.probe is not None:
+            self.probe.rate, self.probe.window = config.consistency_probe_rate, config.consistency_probe_window
+        elif config.consistency_probe_rate > 0 and not isinstance(self._origin, NoOrigin):
+            self.probe = ConsistencyProbe(
+                config.consistency_probe_rate, config.consistency_probe_window, self._coord, self._origin
+            )
+
     def cached(self, key: str) -> Entry | None:
         """The cached entry if it may be served now (a hit), else ``None``.
 

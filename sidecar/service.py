@@ -24,9 +24,9 @@ from typing import Any
 
 from . import __version__
 from .cache import CacheCounters, CoherentCache
-from .config import Config
+from .config import LIVE_SETTINGS, Config, parse_live, with_live
 from .coordination import Coordinator, EventDelivery, InvalidationReceipt, validate_key
-from .errors import NotAcknowledged, PayloadTooLarge
+from .errors import ConfigError, NotAcknowledged, PayloadTooLarge
 from .events import CacheEvents
 from .origins import NoOrigin, Origin, OriginValue
 from .origins.monitor import MonitoredOrigin
@@ -40,12 +40,35 @@ __all__ = ["CacheService", "Fetched", "Stats", "Written"]
 log = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class LiveConfigStatus:
+    """The config znode as this sidecar last read it."""
+
+    version: int = 0  # the znode's mzxid; 0 while it does not exist
+    error: str | None = None  # why that version was refused (the settings before it stay)
+    settings: list[str] = dataclasses.field(default_factory=list)  # the live settings it holds
+
+    def as_json(self) -> dict[str, Any]:
+        """For ``/readyz`` and ``/v1/stats``."""
+        body: dict[str, Any] = {"status": "invalid" if self.error else "ok", "version": self.version}
+        if self.error:
+            body["error"] = self.error
+        else:
+            body["settings"] = self.settings
+        return body
+
+
 class CacheService:
     """Coherent read-through / write-through cache for one sidecar."""
 
     def __init__(self, config: Config, origin: Origin, *, coord: Coordinator | None = None) -> None:
         """``coord``: a coordinator to use (built from ``config`` if not given); its events are set here."""
         self.config = config
+        # The settings as started (flags, environment, file): the config
+        # znode's live settings apply over these, and removing one brings
+        # its value here back.
+        self.base_config = config
+        self.live_config = LiveConfigStatus()
         # Every call to a real origin is watched, so /readyz can say when it is down.
         self.origin: Origin = origin if isinstance(origin, NoOrigin) else MonitoredOrigin(origin)
         self.stats = Stats()
@@ -60,6 +83,7 @@ class CacheService:
         self.cache_aside = isinstance(origin, NoOrigin)
         self.coord = coord or Coordinator.from_config(config, origin.name, __version__)
         self.coord.attach(self.events)
+        self.coord.live_config.listener = self.apply_live_config
         # A key left with no entry and no fill gives up its ZooKeeper watch.
         self.cache.on_vacated = self.coord.release_watch
         self.reads = ReadProtocol(config, self.origin, self.cache, self.coord, self.stats, flights)
@@ -111,6 +135,41 @@ class CacheService:
     def ready(self) -> bool:
         """Connected, every namespace watch armed, and ZooKeeper answered within the lease."""
         return self.coord.usable
+
+    def apply_live_config(self, data: bytes | None, version: int) -> None:
+        """Apply what the namespace's config znode holds (version = its mzxid, 0 if absent).
+
+        Checked as a whole with the daemon's own parsers over the settings as
+        started; an invalid version changes nothing, and says why in the log,
+        ``/readyz`` and ``/metrics``.  The cache is kept: smaller bounds evict
+        the least recently used entries.
+        """
+        try:
+            live = parse_live(data)
+            new = with_live(self.base_config, live)
+        except ConfigError as exc:
+            self.live_config = dataclasses.replace(self.live_config, version=version, error=exc.detail)
+            log.error("config znode (version %d) is invalid; keeping the current settings: %s", version, exc.detail)
+            return
+        changed = {
+            name: (getattr(self.config, name), getattr(new, name))
+            for name in LIVE_SETTINGS
+            if getattr(self.config, name) != getattr(new, name)
+        }
+        self.config = new
+        self.live_config = LiveConfigStatus(version=version, error=None, settings=sorted(live))
+        self.reads.reconfigure(new)
+        self.hit_path_plain = new.consistency == "eventual" and not isinstance(self.origin, NoOrigin)
+        if {"max_entries", "max_bytes", "ttl"} & changed.keys():
+            self.cache.reconfigure(new.max_entries, new.max_bytes, new.ttl)
+        if "log_level" in changed:
+            logging.getLogger().setLevel(new.log_level.upper())
+        if changed:
+            log.info(
+                "live config version %d applied: %s",
+                version,
+                ", ".join(f"{name} {old!r} -> {value!r}" for name, (old, value) in changed.items()),
+            )
 
     async def origin_status(self) -> dict[str, Any]:
         """``{"status": "ok"}`` or ``"down"`` with reasons (the last error, the origin's own health check)."""
@@ -274,6 +333,9 @@ class CacheService:
             "bytes": c.bytes,
             "max_entries": self.config.max_entries,
             "max_bytes": self.config.max_bytes,
+            "config": dict(
+                self.live_config.as_json(), effective={name: getattr(self.config, name) for name in LIVE_SETTINGS}
+            ),
             "hits": s.hits,
             "misses": s.misses,
             "bypassed_reads": s.bypassed_reads,

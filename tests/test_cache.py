@@ -196,3 +196,40 @@ def test_on_vacated_reports_exactly_the_keys_left_with_no_entry_and_no_fill(
         assert needed <= watched, f"watch released while needed: {needed - watched}"
         # (An expired entry stays in cachetools, and needed, until it is expired for real: then reported.)
         assert watched == needed, f"never reported as vacated: {watched - needed}"
+
+
+def test_reconfigure_keeps_what_fits_evicting_the_least_recently_used_and_reports_each() -> None:
+    vacated: list[str] = []
+    cache = CoherentCache(max_entries=10, max_bytes=10**9, on_vacated=vacated.append)
+    for k in "abcdef":
+        fill(cache, k, entry(k))
+    cache.get("a")  # a: most recently used now
+    cache.reconfigure(max_entries=3, max_bytes=10**9, ttl=0.0)
+    assert sorted(cache.keys()) == ["a", "e", "f"]
+    assert sorted(vacated) == ["b", "c", "d"], "each evicted key gives up its watch"
+    assert cache.counters.evictions == 3
+    fill(cache, "g", entry("g"))  # the new bound holds for later fills, in LRU order
+    assert sorted(cache.keys()) == ["a", "f", "g"]
+
+
+def test_reconfigure_to_and_from_a_ttl() -> None:
+    now = [0.0]
+    cache = CoherentCache(max_entries=10, max_bytes=10**9, timer=lambda: now[0])
+    fill(cache, "a", entry("a"))
+    cache.reconfigure(max_entries=10, max_bytes=10**9, ttl=5.0)
+    now[0] = 4.0
+    assert cache.get("a") is not None
+    now[0] = 5.5
+    assert cache.get("a") is None, "the new TTL counts from the change"
+    fill(cache, "b", entry("b"))
+    cache.reconfigure(max_entries=10, max_bytes=10**9, ttl=0.0)
+    now[0] = 1000.0
+    assert cache.get("b") is not None
+
+
+def test_reconfigure_drops_an_entry_larger_than_the_new_byte_bound() -> None:
+    cache = CoherentCache(max_entries=10, max_bytes=10**9)
+    fill(cache, "big", entry("big", 5000))
+    fill(cache, "small", entry("small", 10))
+    cache.reconfigure(max_entries=10, max_bytes=1000, ttl=0.0)
+    assert list(cache.keys()) == ["small"]

@@ -6,10 +6,13 @@ from .lock import CasBasis, LockLost, VersionConflict, WriteLock
 from .operations import (
     Acknowledgement,
     InvalidationReceipt,
+    LiveConfigChange,
     await_acknowledgement,
     list_members,
     publish_invalidation,
+    read_live_config,
     read_version,
+    update_live_config,
     version_note,
 )
 from .session import ZkSession, ZkState
@@ -25,6 +28,7 @@ __all__ = [
     "KeyState",
     "KeyVersion",
     "Layout",
+    "LiveConfigChange",
     "LockLost",
     "VersionConflict",
     "WriteLock",
@@ -34,8 +38,10 @@ __all__ = [
     "escape",
     "list_members",
     "publish_invalidation",
+    "read_live_config",
     "read_version",
     "unescape",
+    "update_live_config",
     "validate_key",
     "version_note",
 ]

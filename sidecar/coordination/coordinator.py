@@ -59,6 +59,7 @@ from .housekeeping import Housekeeper, HousekeepingSettings, absent_version, rea
 from .kazoo_watches import set_watches_async
 from .key_watches import KeyWatches
 from .layout import Layout
+from .live_config import ConfigWatch
 from .lock import UNKNOWN, CasBasis, WriteLock, acquire_write_lock
 from .membership import Membership
 from .namespace import NamespaceWatches
@@ -216,6 +217,7 @@ class Coordinator:
         # acknowledgement (two of them waiting on each other deadlocked).
         self._rearm_tasks: set[asyncio.Task[None]] = set()
         self.namespace = NamespaceWatches(self.zk, self.layout, self._events, self._spawn)
+        self.live_config = ConfigWatch(self.zk, self.layout.config, self._spawn)
         self.membership = Membership(
             self.zk, self.layout, member_id, member_info, ready=lambda: self.ready, rearms=self._rearm_tasks
         )
@@ -676,6 +678,8 @@ class Coordinator:
             # published while we were away are applied here.
             if await self.namespace.arm(new_session=new_session and self._was_connected):
                 self._history_went_back(None)
+            # Live settings first read (or read again after a loss) before serving.
+            await self.live_config.arm()
             ackreq = await self.membership.watch_requests()
             if self._was_connected:
                 # kazoo dropped every watch with the connection and does not

@@ -15,6 +15,8 @@ Under the namespace root (``<zk_root>/<namespace>``, default ``/zkcache/default`
                                       version znodes: absent keys' version (see
                                       housekeeping.py)
     layout                            the layout's name: sidecars of another refuse it
+    config                            JSON of live settings (cachectl config); every
+                                      sidecar watches it (live_config.py)
     epoch                             bumped by invalidate-all; every sidecar watches it
     ackreq                            bumped to ask every sidecar to acknowledge what it
                                       applied (invalidate --wait); every sidecar watches it
@@ -102,6 +104,7 @@ class Layout:
         self.retired = f"{root}/retired"
         self.layout = f"{root}/layout"
         self.uncertain = f"{root}/uncertain"
+        self.config = f"{root}/config"
 
     def version_path(self, key: str) -> str:
         """The version znode of ``key``."""

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from kazoo.exceptions import NodeExistsError, NoNodeError
+from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
 
-from ..errors import CoordinationError, LayoutMismatch
+from ..config import parse_live
+from ..errors import ConfigError, CoordinationError, LayoutMismatch, SidecarError
 from .election import current_leader
 from .layout import LAYOUT_NAME, Layout
 from .session import ZkSession
@@ -23,12 +24,15 @@ __all__ = [
     "PREFIX_LOG_RETAIN",
     "Acknowledgement",
     "InvalidationReceipt",
+    "LiveConfigChange",
     "await_acknowledgement",
     "ensure_layout",
     "invalidate_key",
     "list_members",
     "publish_invalidation",
+    "read_live_config",
     "read_version",
+    "update_live_config",
     "version_note",
 ]
 
@@ -280,3 +284,77 @@ async def await_acknowledgement(
         if ack.complete or loop.time() >= deadline:
             return ack
         await asyncio.sleep(poll)
+
+
+# -- live configuration (the config znode) -------------------------------------
+_CONFIG_ATTEMPTS = 10
+
+
+async def read_live_config(zk: ZkSession, layout: Layout) -> tuple[dict[str, Any], int | None]:
+    """The config znode's settings as written (unparsed), and its data version (None if absent).
+
+    Raises :class:`SidecarError` if the namespace does not exist, or
+    :class:`ConfigError` if the znode does not hold a JSON object.
+    """
+    try:
+        data, stat = await zk.get(layout.config)
+    except NoNodeError:
+        if await zk.exists(layout.root) is None:
+            raise SidecarError(f"namespace {layout.root} does not exist (no sidecar ever joined it)") from None
+        return {}, None
+    if not data:
+        return {}, int(stat.version)
+    try:
+        table = orjson.loads(data)
+    except ValueError:
+        raise ConfigError(f"{layout.config} does not hold JSON; fix or --unset what is there") from None
+    if not isinstance(table, dict):
+        raise ConfigError(f"{layout.config} does not hold a JSON object")
+    return table, int(stat.version)
+
+
+@dataclass
+class LiveConfigChange:
+    """What ``update_live_config`` found and left (settings as written)."""
+
+    before: dict[str, Any]
+    after: dict[str, Any]
+    version: int | None  # the data version written (None: nothing written)
+
+    @property
+    def changes(self) -> list[tuple[str, Any, Any]]:
+        """(setting, before, after) for each setting that differs; None means unset."""
+        names = sorted(set(self.before) | set(self.after))
+        return [(n, self.before.get(n), self.after.get(n)) for n in names if self.before.get(n) != self.after.get(n)]
+
+
+async def update_live_config(
+    zk: ZkSession, layout: Layout, set_: dict[str, str], unset: list[str], *, write: bool = True
+) -> LiveConfigChange:
+    """Merge ``set_`` and ``unset`` into the config znode with a version check.
+
+    Every value is checked by the daemon's own parsers first (``ConfigError``).
+    A concurrent writer makes the conditional write fail; it is then read
+    again and merged again, so two operators changing different settings
+    both land, and neither overwrites what the other wrote.  ``write=False``
+    computes the change without writing it (``cachectl config diff``).
+    """
+    for _ in range(_CONFIG_ATTEMPTS):
+        before, version = await read_live_config(zk, layout)
+        after = {name: value for name, value in before.items() if name not in unset}
+        after.update(set_)
+        parse_live(orjson.dumps(after))  # the daemon's own check; ConfigError names the setting
+        change = LiveConfigChange(before, after, None)
+        if not write or not change.changes:
+            return change
+        data = orjson.dumps(after, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2)
+        try:
+            if version is None:
+                await zk.create(layout.config, data)
+                change.version = 0
+            else:
+                change.version = int((await zk.set(layout.config, data, version)).version)
+            return change
+        except (BadVersionError, NodeExistsError, NoNodeError):
+            continue  # another operator wrote meanwhile: merge into theirs
+    raise CoordinationError(f"{layout.config} kept changing: {_CONFIG_ATTEMPTS} conditional writes lost the race")
