@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import click
 
-from sidecar.config import LIVE_SETTINGS, parse_duration, parse_zk_auth, parse_zk_hosts
+from sidecar.config import LIVE_SETTINGS, load_config, parse_duration, parse_zk_auth, parse_zk_hosts
 from sidecar.coordination import (
     InvalidationReceipt,
     Layout,
@@ -83,7 +83,8 @@ def _check_keys(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
 
 
 async def _with_zk(obj: dict[str, Any], action: Callable[[ZkSession, Layout], Awaitable[T]]) -> T:
-    zk = ZkSession(obj["zk"], session_timeout=max(obj["timeout"], 4.0), op_timeout=obj["timeout"], auth=obj["zk_auth"])
+    timeout = obj["timeout"]
+    zk = ZkSession(obj["zk"], max(timeout, 4.0), op_timeout=timeout, auth=obj["zk_auth"], tls=obj["tls"])
     await zk.connect(obj["timeout"])
     try:
         return await action(zk, Layout(f"{obj['zk_root']}/{obj['namespace']}"))
@@ -129,6 +130,15 @@ def _run_zk(obj: dict[str, Any], action: Callable[[ZkSession, Layout], Awaitable
     help="Sidecar base URL for get/put (env ZKCACHE_SIDECAR).",
 )
 @click.option("--auth-token", default=None, help="Bearer token of the sidecar API (env ZKCACHE_AUTH_TOKEN).")
+@click.option("--zk-tls/--no-zk-tls", default=False, help="TLS to ZooKeeper, as zk_tls (env ZKCACHE_ZK_TLS).")
+@click.option("--zk-tls-ca", default=None, help="PEM CA bundle of ZooKeeper's certificate (env ZKCACHE_ZK_TLS_CA).")
+@click.option("--zk-tls-cert", default=None, help="PEM client certificate (env ZKCACHE_ZK_TLS_CERT).")
+@click.option("--zk-tls-key", default=None, help="PEM key of --zk-tls-cert (env ZKCACHE_ZK_TLS_KEY).")
+@click.option(
+    "--zk-tls-verify/--no-zk-tls-verify",
+    default=True,
+    help="Verify ZooKeeper's certificate and host name (env ZKCACHE_ZK_TLS_VERIFY).",
+)
 @click.version_option(package_name="zk-cache-sidecar", prog_name="cachectl")
 @click.pass_context
 def cli(
@@ -140,9 +150,20 @@ def cli(
     timeout: float,
     sidecar: str,
     auth_token: str | None,
+    zk_tls: bool,
+    zk_tls_ca: str | None,
+    zk_tls_cert: str | None,
+    zk_tls_key: str | None,
+    zk_tls_verify: bool,
 ) -> None:
     """Operate a zk-cache-sidecar fleet."""
+    given = {"zk_tls": zk_tls, "zk_tls_ca": zk_tls_ca, "zk_tls_cert": zk_tls_cert, "zk_tls_key": zk_tls_key}
+    try:  # the daemon's own parsers and checks of the same settings
+        tls = load_config({**given, "zk_tls_verify": zk_tls_verify}, env={}).zk_tls_settings
+    except ConfigError as exc:
+        raise click.BadParameter(exc.detail.removeprefix("setting "), param_hint="--zk-tls") from None
     ctx.obj = {
+        "tls": tls,
         "zk": zk,
         "namespace": namespace,
         "zk_root": zk_root.rstrip("/"),
@@ -251,7 +272,7 @@ def doctor(obj: dict[str, Any], zk_session_timeout: float, origin: str | None) -
     The namespace part names the leader and its last housekeeping round, and
     times every member's confirmation of a fresh zxid (as invalidate --wait).
     """
-    findings = check_ensemble(obj["zk"], zk_session_timeout, timeout=min(obj["timeout"], 5.0))
+    findings = check_ensemble(obj["zk"], zk_session_timeout, timeout=min(obj["timeout"], 5.0), tls=obj["tls"])
     for finding in findings:
         click.echo(str(finding))
     members: list[dict[str, Any]] = []

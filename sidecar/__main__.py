@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("kazoo.client").setLevel(logging.WARNING)
+    if config.zk_tls and not config.zk_tls_verify:
+        logging.getLogger("sidecar").warning(
+            "zk_tls_verify is off: ZooKeeper's certificate is not checked, anyone in the path can impersonate it"
+        )
     for name in unknown_env_names():
         logging.getLogger("sidecar").warning("ignoring %s: no such setting (see cache-sidecar --help)", name)
     try:

@@ -14,6 +14,7 @@ import ipaddress
 import os
 import re
 import socket
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ __all__ = [
     "LIVE_SETTINGS",
     "Config",
     "Listen",
+    "TlsSettings",
     "flag_names",
     "load_config",
     "parse_duration",
@@ -119,6 +121,43 @@ class Listen:
             return f"unix:{self.unix_path}"
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """Client TLS to ZooKeeper (``zk_tls*`` settings)."""
+
+    ca: str | None = None  # PEM bundle; None: the system's trust store
+    cert: str | None = None  # client certificate (PEM), for servers with ssl.clientAuth=need/want
+    key: str | None = None
+    verify: bool = True  # the server's certificate and its host name
+
+    def kazoo_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``KazooClient``.
+
+        kazoo checks host names only if asked (``check_hostname``), and loads a
+        client certificate only if both files are given.
+        """
+        return {
+            "use_ssl": True,
+            "ca": self.ca,
+            "certfile": self.cert,
+            "keyfile": self.key,
+            "verify_certs": self.verify,
+            "check_hostname": self.verify,
+        }
+
+    def context(self) -> ssl.SSLContext:
+        """The client context kazoo builds from these settings (``kazoo.handlers.utils``)."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_default_certs()
+        ctx.check_hostname = self.verify
+        ctx.verify_mode = ssl.CERT_REQUIRED if self.verify else ssl.CERT_NONE
+        if self.ca:
+            ctx.load_verify_locations(self.ca)
+        if self.cert and self.key:
+            ctx.load_cert_chain(self.cert, self.key)
+        return ctx
 
 
 def _parse_listen(text: str) -> Listen:
@@ -231,6 +270,21 @@ def _optional_duration(text: str) -> float | None:
     return None if str(text).strip().lower() in ("", "auto") else parse_duration(text)
 
 
+def _bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use true or false)")
+
+
+def _pem_file(text: str) -> str:
+    if not os.path.isfile(text) or not os.access(text, os.R_OK):
+        raise ValueError(f"no readable file {text!r}")
+    return text
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
@@ -271,6 +325,19 @@ class Config:
         "ZooKeeper credentials scheme:credential (e.g. digest:user:password); znodes created are then "
         "open only to that identity",
         secret=True,
+    )
+    zk_tls: bool = _setting(
+        False, _bool, "TLS to ZooKeeper (its secureClientPort); the server's certificate and host name are verified"
+    )
+    zk_tls_ca: str | None = _setting(
+        None, _pem_file, "PEM CA bundle that signed ZooKeeper's certificate (default: the system's trust store)"
+    )
+    zk_tls_cert: str | None = _setting(
+        None, _pem_file, "PEM client certificate, for servers that require one (ssl.clientAuth=need)"
+    )
+    zk_tls_key: str | None = _setting(None, _pem_file, "PEM private key of zk_tls_cert")
+    zk_tls_verify: bool = _setting(
+        True, _bool, "verify ZooKeeper's certificate and host name; false only for tests (logged as a warning)"
     )
     listen: Listen = _setting(  # noqa: RUF009 - Listen is frozen: sharing the default is safe
         _parse_listen(DEFAULT_LISTEN), _parse_listen, "HTTP listen address host:port, or unix:/path"
@@ -363,6 +430,7 @@ class Config:
             )
         if self.ops_listen is not None and self.ops_listen.overlaps(self.listen):
             raise ConfigError(f"setting 'ops_listen': {self.ops_listen} overlaps the API address {self.listen}")
+        self._check_tls()
         if self.max_value_bytes > self.max_bytes:
             raise ConfigError(f"setting 'max_value_bytes': {self.max_value_bytes} exceeds max_bytes {self.max_bytes}")
         if self.suspended_grace is not None and self.suspended_grace > self.zk_session_timeout / 3:
@@ -371,6 +439,26 @@ class Config:
                 f"({self.suspended_grace:g}s > {self.zk_session_timeout / 3:g}s), or stale hits could "
                 "outlive the session"
             )
+
+    def _check_tls(self) -> None:
+        given = [n for n in ("zk_tls_ca", "zk_tls_cert", "zk_tls_key") if getattr(self, n) is not None]
+        if given and not self.zk_tls:
+            raise ConfigError(f"setting '{given[0]}': set zk_tls to use it")
+        if (self.zk_tls_cert is None) != (self.zk_tls_key is None):
+            raise ConfigError("setting 'zk_tls_cert': give zk_tls_cert and zk_tls_key together")
+        tls = self.zk_tls_settings
+        if tls is not None:
+            try:
+                tls.context()  # the files load: a bad one is a startup error, not a silent timeout
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"setting 'zk_tls': cannot load the TLS files: {exc}") from None
+
+    @property
+    def zk_tls_settings(self) -> TlsSettings | None:
+        """kazoo's TLS settings, or None without TLS."""
+        if not self.zk_tls:
+            return None
+        return TlsSettings(ca=self.zk_tls_ca, cert=self.zk_tls_cert, key=self.zk_tls_key, verify=self.zk_tls_verify)
 
     @property
     def namespace_root(self) -> str:

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,63 @@ def zk_private(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Local
     server.start()
     yield server
     _dump_logs_if_failed(request, "zookeeper", server.log_tail)
+    server.stop()
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files made by trustme for one TLS ZooKeeper: its CA, a client certificate, and a stranger CA."""
+
+    ca: str
+    cert: str
+    key: str
+    other_ca: str
+    # Another client of the same CA: another x509 identity (ZooKeeper authenticates
+    # a session by its certificate's subject too, so the sidecars' own certificate
+    # would pass the ACLs their "auth" scheme grants it).
+    stranger_cert: str
+    stranger_key: str
+
+
+def _make_tls_files(where: Path) -> TlsFiles:
+    import trustme
+    from cryptography.hazmat.primitives import serialization
+
+    where.mkdir(parents=True, exist_ok=True)
+    ca, stranger = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    # ZooKeeper's PEM keystore: a PKCS#8 key (trustme writes SEC1) and the chain, in one file.
+    key = serialization.load_pem_private_key(server.private_key_pem.bytes(), None)
+    pkcs8 = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (where / "server.pem").write_bytes(pkcs8 + b"".join(blob.bytes() for blob in server.cert_chain_pems))
+    ca.cert_pem.write_to_path(str(where / "ca.pem"))
+    stranger.cert_pem.write_to_path(str(where / "other-ca.pem"))
+    client = ca.issue_cert("zkcache-sidecar")
+    client.private_key_pem.write_to_path(str(where / "client.key"))
+    client.cert_chain_pems[0].write_to_path(str(where / "client.crt"))
+    stranger_client = ca.issue_cert("someone-else")
+    stranger_client.private_key_pem.write_to_path(str(where / "stranger.key"))
+    stranger_client.cert_chain_pems[0].write_to_path(str(where / "stranger.crt"))
+    return TlsFiles(
+        ca=str(where / "ca.pem"),
+        cert=str(where / "client.crt"),
+        key=str(where / "client.key"),
+        other_ca=str(where / "other-ca.pem"),
+        stranger_cert=str(where / "stranger.crt"),
+        stranger_key=str(where / "stranger.key"),
+    )
+
+
+@pytest.fixture(scope="session")
+def zk_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalZooKeeper, TlsFiles]]:
+    """A real ZooKeeper with a TLS client port that requires client certificates (ssl.clientAuth=need)."""
+    base = tmp_path_factory.mktemp("zk-tls")
+    files = _make_tls_files(base / "certs")
+    server = LocalZooKeeper(base / "zk", tls_dir=base / "certs", client_auth="need")
+    server.start()
+    yield server, files
     server.stop()
 
 

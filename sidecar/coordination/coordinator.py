@@ -52,7 +52,7 @@ from typing import Any, NamedTuple, Protocol
 from kazoo.protocol.states import EventType, WatchedEvent
 
 from .. import bridge
-from ..config import Config
+from ..config import Config, TlsSettings
 from ..errors import CoordinationError, NotConnected, ZkAccessDenied
 from .election import Election
 from .housekeeping import Housekeeper, HousekeepingSettings, absent_version, read_retired
@@ -191,6 +191,7 @@ class Coordinator:
         member_info: dict[str, Any],
         events: Events | None = None,
         auth: str | None = None,
+        tls: TlsSettings | None = None,
         housekeeping: HousekeepingSettings | None = None,
     ) -> None:
         self.layout = Layout(root)
@@ -202,7 +203,10 @@ class Coordinator:
         self._heartbeat_interval = session_timeout / 3
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._events: Events = events or _NoEvents()
-        self.zk = ZkSession(hosts, session_timeout, auth=auth, on_state=self._on_state)
+        self.zk = ZkSession(hosts, session_timeout, auth=auth, tls=tls, on_state=self._on_state)
+        self._diagnosis_task: asyncio.Task[None] | None = None
+        # Why no server answers as configured (TLS, plaintext, refused), while not connected.
+        self.connect_problem: str | None = None
         self.ready = False
         # Bumped on every session state change: a write that saw it move
         # while holding the lock may have lost the lock (kazoo lock docs).
@@ -258,6 +262,7 @@ class Coordinator:
                 "origin": origin_name,
             },
             auth=config.zk_auth,
+            tls=config.zk_tls_settings,
             housekeeping=HousekeepingSettings(
                 retention=config.version_retention,
                 lock_timeout=config.lock_timeout,
@@ -276,6 +281,7 @@ class Coordinator:
         """Begin connecting; ``ready`` turns True once the session is set up."""
         self.zk.start()
         self._heartbeat_task = asyncio.ensure_future(self._heartbeat())
+        self._diagnosis_task = asyncio.ensure_future(self._diagnose_while_disconnected())
         self.election.start()
         self.housekeeper.start()
 
@@ -286,8 +292,9 @@ class Coordinator:
             if task is not None:
                 task.cancel()
         # The loops, cancelled until they end (bridge.cancel_and_wait says why).
-        if self._heartbeat_task is not None:
-            await bridge.cancel_and_wait(self._heartbeat_task)
+        for loop_task in (self._heartbeat_task, self._diagnosis_task):
+            if loop_task is not None:
+                await bridge.cancel_and_wait(loop_task)
         await self.housekeeper.stop()
         await self.election.stop()
         self.membership.stop()
@@ -297,6 +304,21 @@ class Coordinator:
     def state(self) -> ZkState:
         """The current session state."""
         return self.zk.state
+
+    async def _diagnose_while_disconnected(self, first: float = 2.0, every: float = 10.0) -> None:
+        # kazoo retries a refused TLS handshake (or any failed connection)
+        # forever and says only "connection dropped": after a short wait,
+        # probe the servers ourselves so /readyz and the log can say why.
+        await asyncio.sleep(first)
+        while True:
+            if self.zk.state is ZkState.CONNECTED:
+                self.connect_problem = None
+            else:
+                problem = await self.zk.diagnose()
+                if problem and problem != self.connect_problem:
+                    log.error("cannot reach ZooKeeper: %s", problem)
+                self.connect_problem = problem
+            await asyncio.sleep(every if self.connect_problem is None else every / 2)
 
     def silence(self) -> float:
         """Seconds since the server last answered anything on this session."""
@@ -561,6 +583,8 @@ class Coordinator:
             return f"ZooKeeper session connected; setting up failed: {self._setup_error}"
         if self.state is ZkState.CONNECTED:
             return "ZooKeeper session connected; arming namespace watches"
+        if self.connect_problem:
+            return f"ZooKeeper session is {self.state.value}: {self.connect_problem}"
         return f"ZooKeeper session is {self.state.value}"
 
     async def await_acknowledgement(self, zxid: int, timeout: float) -> Acknowledgement:

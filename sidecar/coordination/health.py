@@ -19,12 +19,13 @@ import asyncio
 import os
 import socket
 import sqlite3
+import ssl
 import time
 from dataclasses import dataclass
 
 import orjson
 
-from ..config import parse_origin
+from ..config import TlsSettings, parse_origin
 from ..errors import SidecarError
 from ..origins import open_origin
 from ..origins.sqlite import sqlite_path
@@ -32,6 +33,7 @@ from .election import current_leader
 from .layout import Layout
 from .operations import list_members
 from .session import ZkSession
+from .tls import diagnose, wrap
 
 __all__ = ["Finding", "check_ensemble", "check_namespace", "check_origin", "four_letter"]
 
@@ -40,9 +42,14 @@ _OUTSTANDING_LIMIT = 100
 _NOT_ALLOWED = "is not executed because it is not in the whitelist"
 
 
-def four_letter(host: str, port: int, cmd: str, timeout: float = 1.0) -> str:
-    """Send a four-letter word (``ruok``, ``mntr``, ``srvr``, ``conf``) and return the answer."""
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+def four_letter(host: str, port: int, cmd: str, timeout: float = 1.0, tls: TlsSettings | None = None) -> str:
+    """Send a four-letter word (``ruok``, ``mntr``, ``srvr``, ``conf``) and return the answer.
+
+    With ``tls``, over TLS: a secure client port answers them after the
+    handshake (kazoo's own ``command()`` cannot, with TLS on).
+    """
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        sock = raw if tls is None else wrap(raw, host, tls)
         sock.sendall(cmd.encode())
         chunks = []
         while chunk := sock.recv(65536):
@@ -71,11 +78,15 @@ def _pairs(answer: str, sep: str) -> dict[str, str]:
     return out
 
 
-def _check_server(host: str, port: int, session_timeout: float, timeout: float) -> tuple[list[Finding], str | None]:
+def _check_server(
+    host: str, port: int, session_timeout: float, timeout: float, tls: TlsSettings | None = None
+) -> tuple[list[Finding], str | None]:
     """Findings for one server, and its mode (``leader``, ``follower``, ``standalone``) if it serves."""
     who = f"{host}:{port}"
     try:
-        return _ask_server(who, host, port, session_timeout, timeout)
+        return _ask_server(who, host, port, session_timeout, timeout, tls)
+    except ssl.SSLError:
+        return [Finding(who, diagnose(host, port, tls, timeout) or "TLS failed", True)], None
     except TimeoutError:
         # Accepted the connection but never answered: a paused or overloaded JVM.
         return [Finding(who, f"no answer within {timeout:g}s", True)], None
@@ -84,24 +95,24 @@ def _check_server(host: str, port: int, session_timeout: float, timeout: float) 
 
 
 def _ask_server(
-    who: str, host: str, port: int, session_timeout: float, timeout: float
+    who: str, host: str, port: int, session_timeout: float, timeout: float, tls: TlsSettings | None
 ) -> tuple[list[Finding], str | None]:
-    ruok = four_letter(host, port, "ruok", timeout)
+    ruok = four_letter(host, port, "ruok", timeout, tls)
     if _NOT_ALLOWED in ruok:
         return [
             Finding(who, "refuses four-letter words: add ruok, srvr, mntr, conf to 4lw.commands.whitelist", True)
         ], None
     if ruok.strip() != "imok":
         return [Finding(who, f"ruok answered {ruok.strip()!r}, not imok", True)], None
-    srvr = four_letter(host, port, "srvr", timeout)
+    srvr = four_letter(host, port, "srvr", timeout, tls)
     if _NOT_ALLOWED in srvr:
         return [Finding(who, "refuses srvr: add it to 4lw.commands.whitelist", True)], None
     stats = _pairs(srvr, ":")
     mode = stats.get("Mode")
     if mode is None:
         return [Finding(who, "running but not serving requests (no quorum, or still joining)", True)], None
-    mntr = _pairs(four_letter(host, port, "mntr", timeout), "\t")
-    conf = _pairs(four_letter(host, port, "conf", timeout), "=")
+    mntr = _pairs(four_letter(host, port, "mntr", timeout, tls), "\t")
+    conf = _pairs(four_letter(host, port, "conf", timeout, tls), "=")
     findings = [
         Finding(
             who,
@@ -128,14 +139,16 @@ def _ask_server(
     return findings, mode
 
 
-def check_ensemble(connect: str, session_timeout: float, timeout: float = 2.0) -> list[Finding]:
+def check_ensemble(
+    connect: str, session_timeout: float, timeout: float = 2.0, tls: TlsSettings | None = None
+) -> list[Finding]:
     """Every server of ``connect`` (``host:port,...[/chroot]``), then the ensemble as a whole."""
     hosts = connect.partition("/")[0]
     findings: list[Finding] = []
     modes: list[str | None] = []
     for hp in hosts.split(","):
         host, _, port = hp.strip().rpartition(":")
-        server, mode = _check_server(host, int(port), session_timeout, timeout)
+        server, mode = _check_server(host, int(port), session_timeout, timeout, tls)
         findings += server
         modes.append(mode)
     serving = sum(mode is not None for mode in modes)

@@ -32,7 +32,9 @@ from kazoo.security import CREATOR_ALL_ACL
 from prometheus_client import Histogram
 
 from .. import bridge
+from ..config import TlsSettings
 from ..errors import CoordinationError, NotConnected, ZkAccessDenied
+from .tls import diagnose_hosts
 
 __all__ = ["ZkSession", "ZkState", "ZnodeStat"]
 
@@ -91,6 +93,7 @@ class ZkSession:
         *,
         op_timeout: float | None = None,
         auth: str | None = None,
+        tls: TlsSettings | None = None,
         on_state: Callable[[ZkState], None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
@@ -127,7 +130,10 @@ class ZkSession:
             command_retry=KazooRetry(max_tries=-1, delay=0.1, max_delay=1.0, deadline=2 * session_timeout),
             logger=logging.getLogger("kazoo.client"),
             **_auth_options(auth),
+            **(tls.kazoo_options() if tls is not None else {}),
         )
+        self.tls = tls
+        self._hosts = hosts
         self.client.add_listener(self._kazoo_listener)
 
     # -- lifecycle ----------------------------------------------------------
@@ -136,13 +142,22 @@ class ZkSession:
         self.client.start_async()
 
     async def connect(self, timeout: float) -> None:
-        """Start and wait until connected, or raise :class:`NotConnected`."""
+        """Start and wait until connected, or raise :class:`NotConnected` saying why in one line."""
         self.start()
         try:
             await self.wait_connected(timeout)
-        except NotConnected:
+        except NotConnected as exc:
             await self.close()
-            raise
+            why = await self.diagnose()
+            raise NotConnected(f"{exc.detail}: {why}" if why else exc.detail) from None
+
+    async def diagnose(self, timeout: float = 3.0) -> str | None:
+        """Why no server of the connect string answers as configured (TLS or not), or None.
+
+        kazoo reports every failed connection as a timeout; this probes the
+        servers itself (off the loop) to name the cause.
+        """
+        return await asyncio.to_thread(diagnose_hosts, self._hosts, self.tls, timeout)
 
     async def wait_connected(self, timeout: float) -> None:
         """Wait until the session is connected, or raise :class:`NotConnected`."""
@@ -153,7 +168,7 @@ class ZkSession:
         try:
             await asyncio.wait_for(fut, timeout)
         except TimeoutError:
-            raise NotConnected(f"could not connect to ZooKeeper at {self.client.hosts} within {timeout:g}s") from None
+            raise NotConnected(f"could not connect to ZooKeeper at {self._hosts} within {timeout:g}s") from None
         finally:
             if fut in self._connected_waiters:
                 self._connected_waiters.remove(fut)

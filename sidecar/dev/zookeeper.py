@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -48,6 +49,8 @@ class LocalZooKeeper:
         extra_config: str = "",
         myid: int | None = None,
         heap: str = "256m",
+        tls_dir: str | Path | None = None,
+        client_auth: str = "need",
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.heap = heap  # JVM -Xmx: enough for tests; the scale benchmark needs more
@@ -60,11 +63,39 @@ class LocalZooKeeper:
         self.log_path = self.data_dir / "zookeeper.log"
         self.extra_config = extra_config
         self.myid = myid
+        # TLS: a secure client port beside the plaintext one (which the
+        # harness keeps for its own four-letter words). tls_dir holds
+        # server.pem (PKCS#8 key + certificate chain, one file) and ca.pem
+        # (the CA that client certificates must chain to).
+        self.tls_dir = Path(tls_dir).resolve() if tls_dir is not None else None
+        self.secure_port = free_port(host) if tls_dir is not None else None
+        self.client_auth = client_auth
 
     @property
     def hosts(self) -> str:
         """The connect string (no chroot)."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def secure_hosts(self) -> str:
+        """The connect string of the TLS port."""
+        assert self.secure_port is not None, "started without tls_dir"
+        return f"{self.host}:{self.secure_port}"
+
+    def _tls_config(self) -> str:
+        if self.tls_dir is None:
+            return ""
+        # Netty is the only connection factory that speaks TLS (NIO refuses to start).
+        return (
+            f"secureClientPort={self.secure_port}\n"
+            f"secureClientPortAddress={self.host}\n"
+            "serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory\n"
+            f"ssl.keyStore.location={self.tls_dir / 'server.pem'}\n"
+            "ssl.keyStore.type=PEM\n"
+            f"ssl.trustStore.location={self.tls_dir / 'ca.pem'}\n"
+            "ssl.trustStore.type=PEM\n"
+            f"ssl.clientAuth={self.client_auth}\n"
+        )
 
     def _write_config(self) -> Path:
         (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
@@ -79,7 +110,7 @@ class LocalZooKeeper:
             "maxClientCnxns=0\n"
             "admin.enableServer=false\n"
             "4lw.commands.whitelist=*\n"
-            "autopurge.purgeInterval=0\n" + self.extra_config
+            "autopurge.purgeInterval=0\n" + self._tls_config() + self.extra_config
         )
         if self.myid is not None:
             (self.data_dir / "data" / "myid").write_text(f"{self.myid}\n")
@@ -96,12 +127,13 @@ class LocalZooKeeper:
         cfg = self._write_config()
         logs = self.data_dir / "logs"
         logs.mkdir(exist_ok=True)
-        env = dict(
-            os.environ,
-            ZOO_LOG_DIR=str(logs),
-            ZOO_LOG4J_PROP="INFO,CONSOLE",
-            JVMFLAGS=f"-Xmx{self.heap} -XX:+UseSerialGC -XX:TieredStopAtLevel=1",
-        )
+        jvm = f"-Xmx{self.heap} -XX:+UseSerialGC -XX:TieredStopAtLevel=1"
+        if self.tls_dir is not None:
+            # Debian's zookeeper.jar lists every Netty jar it needs in its
+            # manifest but netty-codec; without it every connection fails
+            # (NoClassDefFoundError). The launcher takes the last -cp.
+            jvm += " -cp /etc/zookeeper/conf:/usr/share/java/zookeeper.jar:/usr/share/java/netty-codec.jar"
+        env = dict(os.environ, ZOO_LOG_DIR=str(logs), ZOO_LOG4J_PROP="INFO,CONSOLE", JVMFLAGS=jvm)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [script, "start-foreground", str(cfg)],
@@ -117,7 +149,7 @@ class LocalZooKeeper:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ZooKeeper exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if self.is_serving():
+            if self.is_serving() and self._secure_port_bound():
                 return
             time.sleep(0.1)
         self.kill()
@@ -153,6 +185,16 @@ class LocalZooKeeper:
             elif current == session and line.strip():
                 paths.add(line.strip())
         return paths
+
+    def _secure_port_bound(self) -> bool:
+        # The secure port is bound after the plaintext one, once the database is loaded.
+        if self.secure_port is None:
+            return True
+        try:
+            socket.create_connection((self.host, self.secure_port), 0.5).close()
+            return True
+        except OSError:
+            return False
 
     def is_serving(self) -> bool:
         """True if the server answers ``ruok`` with ``imok``."""
