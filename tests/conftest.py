@@ -78,7 +78,7 @@ class TlsFiles:
     stranger_key: str
 
 
-def _make_tls_files(where: Path) -> TlsFiles:
+def make_tls_files(where: Path) -> TlsFiles:
     import trustme
     from cryptography.hazmat.primitives import serialization
 
@@ -113,7 +113,7 @@ def _make_tls_files(where: Path) -> TlsFiles:
 def zk_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalZooKeeper, TlsFiles]]:
     """A real ZooKeeper with a TLS client port that requires client certificates (ssl.clientAuth=need)."""
     base = tmp_path_factory.mktemp("zk-tls")
-    files = _make_tls_files(base / "certs")
+    files = make_tls_files(base / "certs")
     server = LocalZooKeeper(base / "zk", tls_dir=base / "certs", client_auth="need")
     server.start()
     yield server, files

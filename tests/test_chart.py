@@ -39,6 +39,7 @@ from prometheus_client.registry import Collector
 from sidecar.config import load_config, settings_help, unknown_env_names
 from sidecar.dev import LocalZooKeeper, free_port
 from sidecar.dev.process import die_with_parent
+from tests.conftest import make_tls_files
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "zk-cache-sidecar"
@@ -47,7 +48,19 @@ OLDEST_NATIVE = "1.29.0"  # restartPolicy on init containers (native sidecars)
 OLDEST_PLAIN = "1.25.0"  # the oldest schema kubernetes-validate carries
 
 # Settings the chart fills in itself rather than from sidecar.config.
-CHART_OWNED = {"zk", "listen", "ops_listen", "member_id", "zk_auth", "auth_token"}
+CHART_OWNED = {
+    "zk",
+    "listen",
+    "ops_listen",
+    "member_id",
+    "zk_auth",
+    "auth_token",
+    "zk_tls",
+    "zk_tls_ca",
+    "zk_tls_cert",
+    "zk_tls_key",
+    "zk_tls_verify",
+}
 
 # Prometheus Operator's objects, as kube-prometheus-stack's default selectors want them.
 MONITORING: dict[str, Any] = {
@@ -113,6 +126,13 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     },
     # The ZooKeeper ensemble's Services too, for the ServiceMonitor not to pick them.
     "monitoring": {**MONITORING, "zookeeper": {"enabled": True}},
+    "tls-and-origin-secret": {
+        "externalZookeeper": {"connect": "zk-0.zk:2281,zk-1.zk:2281"},
+        "sidecar": {
+            "zkTls": {"enabled": True, "secretName": "zk-client-tls"},
+            "originSecret": {"name": "cache-origin", "key": "url"},
+        },
+    },
 }
 
 
@@ -322,11 +342,21 @@ def test_bundled_zookeeper_ensemble() -> None:
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
-def test_chart_and_daemon_agree_on_every_setting(name: str) -> None:
+def test_chart_and_daemon_agree_on_every_setting(name: str, tmp_path: Path) -> None:
     sidecar = sidecar_of(pod_spec(render(VALUE_SETS[name])))
     env = rendered_env(
-        sidecar, ZKCACHE_MEMBER_ID="cache-example-7d9f-x2x4z", ZKCACHE_ZK_AUTH="digest:app:pw", ZKCACHE_AUTH_TOKEN="t"
+        sidecar,
+        ZKCACHE_MEMBER_ID="cache-example-7d9f-x2x4z",
+        ZKCACHE_ZK_AUTH="digest:app:pw",
+        ZKCACHE_AUTH_TOKEN="t",
+        ZKCACHE_ORIGIN="redis://:pw@redis.shop.svc:6379/0",
     )
+    # The TLS Secret's files, as the kubelet would mount them (the daemon loads them at startup).
+    files = make_tls_files(tmp_path / "zk-tls")
+    mounted = {"ca.crt": files.ca, "tls.crt": files.cert, "tls.key": files.key}
+    for name_, value in env.items():
+        if value.startswith("/etc/zkcache/zk-tls/"):
+            env[name_] = mounted[value.rsplit("/", 1)[1]]
     assert unknown_env_names(env) == [], "the chart sets variables the daemon does not know"
     config = load_config(env=env)  # raises ConfigError on any value the daemon cannot parse
     assert config.member_id == "cache-example-7d9f-x2x4z"
@@ -395,6 +425,11 @@ def test_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None
             {"example": {"enabled": False}, "metrics": {"serviceMonitor": {"enabled": True}}},
             "metrics.serviceMonitor.enabled needs metrics.podSelector",
         ),
+        ({"sidecar": {"zkTls": {"enabled": True}}}, "sidecar.zkTls.enabled needs sidecar.zkTls.secretName"),
+        (
+            {"zookeeper": {"enabled": True}, "sidecar": {"zkTls": {"enabled": True, "secretName": "s"}}},
+            "the bundled ensemble has none",
+        ),
         (
             {"metrics": {"prometheusRule": {"enabled": True}}},
             "without metrics.serviceMonitor.enabled needs metrics.prometheusRule.seriesSelector",
@@ -410,6 +445,24 @@ def test_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None
 def test_templates_refuse_settings_that_cannot_work(values: dict[str, Any], message: str) -> None:
     with pytest.raises(HelmRenderError, match=re.escape(message)):
         render(values)
+
+
+def test_zk_tls_and_the_origin_come_from_secrets() -> None:
+    spec = pod_spec(render(VALUE_SETS["tls-and-origin-secret"]))
+    sidecar = sidecar_of(spec)
+    env = {item["name"]: item for item in sidecar["env"]}
+    assert env["ZKCACHE_ORIGIN"]["valueFrom"]["secretKeyRef"] == {"name": "cache-origin", "key": "url"}
+    assert [item["name"] for item in sidecar["env"]].count("ZKCACHE_ORIGIN") == 1, "config.origin must give way"
+    assert env["ZKCACHE_ZK_TLS_CA"]["value"] == "/etc/zkcache/zk-tls/ca.crt"
+    assert env["ZKCACHE_ZK_TLS_VERIFY"]["value"] == "true"
+    [mount] = [m for m in sidecar["volumeMounts"] if m["mountPath"] == "/etc/zkcache/zk-tls"]
+    assert mount["readOnly"] is True
+    [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "zk-client-tls"
+    assert {i["key"] for i in volume["secret"]["items"]} == {"ca.crt", "tls.crt", "tls.key"}
+    without_cert = render({"sidecar": {"zkTls": {"enabled": True, "secretName": "ca-only", "certKey": ""}}})
+    env = {item["name"] for item in sidecar_of(pod_spec(without_cert))["env"]}
+    assert "ZKCACHE_ZK_TLS_CA" in env and "ZKCACHE_ZK_TLS_CERT" not in env
 
 
 def test_memory_check_accepts_a_limit_that_fits() -> None:

@@ -124,6 +124,17 @@ aiohttp, kazoo: about 50 MB measured).
 {{- if ge $stop (float64 $sidecar.terminationGracePeriodSeconds) -}}
 {{- fail (printf "zk-cache-sidecar: sidecar.config.shutdown_timeout=%v must be below sidecar.terminationGracePeriodSeconds=%v, or the kubelet kills the sidecar mid-stop" $sidecar.config.shutdown_timeout $sidecar.terminationGracePeriodSeconds) -}}
 {{- end -}}
+{{- if $sidecar.zkTls.enabled -}}
+{{- if not $sidecar.zkTls.secretName -}}
+{{- fail "zk-cache-sidecar: sidecar.zkTls.enabled needs sidecar.zkTls.secretName (a Secret with the CA, and the client certificate and key)" -}}
+{{- end -}}
+{{- if .Values.zookeeper.enabled -}}
+{{- fail "zk-cache-sidecar: sidecar.zkTls.enabled needs externalZookeeper with a secure client port; the bundled ensemble has none" -}}
+{{- end -}}
+{{- if and $sidecar.zkTls.certKey (not $sidecar.zkTls.keyKey) -}}
+{{- fail "zk-cache-sidecar: sidecar.zkTls.certKey needs sidecar.zkTls.keyKey" -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "zk-cache-sidecar.securityContext" -}}
@@ -160,8 +171,33 @@ env:
       fieldRef:
         fieldPath: metadata.name
   {{- range $name, $value := $sidecar.config }}
+  {{- if not (and (eq $name "origin") $sidecar.originSecret.name) }}
   - name: {{ printf "ZKCACHE_%s" (upper $name) }}
     value: {{ include "zk-cache-sidecar.text" $value | quote }}
+  {{- end }}
+  {{- end }}
+  {{- with $sidecar.originSecret.name }}
+  - name: ZKCACHE_ORIGIN
+    valueFrom:
+      secretKeyRef:
+        name: {{ . }}
+        key: {{ $sidecar.originSecret.key }}
+  {{- end }}
+  {{- with $sidecar.zkTls }}
+  {{- if .enabled }}
+  - name: ZKCACHE_ZK_TLS
+    value: "true"
+  - name: ZKCACHE_ZK_TLS_CA
+    value: {{ printf "/etc/zkcache/zk-tls/%s" .caKey | quote }}
+  {{- if .certKey }}
+  - name: ZKCACHE_ZK_TLS_CERT
+    value: {{ printf "/etc/zkcache/zk-tls/%s" .certKey | quote }}
+  - name: ZKCACHE_ZK_TLS_KEY
+    value: {{ printf "/etc/zkcache/zk-tls/%s" .keyKey | quote }}
+  {{- end }}
+  - name: ZKCACHE_ZK_TLS_VERIFY
+    value: {{ .verify | toString | quote }}
+  {{- end }}
   {{- end }}
   {{- with $sidecar.zkAuthSecret.name }}
   - name: ZKCACHE_ZK_AUTH
@@ -204,6 +240,11 @@ volumeMounts:
     mountPath: /data
   - name: zkcache-tmp
     mountPath: /tmp
+  {{- if $sidecar.zkTls.enabled }}
+  - name: zkcache-zk-tls
+    mountPath: /etc/zkcache/zk-tls
+    readOnly: true
+  {{- end }}
 {{- end -}}
 
 {{/* The volumes the sidecar container mounts (a read-only root needs them). */}}
@@ -214,6 +255,22 @@ volumeMounts:
 - name: zkcache-tmp
   emptyDir:
     sizeLimit: 64Mi
+{{- with .Values.sidecar.zkTls }}
+{{- if .enabled }}
+- name: zkcache-zk-tls
+  secret:
+    secretName: {{ .secretName }}
+    items:
+      - key: {{ .caKey }}
+        path: {{ .caKey }}
+      {{- if .certKey }}
+      - key: {{ .certKey }}
+        path: {{ .certKey }}
+      - key: {{ .keyKey }}
+        path: {{ .keyKey }}
+      {{- end }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/*
