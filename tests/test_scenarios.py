@@ -1,6 +1,6 @@
 """The checker under real faults: 3-node ensemble, 3 sidecars, proxies, a workload.
 
-Each scenario is bounded (8 s of load, about 15 s in all). Acceptance: no strong
+Each scenario is bounded (6 s of load, 8 s with origin faults; about 15 s in all). Acceptance: no strong
 stale read, no lost acknowledged write, no double CAS, no phantom read,
 eventual staleness within the window, and every sidecar converges.
 """
@@ -16,9 +16,13 @@ from sidecar.dev.scenarios import SCENARIOS, SESSION, WINDOW, run_scenario
 pytestmark = pytest.mark.slow
 
 
+# Origin faults spend much of their load waiting on timeouts: they get longer.
+_SECONDS = {"origin-faults": 8.0, "redis-faults": 8.0}
+
+
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_scenario(name: str, tmp_path: Path) -> None:
-    result = run_scenario(name, tmp_path, seconds=8.0)
+    result = run_scenario(name, tmp_path, seconds=_SECONDS.get(name, 6.0))
     report = result.report
     assert report.reads > 100 and report.writes_acknowledged > 50, "the workload did not run"
     assert report.ok, "\n".join(report.violations[:20])
