@@ -263,7 +263,7 @@ def _check_duration(ctx: click.Context, param: click.Parameter, value: str) -> f
     "--origin",
     default=None,
     envvar="ZKCACHE_ORIGIN",
-    help="The sidecars' origin, read once to check it (default: the http(s) origin every member reports, if one).",
+    help="The sidecars' origin, read once to check it (default: the http(s) or redis origin every member reports).",
 )
 @click.pass_obj
 def doctor(obj: dict[str, Any], zk_session_timeout: float, origin: str | None) -> None:
@@ -286,7 +286,10 @@ def doctor(obj: dict[str, Any], zk_session_timeout: float, origin: str | None) -
     except SidecarError as exc:
         namespace = [Finding(f"namespace {obj['namespace']}", f"not checked: {exc.detail}", True)]
     reported = {str(m.get("origin", "")) for m in members}
-    if origin is None and len(reported) == 1 and next(iter(reported)).startswith(("http://", "https://")):
+    # A URL the members report can be checked from here (credentials are never reported, TLS
+    # options neither: rediss:// needs --origin).
+    checkable = ("http://", "https://", "redis://", "redis+sentinel://")
+    if origin is None and len(reported) == 1 and next(iter(reported)).startswith(checkable):
         origin = next(iter(reported))
     if origin is not None:
         namespace += asyncio.run(check_origin(origin, timeout=min(obj["timeout"], 5.0)))

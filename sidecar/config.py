@@ -32,8 +32,10 @@ __all__ = [
     "Config",
     "Listen",
     "TlsSettings",
+    "container_memory_limit",
     "flag_names",
     "load_config",
+    "memory_needed",
     "parse_duration",
     "parse_live",
     "parse_origin",
@@ -603,6 +605,25 @@ def parse_live(data: bytes | None) -> dict[str, Any]:
             raise ConfigError(f"setting '{name}': must be a string or a number, got {raw!r}")
         parsed[name] = _parse_value(name, raw)
     return parsed
+
+
+def container_memory_limit() -> int | None:
+    """The cgroup's memory limit in bytes (v2, then v1), or None when there is none."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as fh:
+                text = fh.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # v1 reports "no limit" as a huge number
+            return int(text)
+        return None
+    return None
+
+
+def memory_needed(max_bytes: int) -> int:
+    """What a sidecar with ``max_bytes`` may take (the chart's formula: 1.25 x max_bytes + 64 MiB)."""
+    return max_bytes * 5 // 4 + 64 * 1024**2
 
 
 def with_live(base: Config, live: Mapping[str, Any]) -> Config:

@@ -24,7 +24,7 @@ from typing import Any
 
 from . import __version__
 from .cache import CacheCounters, CoherentCache
-from .config import LIVE_SETTINGS, Config, parse_live, with_live
+from .config import LIVE_SETTINGS, Config, container_memory_limit, memory_needed, parse_live, with_live
 from .coordination import Coordinator, EventDelivery, InvalidationReceipt, validate_key
 from .errors import ConfigError, NotAcknowledged, PayloadTooLarge
 from .events import CacheEvents
@@ -147,6 +147,13 @@ class CacheService:
         try:
             live = parse_live(data)
             new = with_live(self.base_config, live)
+            limit = container_memory_limit()
+            if "max_bytes" in live and limit is not None and memory_needed(new.max_bytes) > limit:
+                raise ConfigError(
+                    f"setting 'max_bytes': {new.max_bytes} needs a memory limit of at least "
+                    f"{memory_needed(new.max_bytes) // 1024**2} MiB (1.25 x max_bytes + 64 MiB); "
+                    f"this container's is {limit // 1024**2} MiB"
+                )
         except ConfigError as exc:
             self.live_config = dataclasses.replace(self.live_config, version=version, error=exc.detail)
             log.error("config znode (version %d) is invalid; keeping the current settings: %s", version, exc.detail)

@@ -10,8 +10,11 @@ import aiohttp
 import pytest
 from kazoo.client import KazooClient
 
+from sidecar.config import load_config
 from sidecar.coordination import Layout, ZkSession, update_live_config
 from sidecar.dev import LocalZooKeeper, SidecarProcess
+from sidecar.origins import NoOrigin
+from sidecar.service import CacheService
 from tests.conftest import SidecarFactory, cachectl, eventually
 
 pytestmark = pytest.mark.slow
@@ -125,6 +128,17 @@ async def test_concurrent_config_changes_lose_neither(
         assert final == changes, "a concurrent change was lost"
     finally:
         await asyncio.gather(*(s.close() for s in sessions))
+    # The same through the real CLI: three operators at once.
+    again = {"ttl": "2m", "max_entries": "6000", "log_level": "error"}
+    runs = await asyncio.gather(
+        *(
+            asyncio.to_thread(cachectl, zk_server.hosts, namespace, "config", "set", f"{k}={v}")
+            for k, v in again.items()
+        )
+    )
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    final, _ = json.loads(cachectl(zk_server.hosts, namespace, "config", "get", "--json").stdout).values()
+    assert final == {**changes, **again}
 
 
 def test_config_refuses_a_namespace_nobody_joined(zk_server: LocalZooKeeper, namespace: str) -> None:
@@ -147,3 +161,18 @@ def test_config_diff_writes_nothing(sidecars: SidecarFactory, zk_server: LocalZo
     assert "no live settings" in cachectl(zk_server.hosts, namespace, "config", "get").stdout
     bad = cachectl(zk_server.hosts, namespace, "config", "set", "listen=0.0.0.0:80")
     assert bad.returncode == 2 and "not a live setting" in bad.stderr
+
+
+async def test_a_live_max_bytes_beyond_the_containers_memory_limit_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chart checks max_bytes against the pod's memory limit; a live change skips the chart,
+    so the sidecar checks it against its cgroup's limit itself."""
+    import sidecar.service
+
+    monkeypatch.setattr(sidecar.service, "container_memory_limit", lambda: 320 * 1024**2)
+    cfg = load_config({"zk": "127.0.0.1:1", "origin": "none", "member_id": "m"}, env={})
+    svc = CacheService(cfg, NoOrigin())
+    svc.apply_live_config(b'{"max_bytes": "256MiB", "ttl": "1m"}', 7)
+    assert svc.live_config.error is not None and "memory limit of at least 384 MiB" in svc.live_config.error
+    assert svc.config.ttl == 0.0 and svc.config.max_bytes == cfg.max_bytes, "nothing of it applies"
+    svc.apply_live_config(b'{"max_bytes": "192MiB", "ttl": "1m"}', 8)
+    assert svc.live_config.error is None and svc.config.max_bytes == 192 * 1024**2 and svc.config.ttl == 60.0
