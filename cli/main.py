@@ -315,9 +315,10 @@ def _check_assignments(ctx: click.Context, param: click.Parameter, value: tuple[
 
 
 def _check_unset(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[str]:
+    # Any name: also one a hand edit (or a newer cachectl) left in the znode, which no sidecar accepts.
     for name in value:
-        if name not in LIVE_SETTINGS:
-            raise click.BadParameter(f"{name!r} is not a live setting (live: {', '.join(LIVE_SETTINGS)})")
+        if not name.strip():
+            raise click.BadParameter("an empty setting name")
     return list(value)
 
 
@@ -332,12 +333,14 @@ def _show_change(change: LiveConfigChange, as_json: bool) -> None:
         click.echo(f"{name}: {'(unset)' if before is None else before} -> {'(unset)' if after is None else after}")
 
 
-def _change_config(obj: dict[str, Any], settings: dict[str, str], unset: list[str], *, write: bool) -> LiveConfigChange:
-    if not settings and not unset:
+def _change_config(
+    obj: dict[str, Any], settings: dict[str, str], unset: list[str], *, write: bool, replace: bool = False
+) -> LiveConfigChange:
+    if not settings and not unset and not replace:
         raise click.UsageError("nothing to change: give NAME=VALUE or --unset NAME")
 
     def action(zk: ZkSession, layout: Layout) -> Awaitable[LiveConfigChange]:
-        return update_live_config(zk, layout, settings, unset, write=write)
+        return update_live_config(zk, layout, settings, unset, write=write, replace=replace)
 
     try:
         return asyncio.run(_with_zk(obj, action))
@@ -382,15 +385,17 @@ _UNSET = click.option("--unset", multiple=True, callback=_check_unset, help="Rem
 @config.command("set")
 @_SETTINGS
 @_UNSET
+@click.option("--replace", is_flag=True, help="Hold exactly these settings afterwards, whatever the znode held.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def config_set(obj: dict[str, Any], settings: dict[str, str], unset: list[str], as_json: bool) -> None:
+def config_set(obj: dict[str, Any], settings: dict[str, str], unset: list[str], replace: bool, as_json: bool) -> None:
     """Set live settings NAME=VALUE (checked by the sidecar's own parsers) and print what changed.
 
     Written with a version check: a concurrent change by someone else is
-    merged, never overwritten.
+    merged, never overwritten. --replace drops everything else (also what a
+    hand edit left that no sidecar reads; with no NAME=VALUE: nothing stays).
     """
-    _show_change(_change_config(obj, settings, unset, write=True), as_json)
+    _show_change(_change_config(obj, settings, unset, write=True, replace=replace), as_json)
 
 
 @config.command("diff")

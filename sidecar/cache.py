@@ -134,6 +134,7 @@ class CoherentCache:
         self.counters = CacheCounters()
         self.on_vacated: Callable[[str], None] = on_vacated or _ignore
         self._timer = timer
+        self._ttl = ttl
         self._data = self._new_data(max_entries, max_bytes, ttl)
         self._fills: dict[str, list[FillTicket]] = {}
 
@@ -151,12 +152,23 @@ class CoherentCache:
     def reconfigure(self, max_entries: int, max_bytes: int, ttl: float) -> None:
         """New bounds and TTL, keeping what fits: the least recently used entries go first.
 
-        Entries move into a new store in LRU order, so a smaller bound evicts
-        (each eviction reported, its watch released) and nothing else is
-        dropped.  Under a TTL, each kept entry's lifetime starts again now:
-        the TTL bounds age in the cache, coherence does not rest on it.
-        O(entries), on the loop.
+        Each eviction is reported (its watch released); nothing else is
+        dropped.  With the TTL unchanged the store shrinks in place, in time
+        proportional to what it evicts, and every entry keeps its expiry.  A
+        new TTL needs a new store: entries move into it in LRU order, and
+        their lifetime starts again now (the TTL bounds age in the cache;
+        coherence does not rest on it).
         """
+        if ttl == self._ttl:
+            data = self._data
+            data.max_entries = max_entries
+            # cachetools has no setter for maxsize; its private name has been
+            # stable for years, and the cache tests catch a change.
+            data._Cache__maxsize = max_bytes  # type: ignore[union-attr]
+            assert data.maxsize == max_bytes, "cachetools changed how it keeps maxsize"
+            while len(data) > max_entries or data.currsize > max_bytes:
+                data.popitem()  # ours: counted as an eviction and reported
+            return
         old = self._data
         # cachetools' own popitem yields least recently used first (and drops
         # what has expired, reported by _TTLLRU.expire); ours would count
@@ -168,6 +180,7 @@ class CoherentCache:
                 kept.append(pop(old))
             except KeyError:
                 break
+        self._ttl = ttl
         self._data = self._new_data(max_entries, max_bytes, ttl)
         for key, entry in kept:
             try:

@@ -233,3 +233,28 @@ def test_reconfigure_drops_an_entry_larger_than_the_new_byte_bound() -> None:
     fill(cache, "small", entry("small", 10))
     cache.reconfigure(max_entries=10, max_bytes=1000, ttl=0.0)
     assert list(cache.keys()) == ["small"]
+
+
+def test_changing_only_the_bounds_keeps_each_entrys_ttl() -> None:
+    """Rebuilding the store restarted every TTL: bounds changed every 9 s kept a 10 s entry forever."""
+    now = [0.0]
+    cache = CoherentCache(max_entries=10, max_bytes=10**9, ttl=10.0, timer=lambda: now[0])
+    fill(cache, "a", entry("a"))
+    now[0] = 9.0
+    cache.reconfigure(max_entries=9, max_bytes=10**9, ttl=10.0)
+    now[0] = 10.5
+    assert cache.get("a") is None, "the bounds change gave the entry a new TTL"
+
+
+def test_shrinking_in_place_evicts_by_bytes_too() -> None:
+    vacated: list[str] = []
+    per = 100 + 1 + ENTRY_OVERHEAD
+    cache = CoherentCache(max_entries=100, max_bytes=per * 10, on_vacated=vacated.append)
+    for k in "abcdefgh":
+        fill(cache, k, entry(k, 100))
+    cache.get("a")
+    cache.reconfigure(max_entries=100, max_bytes=per * 3, ttl=0.0)
+    assert sorted(cache.keys()) == ["a", "g", "h"] and cache.bytes == per * 3
+    assert sorted(vacated) == ["b", "c", "d", "e", "f"]
+    fill(cache, "i", entry("i", 100))  # the new byte bound holds for later fills
+    assert len(cache) == 3 and "i" in cache

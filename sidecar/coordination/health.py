@@ -275,7 +275,7 @@ async def check_origin(url: str, timeout: float) -> list[Finding]:
     Redis it reads ``INFO replication`` (a server that is not the primary,
     or fewer replicas than writes wait for, is a problem).
     """
-    subject = f"origin {url}"
+    subject = f"origin {_without_password(url)}"
     try:
         checked = parse_origin(url)  # the daemon's own validation of the setting
     except ValueError as exc:
@@ -311,6 +311,15 @@ async def check_origin(url: str, timeout: float) -> list[Finding]:
     finally:
         await origin.close()
     return findings
+
+
+def _without_password(url: str) -> str:
+    """``url`` with the password in its user info replaced (doctor's lines end up in tickets)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hosts = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.partition(':')[0]}:***@{hosts}"
 
 
 def _quick_check(path: str, timeout: float) -> str:

@@ -290,12 +290,30 @@ async def await_acknowledgement(
 _CONFIG_ATTEMPTS = 10
 
 
-async def read_live_config(zk: ZkSession, layout: Layout) -> tuple[dict[str, Any], int | None]:
+async def read_live_config(
+    zk: ZkSession, layout: Layout, *, unreadable_as_empty: bool = False
+) -> tuple[dict[str, Any], int | None]:
     """The config znode's settings as written (unparsed), and its data version (None if absent).
 
     Raises :class:`SidecarError` if the namespace does not exist, or
-    :class:`ConfigError` if the znode does not hold a JSON object.
+    :class:`ConfigError` if the znode does not hold a JSON object (unless
+    ``unreadable_as_empty``: then it reads as holding nothing, to be replaced).
     """
+    try:
+        return await _read_live_config(zk, layout)
+    except _Unreadable as exc:
+        if unreadable_as_empty:
+            return {}, exc.version
+        raise ConfigError(f"{layout.config} {exc.detail}; replace it: cachectl config set --replace ...") from None
+
+
+class _Unreadable(Exception):
+    def __init__(self, detail: str, version: int) -> None:
+        super().__init__(detail)
+        self.detail, self.version = detail, version
+
+
+async def _read_live_config(zk: ZkSession, layout: Layout) -> tuple[dict[str, Any], int | None]:
     try:
         data, stat = await zk.get(layout.config)
     except NoNodeError:
@@ -307,9 +325,9 @@ async def read_live_config(zk: ZkSession, layout: Layout) -> tuple[dict[str, Any
     try:
         table = orjson.loads(data)
     except ValueError:
-        raise ConfigError(f"{layout.config} does not hold JSON; fix or --unset what is there") from None
+        raise _Unreadable("does not hold JSON", int(stat.version)) from None
     if not isinstance(table, dict):
-        raise ConfigError(f"{layout.config} does not hold a JSON object")
+        raise _Unreadable("does not hold a JSON object", int(stat.version))
     return table, int(stat.version)
 
 
@@ -329,7 +347,7 @@ class LiveConfigChange:
 
 
 async def update_live_config(
-    zk: ZkSession, layout: Layout, set_: dict[str, str], unset: list[str], *, write: bool = True
+    zk: ZkSession, layout: Layout, set_: dict[str, str], unset: list[str], *, write: bool = True, replace: bool = False
 ) -> LiveConfigChange:
     """Merge ``set_`` and ``unset`` into the config znode with a version check.
 
@@ -338,10 +356,12 @@ async def update_live_config(
     again and merged again, so two operators changing different settings
     both land, and neither overwrites what the other wrote.  ``write=False``
     computes the change without writing it (``cachectl config diff``).
+    ``replace``: the znode holds exactly ``set_`` afterwards, whatever it held
+    (also what no parser reads: the way out of a hand-edited znode).
     """
     for _ in range(_CONFIG_ATTEMPTS):
-        before, version = await read_live_config(zk, layout)
-        after = {name: value for name, value in before.items() if name not in unset}
+        before, version = await read_live_config(zk, layout, unreadable_as_empty=replace)
+        after = {} if replace else {name: value for name, value in before.items() if name not in unset}
         after.update(set_)
         parse_live(orjson.dumps(after))  # the daemon's own check; ConfigError names the setting
         change = LiveConfigChange(before, after, None)

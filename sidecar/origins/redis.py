@@ -29,13 +29,16 @@ mark their key before writing (``applies_late``).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 
 from ..errors import OriginError, OriginTimeout, OriginUnavailable
 from .base import DEFAULT_CONTENT_TYPE, OriginValue
@@ -43,12 +46,22 @@ from .base import DEFAULT_CONTENT_TYPE, OriginValue
 __all__ = ["RedisOrigin", "RedisUrl", "parse_redis_url"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+_MAX_CONTENT_TYPE = 1024
+_WAIT_MARGIN = 0.1  # seconds left for WAIT's answer to travel back before our own timeout
 
-# One round trip, and never more than ``max`` bytes of value on the wire: a
-# value written by another client may be larger than the sidecar accepts.
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# One round trip, and never more than ``max`` bytes of value (nor an outsized
+# content type) on the wire: another client may have written either.
 _READ = """
 local size = redis.call('HSTRLEN', KEYS[1], 'value')
 if size > tonumber(ARGV[1]) then return {size} end
+local type_size = redis.call('HSTRLEN', KEYS[1], 'content_type')
+if type_size > tonumber(ARGV[2]) then return {-1, type_size} end
 return redis.call('HMGET', KEYS[1], 'value', 'content_type')
 """
 
@@ -155,17 +168,31 @@ class RedisOrigin:
         self.applies_late = True  # a command whose reply we lost may have been applied
         self._timeout = timeout
         self._max = max_value_bytes
-        # The pool never grows past the semaphore; redis-py's own pool would
+        self._closed = False
+        # Reads and writes wait for slots of their own: a write holds its
+        # connection in WAIT while a replica is missing, and must not starve
+        # reads. The pool never grows past both; redis-py's own pool would
         # raise "Too many connections" instead of waiting.
-        self._slots = asyncio.Semaphore(max_connections)
+        self._read_slots = asyncio.Semaphore(max_connections)
+        self._write_slots = asyncio.Semaphore(max_connections)
+        # No retries inside redis-py: every call is bounded by our timeout, and
+        # a write retried on another connection would escape its WAIT.
         common: dict[str, Any] = {
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
-            "max_connections": max_connections,
+            "max_connections": 2 * max_connections,
             "client_name": "zkcache-sidecar",
+            "retry": Retry(NoBackoff(), 0),
         }
         if self._url.sentinels is not None:
-            sentinel_kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+            # Sentinels are asked in turn: each gets a share of the timeout, so
+            # that a hung one still leaves time to ask the others.
+            share = timeout / (len(self._url.sentinels) + 1)
+            sentinel_kwargs: dict[str, Any] = {
+                "socket_timeout": share,
+                "socket_connect_timeout": share,
+                "retry": Retry(NoBackoff(), 0),
+            }
             if self._url.sentinel_password:
                 sentinel_kwargs["password"] = self._url.sentinel_password
             self._sentinel: Sentinel | None = Sentinel(  # type: ignore[no-untyped-call]
@@ -186,57 +213,110 @@ class RedisOrigin:
     def _key(self, key: str) -> str:
         return self._url.prefix + key
 
-    async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, what: str, fn: Callable[[], Awaitable[T]], slots: asyncio.Semaphore | None = None) -> T:
+        if self._closed:
+            raise OriginUnavailable(f"{self.name}: closed; {what} not sent")
+        acquired = False
         try:
             async with asyncio.timeout(self._timeout):
-                async with self._slots:
+                async with slots or self._read_slots:
+                    acquired = True
                     return await fn()
+        except OriginError:
+            raise
         except (TimeoutError, rexc.TimeoutError):
+            if not acquired:  # certain: nothing reached Redis
+                raise OriginTimeout(
+                    f"{self.name}: {what}: no connection free within {self._timeout:g}s; nothing sent"
+                ) from None
             raise OriginTimeout(f"{self.name}: {what} timed out after {self._timeout:g}s") from None
+        except rexc.AuthenticationError as exc:
+            raise OriginError(f"{self.name}: {what}: authentication failed: {exc}") from None
         except rexc.ResponseError as exc:
-            if str(exc).startswith("WRONGTYPE"):
+            if "WRONGTYPE" in str(exc):  # alone, or inside a pipeline's error
                 raise OriginError(f"{self.name}: {what}: the Redis key is not a hash (see the layout)") from None
             raise OriginError(f"{self.name}: {what}: {exc}") from None
         except (rexc.RedisError, OSError) as exc:
             raise OriginUnavailable(f"{self.name}: {what} failed: {exc}") from None
 
     async def open(self) -> None:
-        """Fail early on a wrong address or password (one PING)."""
-        await self._call("PING", self._redis.ping)
+        """One PING: a wrong password fails the start; an unreachable Redis only logs (the origin may come later)."""
+        try:
+            await self._call("PING", self._redis.ping)
+        except (OriginUnavailable, OriginTimeout) as exc:
+            log.warning("origin not reachable yet (reads and writes answer 502/504 until it is): %s", exc.detail)
 
     async def get(self, key: str) -> OriginValue | None:
-        """``HMGET`` of the key's hash, refused beyond ``max_value_bytes``."""
-        reply = await self._call("read", lambda: self._read(keys=[self._key(key)], args=[self._max]))
-        if len(reply) == 1:  # {size}: too large to fetch
-            raise OriginError(f"{self.name}: origin value for key exceeds {self._max} bytes ({reply[0]})")
+        """``HMGET`` of the key's hash, refused beyond ``max_value_bytes``; only from the primary.
+
+        ``ROLE`` goes in the same round trip: a demoted primary keeps its
+        clients' connections and answers reads with data the new primary
+        has overwritten, which a fill would cache under the new version.
+        """
+
+        async def read() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:  # gives its connection back however it ends
+                pipe.execute_command("ROLE")
+                await self._read(keys=[self._key(key)], args=[self._max, _MAX_CONTENT_TYPE], client=pipe)  # queued
+                return list(await pipe.execute())
+
+        role, reply = await self._call("read", read)
+        if _text(role[0]) != "master":
+            raise OriginUnavailable(f"{self.name}: the server is a {_text(role[0])}, not the primary; nothing read")
+        if isinstance(reply[0], int):  # {size} or {-1, size}: refused by the script
+            if len(reply) == 1:
+                raise OriginError(f"{self.name}: origin value for key exceeds {self._max} bytes ({reply[0]})")
+            limit = _MAX_CONTENT_TYPE
+            raise OriginError(f"{self.name}: the key's content type is {reply[1]} bytes long (at most {limit})")
         value, content_type = reply
         if value is None:
             return None
-        return OriginValue(bytes(value), content_type.decode() if content_type else DEFAULT_CONTENT_TYPE)
+        return OriginValue(bytes(value), self._content_type(content_type))
+
+    def _content_type(self, raw: bytes | None) -> str:
+        # Written by any client: it becomes a response header, so it must be one.
+        if not raw:
+            return DEFAULT_CONTENT_TYPE
+        try:
+            text = raw.decode("ascii")
+        except UnicodeDecodeError:
+            text = ""
+        if not text or not all(" " <= c <= "~" for c in text):
+            raise OriginError(f"{self.name}: the key's content type {raw[:40]!r} is not a valid header value")
+        return text
 
     async def put(self, key: str, value: OriginValue) -> None:
         """``HSET`` both fields in one command, then ``WAIT`` for the replicas."""
         name = self._key(key)
         mapping: dict[Any, bytes | str] = {"value": value.value, "content_type": value.content_type}
-        await self._write("write", lambda: self._redis.hset(name, mapping=mapping))
+        await self._write("write", lambda pipe: pipe.hset(name, mapping=mapping))
 
     async def delete(self, key: str) -> None:
         """``DEL`` the key's hash; absent keys are not an error."""
         name = self._key(key)
-        await self._write("delete", lambda: self._redis.delete(name))
+        await self._write("delete", lambda pipe: pipe.delete(name))
 
-    async def _write(self, what: str, command: Callable[[], Awaitable[Any]]) -> None:
+    async def _write(self, what: str, command: Callable[[Any], Any]) -> None:
         replicas = self._url.replicas
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
 
         async def write_and_wait() -> int:
-            await command()
-            if not replicas:
-                return 0
-            # WAIT blocks the connection, not the server; its own timeout (ms)
-            # stays inside ours so that its answer, not our timer, ends the wait.
-            return int(await self._redis.wait(replicas, max(1, int(self._timeout * 800))))
+            left = deadline - loop.time()  # after waiting for a slot
+            if replicas and left < _WAIT_MARGIN * 1.5:
+                raise OriginTimeout(f"{self.name}: {what}: no connection free within {self._timeout:g}s; nothing sent")
+            # One pipeline, one connection: WAIT counts the replicas that have
+            # this connection's writes, so it must follow the write on it.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                command(pipe)
+                if replicas:
+                    # WAIT's own timeout ends a margin inside ours: its answer
+                    # (how many replicas), not our timer, ends the wait.
+                    pipe.wait(replicas, max(1, int((left - _WAIT_MARGIN) * 1000)))
+                results = await pipe.execute()
+            return int(results[-1]) if replicas else 0
 
-        confirmed = await self._call(what, write_and_wait)
+        confirmed = await self._call(what, write_and_wait, self._write_slots)
         if confirmed < replicas:
             raise OriginUnavailable(
                 f"{self.name}: {what} reached {confirmed} of the {replicas} replica(s) it needs; "
@@ -264,7 +344,8 @@ class RedisOrigin:
         return f"role {info.get('role')}, {info.get('connected_slaves', 0)} replica(s) connected"
 
     async def close(self) -> None:
-        """Close the pool (and the Sentinel connections)."""
+        """Close the pool (and the Sentinel connections); calls after this send nothing."""
+        self._closed = True
         await self._redis.aclose()
         if self._sentinel is not None:
             for s in self._sentinel.sentinels:
