@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import redis
 
-from .process import die_with_parent, free_port
+from .process import ServerProcess, die_with_parent, free_port
 from .proxy import TcpProxy
 
 __all__ = ["LocalRedis", "LocalSentinelGroup", "find_redis_server"]
@@ -33,7 +32,7 @@ def _client(host: str, port: int, timeout: float = 1.0) -> redis.Redis:
     return redis.Redis(host=host, port=port, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
-class _Process:
+class _Process(ServerProcess):
     """A redis-server (or Sentinel) child process with fault handles."""
 
     def __init__(self, data_dir: Path, port: int, config: str, sentinel: bool = False) -> None:
@@ -92,45 +91,6 @@ class _Process:
     def client(self) -> redis.Redis:
         """A synchronous redis-py client of this process (close it, or use ``with``)."""
         return _client(self.host, self.port)
-
-    def _signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-
-    def stop(self) -> None:
-        """SIGTERM (Redis saves and exits) and wait."""
-        if self.proc is None:
-            return
-        self.resume()
-        self._signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        self.proc = None
-
-    def kill(self) -> None:
-        """SIGKILL (a crash) and wait."""
-        if self.proc is None:
-            return
-        self._signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self.proc = None
-
-    def pause(self) -> None:
-        """SIGSTOP: connections stay open, nothing answers."""
-        self._signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        """SIGCONT after :meth:`pause`."""
-        self._signal(signal.SIGCONT)
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The end of the log, for failure messages."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
 
 _DURABLE = 'appendonly yes\nappendfsync always\nsave ""\n'

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 from ..coordination.health import four_letter
-from .process import die_with_parent, free_port
+from .process import ServerProcess, die_with_parent, free_port
 
 __all__ = ["LocalEnsemble", "LocalZooKeeper", "find_zkserver"]
 
@@ -29,7 +28,7 @@ def find_zkserver() -> str | None:
     return shutil.which("zkServer.sh")
 
 
-class LocalZooKeeper:
+class LocalZooKeeper(ServerProcess):
     """One standalone ZooKeeper on 127.0.0.1 with its own data dir.
 
     ``stop``/``kill``/``pause``/``resume`` are the fault-injection handles the
@@ -202,45 +201,6 @@ class LocalZooKeeper:
             return four_letter(self.host, self.port, "ruok", 0.5) == "imok"
         except OSError:
             return False
-
-    def _signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout``; waits for the exit."""
-        if self.proc is None:
-            return
-        self.resume()
-        self._signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        self.proc = None
-
-    def kill(self) -> None:
-        """SIGKILL (a crash) and wait for the exit."""
-        if self.proc is None:
-            return
-        self._signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self.proc = None
-
-    def pause(self) -> None:
-        """SIGSTOP: connections stay open but nothing answers (a hung server)."""
-        self._signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        """SIGCONT after :meth:`pause`."""
-        self._signal(signal.SIGCONT)
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The end of the server's log, for failure messages."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
 
 class LocalEnsemble:
