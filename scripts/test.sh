@@ -18,7 +18,7 @@ echo ">> ruff" >&2
 echo ">> mypy --strict" >&2
 .venv/bin/mypy
 echo ">> pytest" >&2
-.venv/bin/python -m pytest -q -ra "$@"
+.venv/bin/python -m pytest -q -ra --durations=25 "$@"
 if [ $# = 0 ]; then
   # Every benchmark but the two slowest (recovery's rolling restart and
   # retention's two ZooKeepers, 90 s together), to keep CI within its 15

@@ -18,15 +18,17 @@ pytestmark = pytest.mark.slow
 
 # Origin faults spend much of their load waiting on timeouts; the killed
 # sidecar's keys must be written again after its session expired (4 s after
-# the kill, at 30% of the load): these get longer.
-_SECONDS = {"origin-faults": 8.0, "redis-faults": 8.0, "sidecar-kill": 10.0}
+# the kill, at 30% of the load); a black hole hangs every request of sidecar 1
+# for 6 s: these get longer.
+_SECONDS = {"origin-faults": 8.0, "redis-faults": 8.0, "sidecar-kill": 10.0, "blackhole": 8.0}
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_scenario(name: str, tmp_path: Path) -> None:
     result = run_scenario(name, tmp_path, seconds=_SECONDS.get(name, 6.0))
     report = result.report
-    assert report.reads > 100 and report.writes_acknowledged > 50, "the workload did not run"
+    # Faults that hang requests (a black hole, a hung origin) leave few operations: enough that it ran.
+    assert report.reads > 50 and report.writes_acknowledged > 20, "the workload did not run"
     assert report.ok, "\n".join(report.violations[:20])
     assert result.converged, "sidecars did not converge on the origin's values"
     assert report.max_eventual_staleness <= WINDOW

@@ -383,7 +383,9 @@ def run_scenario(name: str, base_dir: Path, seconds: float = 8.0, clients: int =
                 },
             )
             cluster.sidecars.append(sc)
-            sc.start(timeout=60)
+            sc.start(wait_ready=False)
+        for sc in cluster.sidecars:  # started side by side, then awaited
+            sc.wait_ready(timeout=60)
         ops = asyncio.run(_workload(cluster, key_names, seconds, clients, fault))
         final = _final_values(db, cluster, key_names)
         converged = asyncio.run(_converged(cluster, final, WINDOW + 10))

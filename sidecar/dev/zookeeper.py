@@ -117,6 +117,11 @@ class LocalZooKeeper(ServerProcess):
 
     def start(self, timeout: float = 60.0) -> None:
         """Start the server and wait until it answers ``ruok`` with ``imok``."""
+        self.launch()
+        self.wait_serving(timeout)
+
+    def launch(self) -> None:
+        """Start the JVM without waiting (an ensemble starts its servers side by side)."""
         script = find_zkserver()
         if script is None:
             raise RuntimeError(
@@ -144,6 +149,10 @@ class LocalZooKeeper(ServerProcess):
             preexec_fn=die_with_parent(),
         )
         log.close()
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        """Wait until the launched server answers ``ruok`` with ``imok`` (and binds its TLS port)."""
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -228,9 +237,11 @@ class LocalEnsemble:
         return ",".join(s.hosts for s in self.servers)
 
     def start(self, timeout: float = 90.0) -> None:
-        """Start every server; return once one leads and the others follow."""
+        """Start every server side by side; return once one leads and the others follow."""
         for server in self.servers:
-            server.start(timeout)
+            server.launch()
+        for server in self.servers:
+            server.wait_serving(timeout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             modes = sorted(str(s.mode()) for s in self.servers)
