@@ -91,8 +91,9 @@ What every answer is checked against:
   a cut-off sidecar (503) changed nothing; conditional writes answer 200 or
   412 exactly as the model's version and origin say.
 
-Profiles: ``ZKCACHE_MODEL_PROFILE=ci`` (default: 10 programs of up to 25
-steps, about 60 to 120 s here) or ``soak`` (ten times the programs).
+Profiles: ``ZKCACHE_MODEL_PROFILE=ci`` (default: 6 programs of up to 25
+steps, about 70 s here; CI's whole run has 15 minutes) or ``soak`` (200
+programs).
 
 Reading a failure: Hypothesis prints the shrunk program (shrinking is capped,
 so it may keep a few steps that do not matter), and every failed check
@@ -154,7 +155,7 @@ class _Profile:
 _HEALTH = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much]
 settings.register_profile(
     "zkcache-model-ci",
-    max_examples=10,
+    max_examples=6,
     stateful_step_count=25,
     deadline=None,
     suppress_health_check=_HEALTH,
