@@ -463,6 +463,12 @@ def test_zk_tls_and_the_origin_come_from_secrets() -> None:
     without_cert = render({"sidecar": {"zkTls": {"enabled": True, "secretName": "ca-only", "certKey": ""}}})
     env = {item["name"] for item in sidecar_of(pod_spec(without_cert))["env"]}
     assert "ZKCACHE_ZK_TLS_CA" in env and "ZKCACHE_ZK_TLS_CERT" not in env
+    # A public CA (an ACME issuer's Secret has no ca.crt): the image's trust store.
+    public = render({"sidecar": {"zkTls": {"enabled": True, "secretName": "acme", "caKey": ""}}})
+    env = {item["name"] for item in sidecar_of(pod_spec(public))["env"]}
+    assert "ZKCACHE_ZK_TLS_CA" not in env and "ZKCACHE_ZK_TLS_CERT" in env
+    [volume] = [v for v in pod_spec(public)["volumes"] if v["name"] == "zkcache-zk-tls"]
+    assert {i["key"] for i in volume["secret"]["items"]} == {"tls.crt", "tls.key"}
 
 
 def test_memory_check_accepts_a_limit_that_fits() -> None:

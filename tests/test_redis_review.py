@@ -171,3 +171,19 @@ async def test_readyz_answers_at_once_while_the_origin_hangs(
 async def test_doctor_never_prints_the_origins_password() -> None:
     findings = await check_origin("redis://:hunter2@127.0.0.1:1/0", timeout=0.5)
     assert findings and all("hunter2" not in str(f) for f in findings), [str(f) for f in findings]
+
+
+async def test_a_refused_write_names_redis_reason_not_the_value_and_counts_as_down(redis_private: LocalRedis) -> None:
+    """redis-py's pipeline errors quote the command: the key and the value written ended up in the
+    HTTP error and the log. And an out-of-memory Redis refusing writes is down, not a bad key."""
+    origin = await open_origin(redis_private.url, 1.0, 1 << 20)
+    try:
+        with redis_private.client() as plain:
+            plain.config_set("maxmemory", 1)
+            plain.config_set("maxmemory-policy", "noeviction")
+        with pytest.raises(OriginUnavailable) as refused:
+            await origin.put("k", OriginValue(b"SECRET-TOKEN 4111111111111111", "text/plain"))
+        assert "SECRET" not in refused.value.detail and "4111" not in refused.value.detail, refused.value.detail
+        assert "maxmemory" in refused.value.detail
+    finally:
+        await origin.close()

@@ -5,15 +5,20 @@ Certificates are made by trustme for each test session (tests/conftest.py).
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
 
-from sidecar.dev import LocalZooKeeper
+from sidecar.coordination.tls import diagnose
+from sidecar.dev import LocalZooKeeper, SidecarProcess
 from tests.conftest import SidecarFactory, TlsFiles, eventually
 
 pytestmark = pytest.mark.slow
@@ -147,3 +152,57 @@ def test_bad_tls_settings_are_one_line_usage_errors(flags: list[str], message: s
         timeout=30,
     )
     assert daemon.returncode == 2 and message in daemon.stderr and daemon.stderr.count("\n") == 1, daemon.stderr
+
+
+@pytest.fixture
+def silent_servers() -> Iterator[str]:
+    """A connect string of three servers that accept connections and never answer (paused JVMs)."""
+    socks = []
+    for _ in range(3):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        socks.append(sock)
+    yield ",".join(f"127.0.0.1:{s.getsockname()[1]}" for s in socks)
+    for sock in socks:
+        sock.close()
+
+
+def test_cachectl_keeps_to_its_timeout_when_no_server_answers(
+    zk_tls: tuple[LocalZooKeeper, TlsFiles], silent_servers: str
+) -> None:
+    """The diagnosis probed each server for twice its own 3 s, one after another: 22 s for --timeout 2."""
+    _, files = zk_tls
+    began = time.monotonic()
+    run = _cachectl(silent_servers, *_tls_flags(files), "members")  # --timeout 3
+    elapsed = time.monotonic() - began
+    assert run.returncode == 3 and "did not complete the TLS handshake within" in run.stderr, run.stderr
+    assert run.stderr.count("\n") == 1
+    assert elapsed < 3 + 3 + 3, f"--timeout 3 took {elapsed:.1f}s"  # connect, diagnosis budget, process start
+
+
+def test_a_sidecar_stops_promptly_while_probing_servers_that_never_answer(
+    zk_tls: tuple[LocalZooKeeper, TlsFiles], silent_servers: str, tmp_path: Path
+) -> None:
+    """A probe ran on asyncio's executor, which asyncio.run waits for at exit: SIGTERM took 18 s."""
+    _, files = zk_tls
+    sc = SidecarProcess(
+        tmp_path, "prober", {"zk": silent_servers, "shutdown_timeout": "2s", "origin": "none", **_tls_settings(files)}
+    )
+    sc.start(wait_ready=False)
+    try:
+        time.sleep(3.0)  # the first probe starts 2 s after the start
+        assert sc.proc is not None
+        began = time.monotonic()
+        sc.proc.terminate()
+        sc.proc.wait(30)
+        elapsed = time.monotonic() - began
+        assert elapsed < 2 + 2, f"stopping took {elapsed:.1f}s with shutdown_timeout 2s"
+    finally:
+        sc.stop()
+
+
+def test_a_server_that_never_answers_is_named_so(silent_servers: str) -> None:
+    host, _, port = silent_servers.split(",")[0].rpartition(":")
+    problem = diagnose(host, int(port), None, 0.3)
+    assert problem is not None and "did not answer within 0.3s" in problem, problem

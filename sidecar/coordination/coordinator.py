@@ -315,7 +315,9 @@ class Coordinator:
                 self.connect_problem = None
             else:
                 problem = await self.zk.diagnose()
-                if problem and problem != self.connect_problem:
+                if self.state is ZkState.CONNECTED:  # (a property: read again after the await)
+                    problem = None  # connected while probing: the answer is stale
+                elif problem and problem != self.connect_problem:
                     log.error("cannot reach ZooKeeper: %s", problem)
                 self.connect_problem = problem
             await asyncio.sleep(every if self.connect_problem is None else every / 2)
@@ -667,6 +669,7 @@ class Coordinator:
         self.election.state_changed(state)
         self._not_ready()
         if state is ZkState.CONNECTED:
+            self.connect_problem = None
             self.key_watches.connected()
         else:
             self.key_watches.connection_lost()  # before any flush below reports vacated keys

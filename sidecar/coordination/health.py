@@ -50,10 +50,11 @@ def four_letter(host: str, port: int, cmd: str, timeout: float = 1.0, tls: TlsSe
     """
     with socket.create_connection((host, port), timeout=timeout) as raw:
         sock = raw if tls is None else wrap(raw, host, tls)
-        sock.sendall(cmd.encode())
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
+        with sock:
+            sock.sendall(cmd.encode())
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
     return b"".join(chunks).decode("utf-8", "replace")
 
 
@@ -103,7 +104,8 @@ def _ask_server(
             Finding(who, "refuses four-letter words: add ruok, srvr, mntr, conf to 4lw.commands.whitelist", True)
         ], None
     if ruok.strip() != "imok":
-        return [Finding(who, f"ruok answered {ruok.strip()!r}, not imok", True)], None
+        hint = diagnose(host, port, tls, timeout) if not ruok.strip() else None  # a TLS port, asked in plaintext?
+        return [Finding(who, hint or f"ruok answered {ruok.strip()!r}, not imok", True)], None
     srvr = four_letter(host, port, "srvr", timeout, tls)
     if _NOT_ALLOWED in srvr:
         return [Finding(who, "refuses srvr: add it to 4lw.commands.whitelist", True)], None
@@ -148,7 +150,7 @@ def check_ensemble(
     modes: list[str | None] = []
     for hp in hosts.split(","):
         host, _, port = hp.strip().rpartition(":")
-        server, mode = _check_server(host, int(port), session_timeout, timeout, tls)
+        server, mode = _check_server(host.strip("[]"), int(port), session_timeout, timeout, tls)
         findings += server
         modes.append(mode)
     serving = sum(mode is not None for mode in modes)

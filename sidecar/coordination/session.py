@@ -75,6 +75,11 @@ def _auth_options(auth: str | None) -> dict[str, Any]:
     return {"auth_data": [(scheme, credential)], "default_acl": CREATOR_ALL_ACL}
 
 
+def _set_result(future: asyncio.Future[str | None], result: str | None) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
 def _set_done(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -148,16 +153,32 @@ class ZkSession:
             await self.wait_connected(timeout)
         except NotConnected as exc:
             await self.close()
-            why = await self.diagnose()
+            why = await self.diagnose(budget=min(timeout, 6.0))
             raise NotConnected(f"{exc.detail}: {why}" if why else exc.detail) from None
 
-    async def diagnose(self, timeout: float = 3.0) -> str | None:
+    async def diagnose(self, budget: float = 6.0) -> str | None:
         """Why no server of the connect string answers as configured (TLS or not), or None.
 
         kazoo reports every failed connection as a timeout; this probes the
-        servers itself (off the loop) to name the cause.
+        servers itself, within ``budget`` seconds in all, on a daemon thread:
+        a probe still running must not hold up the process's exit (an
+        executor thread would: asyncio.run waits for it).
         """
-        return await asyncio.to_thread(diagnose_hosts, self._hosts, self.tls, timeout)
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[str | None] = loop.create_future()
+
+        def probe() -> None:
+            try:
+                result: str | None = diagnose_hosts(self._hosts, self.tls, budget)
+            except Exception as exc:  # a probe must not take the sidecar down
+                result = f"probing failed: {exc}"
+            try:
+                loop.call_soon_threadsafe(_set_result, answer, result)
+            except RuntimeError:
+                pass  # the loop closed meanwhile: nobody is waiting
+
+        threading.Thread(target=probe, name="zk-diagnose", daemon=True).start()
+        return await answer
 
     async def wait_connected(self, timeout: float) -> None:
         """Wait until the session is connected, or raise :class:`NotConnected`."""

@@ -51,18 +51,29 @@ def _speaks_tls(host: str, port: int, timeout: float) -> bool:
 
 
 def diagnose(host: str, port: int, tls: TlsSettings | None, timeout: float = 3.0) -> str | None:
-    """Why a ZooKeeper client with these settings cannot talk to ``host:port``; None if it can."""
+    """Why a ZooKeeper client with these settings cannot talk to ``host:port``; None if it can.
+
+    Each network step waits at most ``timeout``; a probe makes at most two.
+    """
     where = f"{host}:{port}"
+    ctx = None
+    if tls is not None:
+        try:  # our own files first: a Secret deleted or rotated badly since startup
+            ctx = tls.context()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            return f"cannot load the TLS files: {exc}"
     try:
         raw = socket.create_connection((host, port), timeout)
     except OSError as exc:
         return f"{where}: cannot connect ({exc.strerror or exc})"
     raw.settimeout(timeout)
-    if tls is None:
+    if ctx is None:
         with raw:
             try:
                 raw.sendall(b"ruok\n")
                 reply = raw.recv(64)
+            except TimeoutError:
+                return f"{where} accepted the connection but did not answer within {timeout:g}s (a hung server?)"
             except OSError:
                 reply = b""
         if reply:
@@ -70,9 +81,10 @@ def diagnose(host: str, port: int, tls: TlsSettings | None, timeout: float = 3.0
         if _speaks_tls(host, port, timeout):
             return f"{where} is a TLS port (secureClientPort): set zk_tls"
         return f"{where} closed the connection without a reply"
+    assert tls is not None
     stage = "handshake"
     try:
-        with wrap(raw, host, tls) as conn:
+        with ctx.wrap_socket(raw, server_hostname=host) as conn:
             stage = "first read"
             conn.sendall(b"srvr")  # srvr: allowed by ZooKeeper's default four-letter whitelist
             if conn.recv(64):
@@ -90,24 +102,36 @@ def diagnose(host: str, port: int, tls: TlsSettings | None, timeout: float = 3.0
                 return f"{where} requires a client certificate: set zk_tls_cert and zk_tls_key"
             return f"{where} refused the client certificate zk_tls_cert {tls.cert}"
         if "UNKNOWN_CA" in text or "CERTIFICATE_UNKNOWN" in text:
-            return f"{where} does not trust the CA of zk_tls_cert {tls.cert}"
+            if not (tls.cert and tls.key):
+                return f"{where} refused the connection (certificate unknown): does it need a client certificate?"
+            return (
+                f"{where} does not accept the client certificate zk_tls_cert {tls.cert} "
+                "(expired, or not signed by a CA it trusts)"
+            )
         if stage == "handshake" and _plaintext_reply(host, port, timeout):
             return f"{where} is a plaintext port, not a TLS one (secureClientPort), or turn zk_tls off"
         return f"{where}: TLS {stage} failed ({exc.reason or text}); see the server's log"
+    except TimeoutError:
+        return f"{where} did not complete the TLS {stage} within {timeout:g}s (a hung server?)"
     except OSError as exc:
         if stage == "handshake" and _plaintext_reply(host, port, timeout):
             return f"{where} is a plaintext port, not a TLS one (secureClientPort), or turn zk_tls off"
         return f"{where}: TLS {stage} failed ({exc})"
-    except ValueError as exc:  # our own files: unreadable or not PEM
-        return f"cannot load the TLS files: {exc}"
+    finally:
+        raw.close()
 
 
-def diagnose_hosts(hosts: str, tls: TlsSettings | None, timeout: float = 3.0) -> str | None:
-    """Why no server of a connect string can be reached as configured (each, joined); None if one can."""
+def diagnose_hosts(hosts: str, tls: TlsSettings | None, budget: float = 6.0) -> str | None:
+    """Why no server of a connect string can be reached as configured (each, joined); None if one can.
+
+    ``budget`` bounds the whole probe, however many servers: each gets an
+    equal share, split between its (at most two) network steps.
+    """
+    servers = [hp.strip().rpartition(":") for hp in hosts.partition("/")[0].split(",")]
+    step = max(0.2, budget / len(servers) / 2)
     problems = []
-    for hp in hosts.partition("/")[0].split(","):
-        host, _, port = hp.strip().rpartition(":")
-        problem = diagnose(host.strip("[]"), int(port), tls, timeout)
+    for host, _, port in servers:
+        problem = diagnose(host.strip("[]"), int(port), tls, step)
         if problem is None:
             return None  # one server is enough for a session
         problems.append(problem)

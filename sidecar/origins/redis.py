@@ -51,6 +51,21 @@ _MAX_CONTENT_TYPE = 1024
 _WAIT_MARGIN = 0.1  # seconds left for WAIT's answer to travel back before our own timeout
 
 
+# Refusals that say the server cannot take commands now (the origin is down), not that a key is wrong.
+_SERVER_UNAVAILABLE = (rexc.ReadOnlyError, rexc.OutOfMemoryError, rexc.MasterDownError, rexc.TryAgainError)
+
+
+def _reason(exc: BaseException) -> str:
+    """Redis's own message, without what redis-py's pipeline adds to it: the command and its
+    arguments, i.e. the key and the value being written, which belong in no log and no response."""
+    text = str(exc.args[0]) if exc.args else str(exc)
+    if "of pipeline caused error: " in text:
+        text = text.rpartition("of pipeline caused error: ")[2].strip()
+        if text.startswith("(") and text.endswith(",)"):
+            text = text[1:-2].strip().strip("'\"")
+    return text
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -233,9 +248,12 @@ class RedisOrigin:
         except rexc.AuthenticationError as exc:
             raise OriginError(f"{self.name}: {what}: authentication failed: {exc}") from None
         except rexc.ResponseError as exc:
-            if "WRONGTYPE" in str(exc):  # alone, or inside a pipeline's error
+            reason = _reason(exc)
+            if "WRONGTYPE" in reason:
                 raise OriginError(f"{self.name}: {what}: the Redis key is not a hash (see the layout)") from None
-            raise OriginError(f"{self.name}: {what}: {exc}") from None
+            if isinstance(exc, _SERVER_UNAVAILABLE) or reason.startswith("NOREPLICAS"):
+                raise OriginUnavailable(f"{self.name}: {what} refused: {reason}") from None
+            raise OriginError(f"{self.name}: {what}: {reason}") from None
         except (rexc.RedisError, OSError) as exc:
             raise OriginUnavailable(f"{self.name}: {what} failed: {exc}") from None
 

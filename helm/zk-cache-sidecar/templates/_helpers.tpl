@@ -187,8 +187,10 @@ env:
   {{- if .enabled }}
   - name: ZKCACHE_ZK_TLS
     value: "true"
+  {{- if .caKey }}
   - name: ZKCACHE_ZK_TLS_CA
     value: {{ printf "/etc/zkcache/zk-tls/%s" .caKey | quote }}
+  {{- end }}
   {{- if .certKey }}
   - name: ZKCACHE_ZK_TLS_CERT
     value: {{ printf "/etc/zkcache/zk-tls/%s" .certKey | quote }}
@@ -261,8 +263,10 @@ volumeMounts:
   secret:
     secretName: {{ .secretName }}
     items:
+      {{- if .caKey }}
       - key: {{ .caKey }}
         path: {{ .caKey }}
+      {{- end }}
       {{- if .certKey }}
       - key: {{ .certKey }}
         path: {{ .certKey }}
