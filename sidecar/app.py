@@ -33,10 +33,15 @@ log = logging.getLogger(__name__)
 _HTTP_DRAIN_SHARE = 0.6
 
 
+async def open_service(config: Config) -> CacheService:
+    """The service of a sidecar with these settings, its origin opened (not started: ``start()``)."""
+    origin = await open_origin(config.origin, config.origin_timeout, config.max_value_bytes, config.origin_connections)
+    return CacheService(config, origin)
+
+
 async def serve(config: Config, started: asyncio.Event | None = None) -> None:
     """Run the sidecar until SIGTERM or SIGINT (or until cancelled)."""
-    origin = await open_origin(config.origin, config.origin_timeout, config.max_value_bytes, config.origin_connections)
-    service = CacheService(config, origin)
+    service = await open_service(config)
     drain = config.shutdown_timeout * _HTTP_DRAIN_SHARE
     # aiohttp (3.14) waits shutdown_timeout twice for a request in progress:
     # for its handler, then again after cancelling the request.
@@ -62,7 +67,7 @@ async def serve(config: Config, started: asyncio.Event | None = None) -> None:
             config.namespace,
             config.listen,
             f" (probes and metrics on {config.ops_listen})" if config.ops_listen else "",
-            origin.name,
+            service.origin.name,
             config.zk,
             config.namespace_root,
         )

@@ -22,6 +22,7 @@ import pytest
 from aiohttp.test_utils import RawTestServer, TestClient
 from kazoo.client import KazooClient
 
+from sidecar.app import open_service
 from sidecar.config import load_config
 from sidecar.coordination import Layout, ZkSession
 from sidecar.coordination.election import Election, NotLeader
@@ -29,7 +30,6 @@ from sidecar.coordination.lock import acquire_write_lock
 from sidecar.dev import LocalZooKeeper, TcpProxy
 from sidecar.errors import CoordinationError
 from sidecar.http_api import Api
-from sidecar.origins import open_origin
 from sidecar.origins.sqlite import sqlite_path
 from sidecar.service import CacheService
 from tests.conftest import SidecarFactory, eventually, held_origin_put
@@ -60,6 +60,19 @@ def _zk_exists(hosts: str, path: str) -> bool:
 
 
 # -- an intent kept on purpose is never repaired ------------------------------------------
+@contextlib.asynccontextmanager
+async def _write_left_in_flight(http: aiohttp.ClientSession, upstream: str, url: str, key: str) -> AsyncIterator[None]:
+    """``key`` written (v0), then a write of v1 that the upstream holds before storing it: the
+    sidecar at ``url`` answers 504 and keeps the intent on purpose (its outcome is unknown).
+    The upstream stores v1, late, when the block ends."""
+    assert (await put(http, url, key, b"v0"))[0] == 200
+    async with held_origin_put(http, upstream, key, before=True) as until_held:
+        status, _, _ = await put(http, url, key, b"v1")
+        await until_held()
+        assert status == 504  # the upstream has not applied it; it will, late
+        yield
+
+
 async def test_an_intent_kept_because_the_origin_write_timed_out_is_never_repaired(
     sidecars: SidecarFactory, upstream: str, http: aiohttp.ClientSession, namespace: str, zk_server: LocalZooKeeper
 ) -> None:
@@ -72,11 +85,7 @@ async def test_an_intent_kept_because_the_origin_write_timed_out_is_never_repair
     common = {"origin": upstream + "/kv", "origin_timeout": "1s", "lock_timeout": "2s", "housekeeping_interval": "0.2s"}
     a, b = sidecars("a", **common), sidecars("b", **common)
     layout = Layout(f"/zkcache/{namespace}")
-    assert (await put(http, a.url, "k", b"v0"))[0] == 200
-    async with held_origin_put(http, upstream, "k", before=True) as until_held:
-        status, _, _ = await put(http, a.url, "k", b"v1")
-        await until_held()
-        assert status == 504  # the upstream has not applied it; it will, late
+    async with _write_left_in_flight(http, upstream, a.url, "k"):
         answered = time.time()
         assert await asyncio.to_thread(_zk_exists, zk_server.hosts, layout.uncertain_path("k")), "no marker"
 
@@ -115,7 +124,7 @@ async def service(zk_server: LocalZooKeeper, namespace: str, tmp_path: Path) -> 
         },
         env={},
     )
-    svc = CacheService(cfg, await open_origin(cfg.origin, cfg.origin_timeout, cfg.max_value_bytes))
+    svc = await open_service(cfg)
     svc.start()
     await eventually(lambda: svc.ready and svc.coord.election.leading, timeout=15, what="service ready and leading")
     yield svc
@@ -254,7 +263,7 @@ async def test_the_probe_does_not_call_a_hit_stale_because_of_a_write_during_its
          "consistency_probe_rate": "1"},
         env={},
     )  # fmt: skip
-    svc = CacheService(cfg, await open_origin(cfg.origin, cfg.origin_timeout, cfg.max_value_bytes))
+    svc = await open_service(cfg)
     svc.start()
     b = sidecars("b", origin=url)
     try:
@@ -363,10 +372,7 @@ async def test_a_refused_if_none_match_write_never_ends_an_intent_kept_on_purpos
 ) -> None:
     layout = Layout(f"/zkcache/{namespace}")
     a = sidecars("a", **_common(upstream))
-    assert (await put(http, a.url, "k", b"v0"))[0] == 200
-    async with held_origin_put(http, upstream, "k", before=True) as until_held:
-        assert (await put(http, a.url, "k", b"v1"))[0] == 504
-        await until_held()
+    async with _write_left_in_flight(http, upstream, a.url, "k"):
         status, _, _ = await put(http, a.url, "k", b"other", **{"If-None-Match": "*"})
         assert status == 412  # the origin still has v0
         data, _ = await asyncio.to_thread(_zk_get, zk_server.hosts, layout.version_path("k"))
@@ -382,10 +388,8 @@ async def test_an_invalidation_ends_a_kept_intent_with_its_marker_so_a_later_dea
 ) -> None:
     layout = Layout(f"/zkcache/{namespace}")
     a = sidecars("a", **_common(upstream))
-    assert (await put(http, a.url, "k", b"v0"))[0] == 200
-    async with held_origin_put(http, upstream, "k", before=True) as until_held:
-        assert (await put(http, a.url, "k", b"v1"))[0] == 504
-        await until_held()
+    async with _write_left_in_flight(http, upstream, a.url, "k"):
+        pass
     # The operator checked the origin and releases the key, as cachectl doctor advises.
     async with http.post(a.url + "/v1/invalidate", json={"keys": ["k"]}) as resp:
         assert resp.status == 202

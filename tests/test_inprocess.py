@@ -21,6 +21,7 @@ from aiohttp.test_utils import RawTestServer, TestClient
 from blockbuster import BlockBuster, blockbuster_ctx
 from kazoo.client import KazooClient
 
+from sidecar.app import open_service
 from sidecar.cache import Entry
 from sidecar.config import load_config
 from sidecar.dev import LocalZooKeeper
@@ -42,7 +43,7 @@ async def service(zk_server: LocalZooKeeper, namespace: str, tmp_path: Path) -> 
         },
         env={},
     )
-    svc = CacheService(cfg, await open_origin(cfg.origin, cfg.origin_timeout, cfg.max_value_bytes))
+    svc = await open_service(cfg)
     svc.start()
     await eventually(lambda: svc.ready, what="service ready")
     yield svc
@@ -143,7 +144,7 @@ async def test_auth_token_is_required_when_set(zk_server: LocalZooKeeper, namesp
         },
         env={},
     )
-    svc = CacheService(cfg, await open_origin(cfg.origin, cfg.origin_timeout, cfg.max_value_bytes))
+    svc = await open_service(cfg)
     try:
         async with TestClient(RawTestServer(Api(svc))) as c:
             assert (await c.get("/healthz")).status == 200  # probes need no token
@@ -294,7 +295,7 @@ async def test_writes_waiting_for_a_connection_answer_as_soon_as_the_stop_begins
         },
         env={},
     )
-    svc = CacheService(cfg, await open_origin(cfg.origin, cfg.origin_timeout, cfg.max_value_bytes))
+    svc = await open_service(cfg)
     svc.start()
     try:
         await eventually(lambda: svc.ready, what="service ready")

@@ -13,6 +13,7 @@ import aiohttp
 
 from ..errors import OriginError, OriginTimeout, OriginUnavailable
 from .base import DEFAULT_CONTENT_TYPE, OriginValue
+from .monitor import probe_read
 
 __all__ = ["HttpOrigin"]
 
@@ -87,8 +88,6 @@ class HttpOrigin:
 
     async def health(self) -> list[str]:
         """One read of a key nobody writes."""
-        from .monitor import probe_read
-
         return await probe_read(self)
 
     async def close(self) -> None:

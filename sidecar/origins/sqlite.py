@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from ..errors import OriginTimeout, OriginUnavailable
 from .base import OriginValue
+from .monitor import probe_read
 
 __all__ = ["SqliteOrigin", "sqlite_path"]
 
@@ -153,8 +154,6 @@ class SqliteOrigin:
 
     async def health(self) -> list[str]:
         """One read of a key nobody writes."""
-        from .monitor import probe_read
-
         return await probe_read(self)
 
     async def close(self) -> None:
