@@ -32,8 +32,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from sidecar.dev import SidecarProcess
-from sidecar.dev.process import die_with_parent
+from harness import SidecarProcess
+from harness.process import die_with_parent
 from sidecar.origins.sqlite import SqliteOrigin
 
 __all__ = [

@@ -40,8 +40,8 @@ from typing import Any
 
 from kazoo.client import KazooClient
 
-from sidecar.dev import LocalZooKeeper, SidecarProcess
-from sidecar.dev.process import die_with_parent
+from harness import LocalZooKeeper, SidecarProcess
+from harness.process import die_with_parent
 
 from .common import run_scenario, scenario_parser
 from .write import (

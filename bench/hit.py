@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidecar.dev import LocalZooKeeper, free_port
+from harness import LocalZooKeeper, free_port
 
 from .common import (
     LOAD_CPU,

@@ -39,8 +39,8 @@ from typing import Any
 
 import aiohttp
 
+from harness import LocalZooKeeper
 from sidecar.cache import ENTRY_OVERHEAD
-from sidecar.dev import LocalZooKeeper
 
 from .common import (
     CpuMeter,

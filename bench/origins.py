@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.origins [--quick] [--out bench/results]
 
 Starts one ZooKeeper, one origin of each kind (a SQLite file, the dev HTTP
-upstream ``sidecar.dev.upstream``, a ``redis-server``) and one sidecar per
+upstream ``harness.upstream``, a ``redis-server``) and one sidecar per
 origin, all on loopback, under a temporary directory; stops them at the end.
 Each origin is preloaded with N keys of 1 KiB (quick: 200; else 2,000).
 
@@ -34,9 +34,9 @@ import aiohttp
 
 from bench.common import fmt_ms, machine, machine_line, pct, run_scenario, scenario_parser, seed_origin, write_results
 from bench.write import sequential_gets
-from sidecar.dev import LocalZooKeeper, SidecarProcess
-from sidecar.dev.redis import LocalRedis
-from sidecar.dev.upstream import UpstreamProcess
+from harness import LocalZooKeeper, SidecarProcess
+from harness.redis import LocalRedis
+from harness.upstream import UpstreamProcess
 from sidecar.origins import open_origin
 
 VALUE = b"v" * 1024

@@ -32,7 +32,7 @@ from pathlib import Path
 import aiohttp
 from kazoo.client import KazooClient
 
-from sidecar.dev import LocalZooKeeper, SidecarProcess
+from harness import LocalZooKeeper, SidecarProcess
 
 
 def pct(values: list[float], p: float) -> float:

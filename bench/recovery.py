@@ -52,9 +52,9 @@ from typing import Any
 import aiohttp
 from kazoo.client import KazooClient
 
+from harness import SidecarProcess, TcpProxy
+from harness.zookeeper import LocalEnsemble, LocalZooKeeper
 from sidecar.coordination import Layout
-from sidecar.dev import SidecarProcess, TcpProxy
-from sidecar.dev.zookeeper import LocalEnsemble, LocalZooKeeper
 
 from .common import graceful_sigterm, machine, machine_line, seed_origin, write_results
 

@@ -31,8 +31,8 @@ from typing import Any
 
 from kazoo.client import KazooClient
 
+from harness import LocalZooKeeper
 from sidecar.coordination.layout import Layout
-from sidecar.dev import LocalZooKeeper
 
 from .common import (
     PinnedSidecar,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import aiohttp
 
-from sidecar.dev import LocalZooKeeper, SidecarProcess, TcpProxy
+from harness import LocalZooKeeper, SidecarProcess, TcpProxy
 
 from .common import seed_origin
 

@@ -43,8 +43,8 @@ from typing import Any
 
 from kazoo.client import KazooClient
 
+from harness import LocalZooKeeper, SidecarProcess
 from sidecar.coordination.layout import Layout
-from sidecar.dev import LocalZooKeeper, SidecarProcess
 
 from .common import run_scenario, scenario_parser
 from .fanout import propagation_rounds

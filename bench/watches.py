@@ -37,7 +37,7 @@ from typing import Any
 import aiohttp
 from kazoo.client import KazooClient
 
-from sidecar.dev import LocalZooKeeper
+from harness import LocalZooKeeper
 
 from .common import (
     PinnedSidecar,

@@ -53,7 +53,7 @@ import aiohttp
 from bench.common import create_origin_schema, run_scenario, scenario_parser
 from bench.common import machine as machine_info
 from bench.common import write_results as write_outputs
-from sidecar.dev import LocalZooKeeper, SidecarProcess
+from harness import LocalZooKeeper, SidecarProcess
 
 T = TypeVar("T")
 

@@ -3,7 +3,8 @@
 #   (zkServer.sh found) or configured (ZKCACHE_ZK / ZKCACHE_ZKSERVER set);
 # - wrk and redis-server from Debian (the Redis origin's tests and the benchmarks;
 #   Sentinel is redis-server --sentinel);
-# - a project virtualenv in .venv with the package and its test extras.
+# - a project virtualenv in .venv: `ensure_venv` installs what running needs
+#   (dev.sh), `ensure_venv test` adds the test, lint and benchmark tools.
 
 _sudo() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -33,19 +34,23 @@ ensure_bench_tools() {
 }
 
 ensure_venv() {
-  local stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+  local extras=${1:-} target=.
+  [ -n "$extras" ] && target=".[$extras]"
+  local stamp=.venv/.installed-${extras:-run}-$(sha1sum pyproject.toml | cut -c1-12)
   if [ ! -x .venv/bin/python ]; then
     echo ">> creating .venv" >&2
     python3 -m venv .venv
   fi
   if [ ! -e "$stamp" ]; then
     echo ">> installing Python dependencies into .venv (log: .venv/pip.log)" >&2
-    if ! .venv/bin/python -m pip install --disable-pip-version-check -e '.[test]' >.venv/pip.log 2>&1; then
+    if ! .venv/bin/python -m pip install --disable-pip-version-check -e "$target" >.venv/pip.log 2>&1; then
       tail -30 .venv/pip.log >&2
       echo "pip install failed; full log in .venv/pip.log" >&2
       return 1
     fi
+    # A test install holds everything a plain one does.
     rm -f .venv/.installed-*
     touch "$stamp"
+    [ -z "$extras" ] || touch ".venv/.installed-run-${stamp##*-}"
   fi
 }

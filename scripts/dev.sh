@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 . scripts/_setup.sh
 [ -n "${ZKCACHE_ZK:-}" ] || ensure_zookeeper
 ensure_venv
-exec .venv/bin/python -m sidecar.dev.cluster "$@"
+exec .venv/bin/python -m harness.cluster "$@"

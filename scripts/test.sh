@@ -10,11 +10,11 @@ cd "$(dirname "$0")/.."
 . scripts/_setup.sh
 ensure_zookeeper
 ensure_bench_tools
-ensure_venv
+ensure_venv test
 
 echo ">> ruff" >&2
-.venv/bin/ruff check sidecar cli tests bench
-.venv/bin/ruff format --check sidecar cli tests bench
+.venv/bin/ruff check sidecar cli harness tests bench
+.venv/bin/ruff format --check sidecar cli harness tests bench
 echo ">> mypy --strict" >&2
 .venv/bin/mypy
 echo ">> pytest" >&2

@@ -23,9 +23,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar.dev import LocalZooKeeper, SidecarProcess
-from sidecar.dev.redis import LocalRedis
-from sidecar.dev.upstream import UpstreamProcess
+from harness import LocalZooKeeper, SidecarProcess
+from harness.redis import LocalRedis
+from harness.upstream import UpstreamProcess
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -172,7 +172,7 @@ def sidecars(
 
 @pytest.fixture
 def upstream(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A real HTTP origin process (sidecar/dev/upstream.py); yields its base URL."""
+    """A real HTTP origin process (harness/upstream.py); yields its base URL."""
     server = UpstreamProcess(tmp_path / "upstream.log")
     yield server.base
     _dump_logs_if_failed(request, "upstream", server.log)

@@ -2,7 +2,7 @@
 
 Hypothesis runs stateful rules synchronously, so everything here blocks (with
 a bound on every wait) instead of being a coroutine.  The cluster is real:
-one ZooKeeper, one :class:`~sidecar.dev.TcpProxy` per sidecar between it and
+one ZooKeeper, one :class:`~harness.TcpProxy` per sidecar between it and
 ZooKeeper (so one sidecar's link can be cut, healed or slowed alone), three
 ``cache-sidecar`` processes, and one SQLite file they all read and write.
 """
@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from kazoo.client import KazooClient
 
-from sidecar.dev import SidecarProcess, TcpProxy
+from harness import SidecarProcess, TcpProxy
 
 __all__ = ["Cluster", "Reply", "request", "wait_until"]
 

@@ -36,9 +36,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from harness import LocalZooKeeper, free_port
+from harness.process import die_with_parent
 from sidecar.config import load_config, settings_help, unknown_env_names
-from sidecar.dev import LocalZooKeeper, free_port
-from sidecar.dev.process import die_with_parent
 from tests.conftest import make_tls_files
 
 ROOT = Path(__file__).resolve().parent.parent

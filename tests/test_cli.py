@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from kazoo.client import KazooClient
 
 from cli.main import cli
+from harness import LocalEnsemble, LocalZooKeeper, free_port
 from sidecar.coordination.layout import Layout
-from sidecar.dev import LocalEnsemble, LocalZooKeeper, free_port
 from tests.conftest import SidecarFactory, cachectl, eventually
 
 

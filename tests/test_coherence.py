@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from sidecar.dev import TcpProxy
+from harness import TcpProxy
 from sidecar.origins.sqlite import sqlite_path
 from tests.conftest import SidecarFactory, cachectl, cachectl_bytes, eventually, held_origin_put, member_ids
 

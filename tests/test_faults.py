@@ -13,8 +13,8 @@ import pytest
 from kazoo.client import KazooClient
 from kazoo.security import ACL, ANYONE_ID_UNSAFE, OPEN_ACL_UNSAFE, Permissions
 
+from harness import LocalZooKeeper, TcpProxy, free_port
 from sidecar.coordination import Layout
-from sidecar.dev import LocalZooKeeper, TcpProxy, free_port
 from sidecar.origins.sqlite import sqlite_path
 from tests.conftest import SidecarFactory, eventually, held_origin_put, member_ids
 from tests.test_coherence import get, get_hit, put

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sidecar.dev.history import Op, check
+from harness.history import Op, check
 
 
 def put(value: bytes, start: float, end: float, version: int, outcome: str = "ok") -> Op:

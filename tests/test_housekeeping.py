@@ -22,12 +22,12 @@ import pytest
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
 
+from harness import LocalZooKeeper, TcpProxy
 from sidecar.coordination import Layout
 from sidecar.coordination.election import Election, NotLeader, current_leader
 from sidecar.coordination.housekeeping import Candidate, Housekeeper, HousekeepingSettings
 from sidecar.coordination.operations import ensure_layout
 from sidecar.coordination.session import ZkSession, ZkState
-from sidecar.dev import LocalZooKeeper, TcpProxy
 from sidecar.origins.sqlite import sqlite_path
 from tests.conftest import SidecarFactory, cachectl, eventually
 from tests.test_coherence import get, get_hit, put

@@ -22,12 +22,12 @@ import pytest
 from aiohttp.test_utils import RawTestServer, TestClient
 from kazoo.client import KazooClient
 
+from harness import LocalZooKeeper, TcpProxy
 from sidecar.app import open_service
 from sidecar.config import load_config
 from sidecar.coordination import Layout, ZkSession
 from sidecar.coordination.election import Election, NotLeader
 from sidecar.coordination.lock import acquire_write_lock
-from sidecar.dev import LocalZooKeeper, TcpProxy
 from sidecar.errors import CoordinationError
 from sidecar.http_api import Api
 from sidecar.origins.sqlite import sqlite_path

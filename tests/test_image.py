@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +107,13 @@ def test_install_step_outside_docker(tmp_path: Path) -> None:
     for step in (wheel_step, install_step):
         run = subprocess.run(["bash", "-c", local(step)], cwd=context, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, f"{local(step)}\n{run.stdout[-3000:]}{run.stderr[-3000:]}"
+
+    # The shipped wheel holds the daemon and the CLI only: the dev and test
+    # harness (harness/) and the benchmarks stay in the checkout.
+    [wheel] = wheels.glob("zk_cache_sidecar-*.whl")
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {"sidecar", "cli"} <= tops and not tops & {"harness", "bench", "tests"}, tops
+    assert not any(n.startswith("sidecar/dev/") for n in zipfile.ZipFile(wheel).namelist())
 
     version = subprocess.run([prefix / "bin" / "cache-sidecar", "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.strip() == f"cache-sidecar {__version__}", version

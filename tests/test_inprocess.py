@@ -21,10 +21,10 @@ from aiohttp.test_utils import RawTestServer, TestClient
 from blockbuster import BlockBuster, blockbuster_ctx
 from kazoo.client import KazooClient
 
+from harness import LocalZooKeeper
 from sidecar.app import open_service
 from sidecar.cache import Entry
 from sidecar.config import load_config
-from sidecar.dev import LocalZooKeeper
 from sidecar.errors import WriteAbandoned
 from sidecar.http_api import Api
 from sidecar.origins import OriginValue, open_origin

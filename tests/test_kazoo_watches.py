@@ -1,7 +1,7 @@
 """``removeWatches`` and ``setWatches`` through kazoo (``sidecar/coordination/kazoo_watches.py``).
 
 Against a real ZooKeeper: the server's own list of watches (``wchc``) is the
-judge of what a session holds, and a :class:`~sidecar.dev.TcpProxy` drops the
+judge of what a session holds, and a :class:`~harness.TcpProxy` drops the
 client's connection while the session survives.
 """
 
@@ -19,9 +19,9 @@ from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import NoWatcherError
 from kazoo.protocol.states import Callback, EventType, WatchedEvent
 
+from harness import LocalZooKeeper, TcpProxy
 from sidecar.coordination import kazoo_watches
 from sidecar.coordination.kazoo_watches import WatcherType, remove_watch_async, set_watches_async
-from sidecar.dev import LocalZooKeeper, TcpProxy
 
 WAIT = 10.0
 

@@ -16,8 +16,8 @@ import pytest
 from kazoo.client import KazooClient
 from kazoo.protocol.states import Callback
 
+from harness import LocalZooKeeper
 from sidecar.coordination import Coordinator
-from sidecar.dev import LocalZooKeeper
 from tests.conftest import eventually
 
 pytestmark = pytest.mark.slow

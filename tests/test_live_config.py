@@ -10,9 +10,9 @@ import aiohttp
 import pytest
 from kazoo.client import KazooClient
 
+from harness import LocalZooKeeper, SidecarProcess
 from sidecar.config import load_config
 from sidecar.coordination import Layout, ZkSession, update_live_config
-from sidecar.dev import LocalZooKeeper, SidecarProcess
 from sidecar.origins import NoOrigin
 from sidecar.service import CacheService
 from tests.conftest import SidecarFactory, cachectl, eventually

@@ -3,7 +3,7 @@
 Hypothesis drives a :class:`~hypothesis.stateful.RuleBasedStateMachine`
 against a real cluster (``tests/model_support.py``): one ZooKeeper, three
 ``cache-sidecar`` processes that each reach it through their own
-:class:`~sidecar.dev.TcpProxy`, and one SQLite file they share as the
+:class:`~harness.TcpProxy`, and one SQLite file they share as the
 origin.  No mocks.  The cluster is started once per test function; every
 example uses keys of its own (a fresh key prefix) and ends with every link
 healed and every sidecar ready (:meth:`CoherenceModel.teardown`).
@@ -131,8 +131,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from harness import LocalZooKeeper, TcpProxy
 from sidecar.config import Config
-from sidecar.dev import LocalZooKeeper, TcpProxy
 from sidecar.origins.sqlite import sqlite_path
 from tests.conftest import SidecarFactory
 from tests.model_support import Cluster, Reply, wait_until

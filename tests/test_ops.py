@@ -11,8 +11,8 @@ import pytest
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
 
+from harness import LocalZooKeeper, free_port
 from sidecar.coordination import Layout
-from sidecar.dev import LocalZooKeeper, free_port
 from tests.conftest import SidecarFactory, cachectl
 from tests.test_coherence import get_hit, put
 

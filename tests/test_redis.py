@@ -11,8 +11,8 @@ import time
 import aiohttp
 import pytest
 
+from harness.redis import LocalRedis
 from sidecar.config import parse_origin
-from sidecar.dev.redis import LocalRedis
 from sidecar.errors import OriginError, OriginTimeout, OriginUnavailable
 from sidecar.origins import OriginValue, open_origin
 from sidecar.origins.redis import parse_redis_url

@@ -14,8 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from harness.redis import LocalRedis, LocalSentinelGroup
 from sidecar.coordination.health import check_origin
-from sidecar.dev.redis import LocalRedis, LocalSentinelGroup
 from sidecar.errors import OriginError, OriginUnavailable
 from sidecar.origins import OriginValue, open_origin
 from tests.conftest import SidecarFactory, eventually

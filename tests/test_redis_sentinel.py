@@ -1,7 +1,7 @@
 """A Sentinel failover under write load: no acknowledged write lost, nothing served stale after.
 
 Real processes only: a primary, one replica and three Sentinels
-(``sidecar/dev/redis.py``), two sidecars on ``redis+sentinel://``.
+(``harness/redis.py``), two sidecars on ``redis+sentinel://``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sidecar.dev import SidecarProcess
-from sidecar.dev.redis import LocalRedis, LocalSentinelGroup
+from harness import SidecarProcess
+from harness.redis import LocalRedis, LocalSentinelGroup
 from tests.conftest import SidecarFactory, eventually
 
 pytestmark = pytest.mark.slow

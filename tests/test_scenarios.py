@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.dev.scenarios import SCENARIOS, SESSION, WINDOW, run_scenario
+from harness.scenarios import SCENARIOS, SESSION, WINDOW, run_scenario
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from kazoo.client import KazooClient
 
+from harness import LocalZooKeeper, SidecarProcess, TcpProxy
 from sidecar.coordination import Layout
-from sidecar.dev import LocalZooKeeper, SidecarProcess, TcpProxy
 from tests.conftest import SidecarFactory, eventually, member_ids
 from tests.test_coherence import get, get_hit, put
 

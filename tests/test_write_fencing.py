@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 from kazoo.client import KazooClient
 
+from harness import LocalZooKeeper, TcpProxy
 from sidecar.coordination import Layout, LockLost, ZkSession, version_note
 from sidecar.coordination.lock import acquire_write_lock
-from sidecar.dev import LocalZooKeeper, TcpProxy
 from sidecar.origins.sqlite import sqlite_path
 from tests.conftest import SidecarFactory, eventually, held_origin_put, member_ids
 from tests.test_coherence import get, get_hit, put

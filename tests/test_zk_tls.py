@@ -17,8 +17,8 @@ import pytest
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
 
+from harness import LocalZooKeeper, SidecarProcess
 from sidecar.coordination.tls import diagnose
-from sidecar.dev import LocalZooKeeper, SidecarProcess
 from tests.conftest import SidecarFactory, TlsFiles, eventually
 
 pytestmark = pytest.mark.slow

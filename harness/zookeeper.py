@@ -9,7 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from ..coordination.health import four_letter
+from sidecar.coordination.health import four_letter
+
 from .process import ServerProcess, die_with_parent, free_port
 
 __all__ = ["LocalEnsemble", "LocalZooKeeper", "find_zkserver"]

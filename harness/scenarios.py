@@ -1,6 +1,6 @@
 """Coherence under faults: a workload, a fault schedule, and the history checker.
 
-    python -m sidecar.dev.scenarios [--scenario NAME ...] [--seconds 8] [--soak]
+    python -m harness.scenarios [--scenario NAME ...] [--seconds 8] [--soak]
 
 Each scenario starts a 3-node ZooKeeper ensemble and three sidecar processes on
 a shared SQLite origin (an HTTP upstream or a redis-server in the origin
@@ -9,7 +9,7 @@ TCP proxy this process owns, so one sidecar can be partitioned alone.
 Concurrent clients then run reads (eventual and strong), write-through PUTs,
 compare-and-set writes, DELETEs and invalidations on a few keys while the fault
 is injected.  Everything runs on 127.0.0.1, and every loop is bounded in count
-and in time.  The recorded history goes to :func:`sidecar.dev.history.check`;
+and in time.  The recorded history goes to :func:`harness.history.check`;
 the script prints one table row per scenario.
 """
 
@@ -30,7 +30,8 @@ from typing import Any
 
 import aiohttp
 
-from ..origins.sqlite import SqliteOrigin
+from sidecar.origins.sqlite import SqliteOrigin
+
 from .history import Op, Report, check
 from .process import SidecarProcess
 from .proxy import TcpProxy
@@ -447,7 +448,7 @@ def table(results: list[ScenarioResult]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run scenarios; exit 1 if any fails."""
     parser = argparse.ArgumentParser(
-        prog="python -m sidecar.dev.scenarios",
+        prog="python -m harness.scenarios",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,4 +1,4 @@
-"""``python -m sidecar.dev.cluster``: a local ZooKeeper and N sidecars, in the foreground.
+"""``python -m harness.cluster``: a local ZooKeeper and N sidecars, in the foreground.
 
 This is what ``scripts/dev.sh`` runs.  Everything lives under ``.local/``
 (ZooKeeper's data, the SQLite origin, logs); Ctrl-C stops every process it

@@ -1,4 +1,4 @@
-"""A real HTTP origin for tests and the checker: ``python -m sidecar.dev.upstream PORT``.
+"""A real HTTP origin for tests and the checker: ``python -m harness.upstream PORT``.
 
 Stores values in memory under ``/kv/{key}``.  Control endpoints let a test
 hold GETs of a key (the value is read when the GET arrives, returned on
@@ -8,6 +8,7 @@ release), or make every request fail with 500 or hang.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -113,7 +114,9 @@ class UpstreamProcess:
         out = open(log_path, "wb") if log_path else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sidecar.dev.upstream", str(port)],
+                [sys.executable, "-m", "harness.upstream", str(port)],
+                # harness/ is not an installed package: it runs from the checkout.
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent(),
