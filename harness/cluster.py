@@ -16,19 +16,43 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from .process import SidecarProcess, free_port
+from .process import SidecarProcess
 from .zookeeper import LocalZooKeeper
 
 __all__ = ["main"]
 
 
-def _port(preferred: int) -> int:
-    try:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", preferred))
-        return preferred
-    except OSError:
-        return free_port()
+ZK_PORT = 2181  # the README's ports: cachectl --zk 127.0.0.1:2181, curl 127.0.0.1:7070
+SIDECAR_PORT = 7070  # sidecar-N listens on SIDECAR_PORT + N - 1
+HOST = "127.0.0.1"
+
+
+def port_taken(port: int, host: str = HOST) -> bool:
+    """True if a listener holds ``host:port``, tested the way the servers bind it.
+
+    ZooKeeper and aiohttp set ``SO_REUSEADDR`` before binding, so connections
+    of a previous run left in TIME_WAIT do not stop them; only a socket that
+    listens does.  A bind test without ``SO_REUSEADDR`` would fail on the
+    former too (and moved the ports after every quick restart).
+    """
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def taken_port_message(ports: list[tuple[int, str, str]]) -> str | None:
+    """One line for the first of ``(port, who, flag)`` that is taken, or None if all are free."""
+    for port, who, flag in ports:
+        if port_taken(port):
+            return (
+                f"dev cluster not started: {HOST}:{port} ({who}) is in use by another program "
+                f"(see: ss -ltnp 'sport = :{port}'); stop it, or pick another port with {flag}"
+            )
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +61,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sidecars", type=int, default=2, help="how many sidecars (default 2)")
     parser.add_argument("--dir", default=".local", help="where data and logs go (default .local)")
     parser.add_argument("--namespace", default="default")
+    parser.add_argument(
+        "--zk-port", type=int, default=ZK_PORT, help=f"ZooKeeper port (default {ZK_PORT}; unused with ZKCACHE_ZK)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=SIDECAR_PORT,
+        help=f"sidecar-1's port; sidecar-N gets PORT+N-1 (default {SIDECAR_PORT})",
+    )
     args = parser.parse_args(argv)
+    hosts = os.environ.get("ZKCACHE_ZK")
+    wanted = [] if hosts else [(args.zk_port, "ZooKeeper", "--zk-port")]
+    wanted += [(args.port + i, f"sidecar-{i + 1}", "--port") for i in range(args.sidecars)]
+    taken = taken_port_message(wanted)
+    if taken is not None:
+        # Fail rather than move: the README's curl and cachectl lines name these ports.
+        print(taken, file=sys.stderr)
+        return 2
 
     base = Path(args.dir).resolve()
     logs = base / "logs"
@@ -46,17 +87,21 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
+        if not stopping and not started:
+            # Ctrl-C while ZooKeeper or a sidecar is still starting: stop waiting for it.
+            stopping = True
+            raise KeyboardInterrupt
         stopping = True
 
+    started = False
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
     zk: LocalZooKeeper | None = None
-    hosts = os.environ.get("ZKCACHE_ZK")
     sidecars: list[SidecarProcess] = []
     try:
         if not hosts:
-            zk = LocalZooKeeper(base / "zookeeper", port=_port(2181))
+            zk = LocalZooKeeper(base / "zookeeper", host=HOST, port=args.zk_port)
             print(f"starting ZooKeeper on {zk.hosts} (data in {zk.data_dir})", flush=True)
             zk.start()
             hosts = zk.hosts
@@ -65,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
             sc = SidecarProcess(
                 logs,
                 f"sidecar-{i + 1}",
-                {"port": _port(7070 + i), "zk": hosts, "origin": origin, "namespace": args.namespace},
+                {"port": args.port + i, "zk": hosts, "origin": origin, "namespace": args.namespace},
             )
             sidecars.append(sc)
             sc.start()
+        started = True
         _print_banner(hosts, args.namespace, sidecars, logs)
         while not stopping:
             for sc in sidecars:
@@ -80,10 +126,17 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             time.sleep(0.2)
         return 0
+    except KeyboardInterrupt:
+        return 130
     except (RuntimeError, TimeoutError) as exc:
+        if stopping:  # a sidecar that got the terminal's Ctrl-C too exited while we waited for it
+            return 130
         print(f"dev cluster failed: {exc}", file=sys.stderr)
         return 1
     finally:
+        # Stopping is bounded (SIGKILL after a timeout): another Ctrl-C must not cut it short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("\nstopping...", flush=True)
         for sc in sidecars:
             sc.stop()
