@@ -132,7 +132,19 @@ class LocalZooKeeper(ServerProcess):
         cfg = self._write_config()
         logs = self.data_dir / "logs"
         logs.mkdir(exist_ok=True)
-        jvm = f"-Xmx{self.heap} -XX:+UseSerialGC -XX:TieredStopAtLevel=1"
+        # Every file the JVM writes goes under data_dir: zkServer.sh asks for a
+        # heap dump on OutOfMemoryError (java_pid<pid>.hprof, hundreds of MB)
+        # and a crash writes hs_err_pid<pid>.log, both into the working
+        # directory unless told otherwise; jcmd/jmap leave .attach_pid<pid>
+        # there too. Debian's zkEnv.sh overrides ZOO_LOG_DIR with
+        # /var/log/zookeeper, so the log dir is also set as a property (the
+        # last -D wins; JVMFLAGS come after the script's own). The paths are
+        # relative to the working directory, data_dir: the script splits
+        # JVMFLAGS on spaces, which a checkout's path may hold.
+        jvm = (
+            f"-Xmx{self.heap} -XX:+UseSerialGC -XX:TieredStopAtLevel=1"
+            " -XX:HeapDumpPath=logs -XX:ErrorFile=logs/hs_err_pid%p.log -Dzookeeper.log.dir=logs"
+        )
         if self.tls_dir is not None:
             # Debian's zookeeper.jar lists every Netty jar it needs in its
             # manifest but netty-codec; without it every connection fails
@@ -146,6 +158,7 @@ class LocalZooKeeper(ServerProcess):
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
+            cwd=self.data_dir,
             start_new_session=True,
             preexec_fn=die_with_parent(),
         )
