@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.plots [--out bench/results]
 
 Each plot is drawn only if its scenario's JSON is there, so a partial run
-(``--only``) plots what it measured.
+(``--only``) plots what it measured.  The JSON files are a run's raw output and
+are not committed: redraw after running the scenario.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -185,10 +186,12 @@ _PLOTS: dict[str, Callable[[dict[str, Any], Path], Path | None]] = {
 }
 
 
-def make_all(out_dir: Path) -> list[Path]:
-    """Draw every plot whose data is in ``out_dir``; return the PNG paths."""
+def make_all(out_dir: Path, names: Collection[str] | None = None) -> list[Path]:
+    """Draw every plot (of ``names``, default all) whose data is in ``out_dir``; return the PNG paths."""
     made = []
     for name, plot in _PLOTS.items():
+        if names is not None and name not in names:
+            continue
         data = _load(out_dir, name)
         if data is None:
             continue
