@@ -60,8 +60,10 @@ class Entry:
 
     @classmethod
     def make(cls, key: str, value: bytes, content_type: str, version: int, *, filled: bool = False) -> Entry:
-        """Build an entry charged for its key, value and fixed overhead."""
-        size = len(value) + len(key.encode("utf-8", "surrogatepass")) + ENTRY_OVERHEAD
+        """Build an entry charged for everything it holds: key, value, content type, fixed overhead."""
+        # The content type is charged whole even when interned and shared:
+        # one 8 KB content type per entry must not slip past max_bytes.
+        size = len(value) + len(key.encode("utf-8", "surrogatepass")) + len(content_type) + ENTRY_OVERHEAD
         # A handful of distinct content types across many entries: share them.
         return cls(value, sys.intern(content_type), version, size, filled)
 

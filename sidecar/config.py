@@ -365,6 +365,23 @@ class Config:
     max_entries: int = _setting(100_000, _positive_int, "cache bound: number of entries")
     max_bytes: int = _setting(256 * 1024**2, _positive_size, "cache bound: bytes (keys, values, per-entry overhead)")
     max_value_bytes: int = _setting(1024**2, _positive_size, "largest value accepted by PUT (413 beyond)")
+    max_inflight_bytes: int = _setting(
+        16 * 1024**2,
+        _positive_size,
+        "request bodies and batch responses held in memory at once, all told (outside max_bytes); more wait, then 503",
+    )
+    max_connections: int = _setting(
+        1024,
+        _positive_int,
+        "HTTP connections open at once; beyond it the longest idle one is closed, or the new one gets 503",
+    )
+    http_idle_timeout: float = _setting(
+        60.0,
+        _positive_duration,
+        "an HTTP connection with no request in progress (one still sending its headers included) is closed "
+        "after this long",
+    )
+    http_body_timeout: float = _setting(30.0, _positive_duration, "a request body must arrive within this (408 beyond)")
     ttl: float = _setting(
         0.0, _non_negative_duration, "entry time to live; 0 keeps entries until evicted or invalidated"
     )
@@ -435,6 +452,11 @@ class Config:
         self._check_tls()
         if self.max_value_bytes > self.max_bytes:
             raise ConfigError(f"setting 'max_value_bytes': {self.max_value_bytes} exceeds max_bytes {self.max_bytes}")
+        if self.max_value_bytes > self.max_inflight_bytes:
+            raise ConfigError(
+                f"setting 'max_inflight_bytes': {self.max_inflight_bytes} cannot hold one value of "
+                f"max_value_bytes ({self.max_value_bytes})"
+            )
         if self.suspended_grace is not None and self.suspended_grace > self.zk_session_timeout / 3:
             raise ConfigError(
                 "setting 'suspended_grace': must not exceed a third of zk_session_timeout "

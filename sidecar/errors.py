@@ -13,10 +13,13 @@ one place (``cli.main``).
     ├── FillsNotAllowed             403  fills-not-allowed (PUT ?fill=true over a read-through origin)
     ├── NotFound                    404  not-found
     ├── PreconditionFailed          412  precondition-failed
+    ├── RequestTimeout              408  request-timeout (the body did not arrive in http_body_timeout)
     ├── PayloadTooLarge             413  payload-too-large
+    ├── UnsupportedMediaType        415  unsupported-content-encoding (a Content-Encoding on a body)
     ├── PreconditionRequired        428  precondition-required (PUT ?fill=true without If-Match)
     ├── NotCached                   504  not-cached (GET with Cache-Control: only-if-cached)
     ├── NotAcknowledged             504  not-acknowledged (invalidate --wait timed out)
+    ├── ServiceBusy                 503  busy (max_inflight_bytes held by others; Retry-After)
     ├── ConfigError                 (exit status 2, never an HTTP response)
     ├── CoordinationError           503  coordination-unavailable
     │   ├── LayoutMismatch          503  layout-mismatch (the namespace has another wire layout)
@@ -53,8 +56,11 @@ __all__ = [
     "PayloadTooLarge",
     "PreconditionFailed",
     "PreconditionRequired",
+    "RequestTimeout",
+    "ServiceBusy",
     "SidecarError",
     "Unauthorized",
+    "UnsupportedMediaType",
     "WriteOutcomeUncertain",
     "ZkAccessDenied",
 ]
@@ -121,8 +127,26 @@ class PreconditionRequired(SidecarError):
     status, problem, title = 428, "precondition-required", "If-Match required"
 
 
+class RequestTimeout(SidecarError):
+    """The request body did not arrive within ``http_body_timeout``."""
+
+    status, problem, title = 408, "request-timeout", "Request body not received in time"
+
+
 class PayloadTooLarge(SidecarError):
     status, problem, title = 413, "payload-too-large", "Payload too large"
+
+
+class UnsupportedMediaType(SidecarError):
+    """A request body with a ``Content-Encoding``: values are stored as sent, never decoded."""
+
+    status, problem, title = 415, "unsupported-content-encoding", "Content-Encoding not supported"
+
+
+class ServiceBusy(SidecarError):
+    """Too many bytes or connections in flight; retry (``Retry-After``)."""
+
+    status, problem, title = 503, "busy", "Too much in flight; retry"
 
 
 class NotCached(SidecarError):

@@ -15,15 +15,20 @@ dict lookup and one response: no ZooKeeper, origin, lock or thread hop.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
+from aiohttp.http import HttpVersion11
+from aiohttp.web_protocol import ERROR as PARSE_ERROR
+from aiohttp.web_protocol import RequestPayloadError
 
 from . import metrics
 from .cache import Entry
@@ -39,21 +44,42 @@ from .errors import (
     PayloadTooLarge,
     PreconditionFailed,
     PreconditionRequired,
+    RequestTimeout,
+    ServiceBusy,
     SidecarError,
     Unauthorized,
+    UnsupportedMediaType,
 )
-from .origins import DEFAULT_CONTENT_TYPE, OriginValue
+from .http_server import HttpServer, raise_fd_limit
+from .origins import DEFAULT_CONTENT_TYPE, MAX_CONTENT_TYPE_BYTES, OriginValue
 from .service import CacheService, Fetched, Written
 
-__all__ = ["KEY_PREFIX", "Api", "make_server"]
+__all__ = ["KEY_PREFIX", "MAX_BATCH_KEYS", "Api", "make_server"]
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "/v1/keys/"
 _PROBLEM_TYPE = "application/problem+json"
 _UNAUTHENTICATED = frozenset({"/healthz", "/readyz"})
-_ETAG_RE = re.compile(r'^\s*(?:W/)?"(\d+)"\s*$')
+# Versions are ASCII digits: \d would take any Unicode digit ("٢٨").
+_STRONG_ETAG_RE = re.compile(r'^\s*"([0-9]{1,19})"\s*$', re.ASCII)
+_WEAK_ETAG_RE = re.compile(r'^\s*W/"[^"]*"\s*$', re.ASCII)
+_BAD_ESCAPE_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# A value may be kept by HTTP caches in the app's client (OkHttp, requests-cache...)
+# only if they revalidate it with its ETag on every use: the sidecar may have
+# dropped it a millisecond ago.  "private": not for caches shared between apps.
+_VALUE_CACHE_CONTROL = "private, no-cache"
+_NO_STORE = "no-store"
+_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 _MAX_INVALIDATE_ITEMS = 1000
+MAX_BATCH_KEYS = 256
+# Values one batch response carries, all told; the rest answer 413 each.
+_MAX_BATCH_VALUE_BYTES = 4 * 1024**2
+# How long a body waits for max_inflight_bytes before 503 + Retry-After: the
+# client backs off instead of queueing behind uploads it cannot see.
+_BUDGET_WAIT = 1.0
+# Large enough for a full invalidation request (1000 keys of 1 KiB, 1000 prefixes).
+_MAX_JSON_BODY = 2 * 1024**2 + 64 * 1024
 
 Handler = Callable[[CacheService, web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -61,7 +87,20 @@ Handler = Callable[[CacheService, web.BaseRequest], Awaitable[web.StreamResponse
 # -- problem rendering ------------------------------------------------------
 def _problem(status: int, type_uri: str, title: str, detail: str, instance: str, **extra: Any) -> web.Response:
     body = {"type": type_uri, "title": title, "status": status, "detail": detail, "instance": instance, **extra}
-    return web.Response(status=status, body=orjson.dumps(body), content_type=_PROBLEM_TYPE)
+    return web.Response(
+        status=status,
+        body=orjson.dumps(body),
+        headers={"Content-Type": _PROBLEM_TYPE, "Cache-Control": _NO_STORE},
+    )
+
+
+def _protocol_problem(status: int, title: str, detail: str) -> web.Response:
+    # Errors of aiohttp's parser, before any route: http_server renders them through here.
+    return _problem(status, "about:blank", title, detail, "/")
+
+
+def _problem_body(exc: SidecarError, instance: str) -> dict[str, Any]:
+    return {"type": exc.type_uri, "title": exc.title, "status": exc.status, "detail": exc.detail, "instance": instance}
 
 
 def _problem_of(exc: SidecarError, path: str) -> web.Response:
@@ -77,6 +116,12 @@ def _problem_of(exc: SidecarError, path: str) -> web.Response:
         headers["ETag"] = _etag(exc.lease)
     if isinstance(exc, MethodNotAllowed):
         headers["Allow"] = exc.allow
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="zk-cache-sidecar"'
+    if isinstance(exc, ServiceBusy):
+        headers["Retry-After"] = "1"
+    if isinstance(exc, UnsupportedMediaType):
+        headers["Accept-Encoding"] = "identity"
     resp = _problem(exc.status, exc.type_uri, exc.title, exc.detail, path, **extra)
     resp.headers.update(headers)
     return resp
@@ -98,6 +143,8 @@ def _raw_path(request: web.BaseRequest) -> str:
 def _key_of(request: web.BaseRequest) -> str:
     raw = _raw_path(request)[len(KEY_PREFIX) :]
     if "%" in raw:
+        if _BAD_ESCAPE_RE.search(raw):
+            raise InvalidKey("key has a malformed percent escape ('%' must be followed by two hex digits)")
         try:
             raw = unquote(raw, errors="strict")
         except UnicodeDecodeError:
@@ -106,10 +153,38 @@ def _key_of(request: web.BaseRequest) -> str:
 
 
 def _parse_etag(value: str, header: str) -> int:
-    m = _ETAG_RE.match(value)
-    if m is None:
-        raise BadRequest(f'{header} must be one entity tag like "42", got {value!r}')
-    return int(m.group(1))
+    """The version of ``If-Match``: one strong entity tag."""
+    m = _STRONG_ETAG_RE.match(value)
+    if m is not None:
+        return int(m.group(1))
+    if _WEAK_ETAG_RE.match(value):
+        # RFC 9110 13.1.1: If-Match uses the strong comparison; a weak tag never matches.
+        raise PreconditionFailed(f"{header} {value.strip()} is a weak entity tag, which never matches")
+    raise BadRequest(f'{header} must be one entity tag like "42", got {value!r}')
+
+
+def _none_match(header: str, etag: str) -> bool:
+    """Whether ``If-None-Match`` matches ``etag``: weak comparison (RFC 9110 13.1.2), ``*`` matches any."""
+    for tag in header.split(","):
+        tag = tag.strip()
+        if tag == "*" or tag == etag or (tag.startswith("W/") and tag[2:] == etag):
+            return True
+    return False
+
+
+def _directives(header: str) -> set[str]:
+    # Cache-Control is a list of directives, each maybe with "=value".
+    return {part.split("=", 1)[0].strip().lower() for part in header.split(",")}
+
+
+def _flag(request: web.BaseRequest, name: str) -> bool:
+    raw = request.query.get(name)
+    if raw is None:
+        return False
+    value = _BOOLEANS.get(raw.lower())
+    if value is None:
+        raise BadRequest(f"{name} must be true or false, got {raw!r}")
+    return value
 
 
 def _consistency(request: web.BaseRequest, default: str) -> str:
@@ -124,7 +199,7 @@ def _consistency(request: web.BaseRequest, default: str) -> str:
 def _fill_mode(request: web.BaseRequest, service: CacheService) -> bool:
     if service.cache_aside:
         return True
-    return bool(request.query_string) and request.query.get("fill") == "true"
+    return bool(request.query_string) and _flag(request, "fill")
 
 
 class LeaseGranted(NotFound):
@@ -148,57 +223,128 @@ async def get_key(service: CacheService, request: web.BaseRequest) -> web.Stream
         entry = service.cached(key)
         if entry is not None:
             return _respond(request, entry.value, entry.content_type, service.coord.etag(entry.version), "hit")
-    version: int | None
+    only_if_cached = "only-if-cached" in _directives(request.headers.get("Cache-Control", ""))
+    value, ctype, version, source = await _read_one(
+        service,
+        key,
+        _consistency(request, service.config.consistency),
+        only_if_cached=only_if_cached,
+        lease=_fill_mode(request, service),
+    )
+    return _respond(request, value, ctype, version, source)
+
+
+async def _read_one(
+    service: CacheService, key: str, consistency: str, *, only_if_cached: bool = False, lease: bool = False
+) -> tuple[bytes, str, int | None, str]:
+    """One key read as GET reads it: ``(value, content type, ETag version or None, X-Cache)``.
+
+    ``lease``: cache-aside, a miss raises :class:`LeaseGranted` instead of
+    reading the origin.  Every read, single or batched, goes through here, so
+    both follow the same coherence rules.
+    """
     result: Entry | Fetched | None
-    if _consistency(request, service.config.consistency) == "strong":
+    if consistency == "strong":
         result, source = await service.read_strong(key)
-    elif _fill_mode(request, service):
-        # Cache-aside: a miss hands out a lease instead of reading an origin.
-        result = service.cached(key)
-        source = "hit"
-        if result is None:
-            lease = await service.lease(key)
-            raise LeaseGranted(lease)
     else:
         result = service.cached(key)
         source = "hit"
         if result is None:
-            if "only-if-cached" in request.headers.get("Cache-Control", ""):
+            if lease:
+                raise LeaseGranted(await service.lease(key))
+            if only_if_cached:
                 raise NotCached(f"key {key!r} is not cached here")
             result = await service.fetch(key)
             source = result.source
     if isinstance(result, Entry):
-        value, ctype, version = result.value, result.content_type, result.version
-    else:
-        if result is None or result.value is None:
-            raise NotFound(f"the origin has no value for key {key!r}")
-        value, ctype, version = result.value.value, result.value.content_type, result.version
+        return result.value, result.content_type, service.coord.etag(result.version), source
+    if result is None or result.value is None:
+        raise NotFound(f"the origin has no value for key {key!r}")
     # Versions inside are 0 for a key with no version znode; its ETag is the absent version.
-    return _respond(request, value, ctype, None if version is None else service.coord.etag(version), source)
+    version = None if result.version is None else service.coord.etag(result.version)
+    return result.value.value, result.value.content_type, version, source
 
 
 def _respond(request: web.BaseRequest, value: bytes, ctype: str, version: int | None, source: str) -> web.Response:
     if version is None:
-        return web.Response(body=value, headers={"X-Cache": source, "Content-Type": ctype})
+        # Read around the cache (ZooKeeper unavailable): no version to revalidate against.
+        return web.Response(body=value, headers={"X-Cache": source, "Content-Type": ctype, "Cache-Control": _NO_STORE})
     etag = _etag(version)
-    inm = request.headers.get("If-None-Match")
-    if inm is not None and etag in (t.strip() for t in inm.split(",")):
-        return web.Response(status=304, headers={"X-Cache": source, "ETag": etag})
-    return web.Response(body=value, headers={"X-Cache": source, "ETag": etag, "Content-Type": ctype})
+    if request.headers:  # conditionals cost nothing when absent
+        if_match = request.headers.get("If-Match")
+        if if_match is not None and if_match.strip() != "*" and etag not in (t.strip() for t in if_match.split(",")):
+            raise PreconditionFailed(f"the current version is {etag}", current_version=version)
+        inm = request.headers.get("If-None-Match")
+        if inm is not None and _none_match(inm, etag):
+            return web.Response(
+                status=304, headers={"X-Cache": source, "ETag": etag, "Cache-Control": _VALUE_CACHE_CONTROL}
+            )
+    return web.Response(
+        body=value,
+        headers={"X-Cache": source, "ETag": etag, "Content-Type": ctype, "Cache-Control": _VALUE_CACHE_CONTROL},
+    )
 
 
 async def put_key(service: CacheService, request: web.BaseRequest) -> web.StreamResponse:
     """PUT /v1/keys/{key}: write-through, optionally conditional."""
     key = _key_of(request)
-    limit = service.config.max_value_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"value is {request.content_length} bytes; the limit is {limit}")
-    # Bounded by client_max_size (aiohttp answers 413 beyond); the value's own
-    # limit is the service's to enforce, for chunked bodies too.
-    body = await request.read()
+    async with _body(service, request, service.config.max_value_bytes) as body:
+        return await _put(service, request, key, body)
+
+
+@asynccontextmanager
+async def _body(service: CacheService, request: web.BaseRequest, limit: int) -> AsyncIterator[bytes]:
+    """The request body, at most ``limit`` bytes, held against ``max_inflight_bytes`` until the block ends.
+
+    The bytes are charged before they are read: for the declared length or,
+    chunked, for ``limit``.  So however many clients upload at once, bodies
+    in memory stay within the budget; the rest wait in their sockets.
+    """
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is not None and encoding.strip().lower() != "identity":
+        # Stored bytes are exactly the bytes sent: nothing is decoded, so nothing is refused late.
+        raise UnsupportedMediaType(f"Content-Encoding {encoding.strip()!r} is not accepted: send the body as is")
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        _close_after(request)
+        raise PayloadTooLarge(f"body is {declared} bytes; the limit is {limit}")
+    timeout = service.config.http_body_timeout
+    async with service.inflight.hold(limit if declared is None else declared, min(timeout, _BUDGET_WAIT)):
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(timeout):
+                while chunk := await request.content.readany():
+                    size += len(chunk)
+                    if size > limit:
+                        _close_after(request)  # rather than reading the rest only to drop it
+                        raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            _close_after(request)
+            raise RequestTimeout(f"{size} bytes of the body arrived in {timeout:g}s (http_body_timeout)") from None
+        except RequestPayloadError as exc:
+            _close_after(request)
+            raise BadRequest(f"malformed body: {exc}") from None
+        except RuntimeError as exc:  # aiohttp's "Connection closed." once the socket is gone
+            raise ConnectionResetError(str(exc)) from None
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        del chunks
+        yield body
+
+
+def _close_after(request: web.BaseRequest) -> None:
+    # The rest of the body is never read: close the connection after the answer.
+    if request.protocol is not None:
+        request.protocol.keep_alive(False)
+
+
+async def _put(service: CacheService, request: web.BaseRequest, key: str, body: bytes) -> web.StreamResponse:
     if_match = request.headers.get("If-Match")
     ctype = request.headers.get("Content-Type", DEFAULT_CONTENT_TYPE)
-    if request.query_string and request.query.get("fill") == "true":
+    if len(ctype) > MAX_CONTENT_TYPE_BYTES:
+        raise BadRequest(f"Content-Type is {len(ctype)} characters; at most {MAX_CONTENT_TYPE_BYTES}")
+    if request.query_string and _flag(request, "fill"):
         if if_match is None:
             raise PreconditionRequired('PUT ?fill=true needs If-Match: "<lease>" from the 404 of a GET')
         installed = await service.fill(key, OriginValue(body, ctype), _parse_etag(if_match, "If-Match"))
@@ -264,10 +410,11 @@ def _string_list(body: dict[str, Any], name: str) -> list[str]:
 
 async def invalidate(service: CacheService, request: web.BaseRequest) -> web.StreamResponse:
     """POST /v1/invalidate: fleet-wide invalidation; the origin is not touched."""
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"body is not JSON: {exc}") from None
+    async with _body(service, request, _MAX_JSON_BODY) as raw:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"body is not JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest('body must be an object like {"keys": [], "prefixes": [], "all": false}')
     unknown = sorted(set(body) - {"keys", "prefixes", "all"})
@@ -286,8 +433,109 @@ async def invalidate(service: CacheService, request: web.BaseRequest) -> web.Str
     return web.Response(status=status, body=orjson.dumps(receipt.as_json()), content_type="application/json")
 
 
+async def batch_get(service: CacheService, request: web.BaseRequest) -> web.StreamResponse:
+    """POST /v1/batch/get: many keys in one request, each read exactly as GET reads it.
+
+    Each result has its own status, ETag and cache outcome; one key failing
+    (404, origin down) fails only its own result.  Values are base64, so any
+    bytes fit in JSON.  Misses are read concurrently (the origin's own
+    connection bound applies).
+    """
+    async with _body(service, request, _MAX_JSON_BODY) as raw:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest('body must be an object like {"keys": ["a", "b"]}')
+    unknown = sorted(set(body) - {"keys", "consistency", "if_none_match"})
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}")
+    keys = body.get("keys")
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
+        raise BadRequest("'keys' must be a non-empty list of strings")
+    if len(keys) > MAX_BATCH_KEYS:
+        raise BadRequest(f"at most {MAX_BATCH_KEYS} keys per batch, got {len(keys)}")
+    for key in keys:
+        try:
+            validate_key(key)
+        except InvalidKey as exc:
+            raise BadRequest(f"'keys' has an invalid entry: {exc.detail}") from None
+    consistency = body.get("consistency", service.config.consistency)
+    if consistency not in ("eventual", "strong"):
+        raise BadRequest(f"consistency must be 'eventual' or 'strong', got {consistency!r}")
+    none_match = body.get("if_none_match", {})
+    if not isinstance(none_match, dict) or not all(isinstance(v, str) for v in none_match.values()):
+        raise BadRequest('\'if_none_match\' must map keys to entity tags like {"a": "\\"42\\""}')
+
+    async def one(key: str) -> dict[str, Any] | tuple[str, bytes, str, int | None, str]:
+        try:
+            value, ctype, version, source = await _read_one(
+                service, key, consistency, only_if_cached=service.cache_aside
+            )
+        except SidecarError as exc:
+            return {"key": key, "status": exc.status, "problem": _problem_body(exc, KEY_PREFIX + key)}
+        return key, value, ctype, version, source
+
+    if consistency == "eventual":
+        # Hits answer without a task each: the common case stays cheap.
+        read: list[Any] = []
+        misses: dict[int, str] = {}
+        for i, key in enumerate(keys):
+            entry = service.cached(key)
+            if entry is None:
+                misses[i] = key
+                read.append(None)
+            else:
+                read.append((key, entry.value, entry.content_type, service.coord.etag(entry.version), "hit"))
+        if misses:
+            fetched = await asyncio.gather(*(one(k) for k in misses.values()))
+            for i, result in zip(misses, fetched, strict=True):
+                read[i] = result
+    else:
+        read = list(await asyncio.gather(*(one(k) for k in keys)))
+
+    results: list[dict[str, Any]] = []
+    room = _MAX_BATCH_VALUE_BYTES
+    held = 0
+    for item in read:
+        if isinstance(item, dict):
+            results.append(item)
+            continue
+        key, value, ctype, version, source = item
+        out: dict[str, Any] = {"key": key, "status": 200, "cache": source, "content_type": ctype}
+        if version is not None:
+            out["etag"] = etag = _etag(version)
+            tag = none_match.get(key)
+            if tag is not None and _none_match(tag, etag):
+                out["status"] = 304
+                del out["content_type"]
+                results.append(out)
+                continue
+        if len(value) > room:
+            too_large = PayloadTooLarge(
+                f"the batch's values exceed {_MAX_BATCH_VALUE_BYTES} bytes; read this key on its own"
+            )
+            results.append({"key": key, "status": 413, "problem": _problem_body(too_large, KEY_PREFIX + key)})
+            continue
+        room -= len(value)
+        held += len(value)
+        out["value"] = value
+        results.append(out)
+    # base64 and JSON: about 2.4 bytes of response per byte of value, held until sent.
+    async with service.inflight.hold(held * 12 // 5, service.config.http_body_timeout):
+        for out in results:
+            value = out.get("value")
+            if value is not None:
+                out["value"] = base64.b64encode(value).decode("ascii")
+        return web.Response(
+            body=orjson.dumps({"results": results}),
+            headers={"Content-Type": "application/json", "Cache-Control": _NO_STORE},
+        )
+
+
 def _wait_seconds(request: web.BaseRequest) -> float | None:
-    if request.query.get("wait") not in ("true", "1"):
+    if not _flag(request, "wait"):
         return None
     raw = request.query.get("timeout", "10")
     try:
@@ -335,12 +583,16 @@ class Api:
             return web.Response(body=metrics.render(registry), headers={"Content-Type": metrics.CONTENT_TYPE})
 
         self._routes: dict[str, dict[str, Handler]] = {
-            "/healthz": {"GET": healthz},
-            "/readyz": {"GET": readyz},
-            "/metrics": {"GET": metrics_handler},
+            "/healthz": {"GET": healthz, "HEAD": healthz},
+            "/readyz": {"GET": readyz, "HEAD": readyz},
+            "/metrics": {"GET": metrics_handler, "HEAD": metrics_handler},
         }
         if not ops_only:
-            self._routes |= {"/v1/stats": {"GET": stats}, "/v1/invalidate": {"POST": invalidate}}
+            self._routes |= {
+                "/v1/stats": {"GET": stats, "HEAD": stats},
+                "/v1/invalidate": {"POST": invalidate},
+                "/v1/batch/get": {"POST": batch_get},
+            }
         token = service.config.auth_token
         self._expected_auth = f"Bearer {token}".encode() if token and not ops_only else None
 
@@ -352,7 +604,7 @@ class Api:
                 self._authorize(request)
                 handler = _KEY_HANDLERS.get(request.method)
                 if handler is None:
-                    raise MethodNotAllowed(request.method, "GET, PUT, DELETE")
+                    raise MethodNotAllowed(request.method, "GET, HEAD, PUT, DELETE")
                 return await handler(self.service, request)
             methods = self._routes.get(path)
             if methods is None:
@@ -364,9 +616,13 @@ class Api:
                 raise MethodNotAllowed(request.method, ", ".join(methods))
             return await handler(self.service, request)
         except SidecarError as exc:
-            if exc.status >= 500 and not isinstance(exc, NotConnected):
+            if exc.status >= 500 and not isinstance(exc, NotConnected | NotCached | ServiceBusy):
                 log.warning("%s %s -> %d %s", request.method, request.path, exc.status, exc.detail)
             return _problem_of(exc, request.path)
+        except ConnectionError:
+            # The client went away (mid-body, say): nothing to answer, nothing to log loudly.
+            log.debug("client went away during %s %s", request.method, request.path)
+            raise
         except web.HTTPException as exc:  # aiohttp's own (a body over client_max_size...)
             if exc.status < 400:
                 raise
@@ -385,7 +641,8 @@ class Api:
             raise Unauthorized("send 'Authorization: Bearer <auth_token>'")
 
 
-_KEY_HANDLERS: dict[str, Handler] = {"GET": get_key, "PUT": put_key, "DELETE": delete_key}
+# HEAD runs GET: aiohttp sends the headers, Content-Length included, and no body.
+_KEY_HANDLERS: dict[str, Handler] = {"GET": get_key, "HEAD": get_key, "PUT": put_key, "DELETE": delete_key}
 
 
 def make_server(service: CacheService, *, ops_only: bool = False, **kwargs: Any) -> web.Server:
@@ -394,12 +651,29 @@ def make_server(service: CacheService, *, ops_only: bool = False, **kwargs: Any)
     ``kwargs`` go to aiohttp's request handler (``access_log``...).
     """
     loop = asyncio.get_running_loop()
-    # Large enough for the biggest value and for a full invalidation request.
-    max_body = 1024 if ops_only else max(service.config.max_value_bytes, 2 * 1024**2) + 64 * 1024
+    config = service.config
+    # Bodies are read by _body, within max_inflight_bytes; this is aiohttp's own backstop.
+    max_body = 1024 if ops_only else max(config.max_value_bytes, _MAX_JSON_BODY) + 64 * 1024
 
     def request_factory(
         message: Any, payload: Any, protocol: Any, writer: Any, task: asyncio.Task[None]
     ) -> web.BaseRequest:
+        if message is PARSE_ERROR:
+            # aiohttp answers a request it could not parse as HTTP/1.0; ours is a 1.1 server.
+            message = message._replace(version=HttpVersion11)
         return web.BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=max_body)
 
-    return web.Server(Api(service, ops_only=ops_only), request_factory=request_factory, **kwargs)
+    return HttpServer(
+        Api(service, ops_only=ops_only),
+        max_connections=raise_fd_limit(config.max_connections),
+        render=_protocol_problem,
+        request_factory=request_factory,
+        # A connection with no request in progress (one still sending its headers included) is closed.
+        keepalive_timeout=config.http_idle_timeout,
+        # Bodies are stored as sent; an encoded one is refused (415), never decoded.
+        auto_decompress=False,
+        # After an early answer (413, 408), read and drop the rest of the body
+        # this long, so the client sees the answer and not a reset.
+        lingering_time=2.0,
+        **kwargs,
+    )

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import __version__
+from .budget import ByteBudget
 from .cache import CacheCounters, CoherentCache
 from .config import LIVE_SETTINGS, Config, container_memory_limit, memory_needed, parse_live, with_live
 from .coordination import Coordinator, EventDelivery, InvalidationReceipt, validate_key
@@ -72,6 +73,8 @@ class CacheService:
         # Every call to a real origin is watched, so /readyz can say when it is down.
         self.origin: Origin = origin if isinstance(origin, NoOrigin) else MonitoredOrigin(origin)
         self.stats = Stats()
+        # What request bodies and batch responses hold besides the cache (max_bytes).
+        self.inflight = ByteBudget(config.max_inflight_bytes)
         self.cache = CoherentCache(config.max_entries, config.max_bytes, config.ttl)
         flights: Group[Fetched] = Group()
         self.events = CacheEvents(self.cache, flights, self.stats)

@@ -32,7 +32,7 @@ def test_bounded_by_entry_count_evicts_least_recently_used() -> None:
 
 
 def test_bounded_by_bytes() -> None:
-    per = 100 + 1 + ENTRY_OVERHEAD
+    per = 100 + 1 + len("text/plain") + ENTRY_OVERHEAD
     cache = CoherentCache(max_entries=1000, max_bytes=per * 5)
     for i in range(10):
         fill(cache, chr(ord("a") + i), entry(chr(ord("a") + i), 100))
@@ -248,7 +248,7 @@ def test_changing_only_the_bounds_keeps_each_entrys_ttl() -> None:
 
 def test_shrinking_in_place_evicts_by_bytes_too() -> None:
     vacated: list[str] = []
-    per = 100 + 1 + ENTRY_OVERHEAD
+    per = 100 + 1 + len("text/plain") + ENTRY_OVERHEAD
     cache = CoherentCache(max_entries=100, max_bytes=per * 10, on_vacated=vacated.append)
     for k in "abcdefgh":
         fill(cache, k, entry(k, 100))
@@ -258,3 +258,14 @@ def test_shrinking_in_place_evicts_by_bytes_too() -> None:
     assert sorted(vacated) == ["b", "c", "d", "e", "f"]
     fill(cache, "i", entry("i", 100))  # the new byte bound holds for later fills
     assert len(cache) == 3 and "i" in cache
+
+
+def test_the_content_type_is_charged_to_its_entry() -> None:
+    # Issue 14: values with an 8 KB Content-Type grew a sidecar with max_bytes
+    # 8 MiB from 45 to 147 MiB; the content type was not charged.
+    ctype = "text/plain; x=" + "a" * 8000
+    cache = CoherentCache(max_entries=10_000, max_bytes=200_000)
+    for i in range(100):
+        fill(cache, f"k{i}", Entry.make(f"k{i}", b"v", ctype, 1))
+    assert cache.bytes <= 200_000
+    assert len(cache) <= 200_000 // len(ctype)

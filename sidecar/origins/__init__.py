@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from .base import DEFAULT_CONTENT_TYPE, Origin, OriginValue
+from .base import DEFAULT_CONTENT_TYPE, MAX_CONTENT_TYPE_BYTES, Origin, OriginValue
 from .http import HttpOrigin
 from .none import NoOrigin
 from .sqlite import SqliteOrigin
 
-__all__ = ["DEFAULT_CONTENT_TYPE", "NoOrigin", "Origin", "OriginValue", "open_origin"]
+__all__ = ["DEFAULT_CONTENT_TYPE", "MAX_CONTENT_TYPE_BYTES", "NoOrigin", "Origin", "OriginValue", "open_origin"]
 
 
 async def open_origin(url: str, timeout: float, max_value_bytes: int, max_connections: int = 32) -> Origin:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["DEFAULT_CONTENT_TYPE", "Origin", "OriginValue"]
+__all__ = ["DEFAULT_CONTENT_TYPE", "MAX_CONTENT_TYPE_BYTES", "Origin", "OriginValue"]
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
+# Longest content type a value may carry (PUT refuses longer; the Redis origin too).
+MAX_CONTENT_TYPE_BYTES = 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,13 +41,12 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from ..errors import OriginError, OriginTimeout, OriginUnavailable
-from .base import DEFAULT_CONTENT_TYPE, OriginValue
+from .base import DEFAULT_CONTENT_TYPE, MAX_CONTENT_TYPE_BYTES, OriginValue
 
 __all__ = ["RedisOrigin", "RedisUrl", "parse_redis_url"]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-_MAX_CONTENT_TYPE = 1024
 _WAIT_MARGIN = 0.1  # seconds left for WAIT's answer to travel back before our own timeout
 
 
@@ -275,7 +274,7 @@ class RedisOrigin:
         async def read() -> list[Any]:
             async with self._redis.pipeline(transaction=False) as pipe:  # gives its connection back however it ends
                 pipe.execute_command("ROLE")
-                await self._read(keys=[self._key(key)], args=[self._max, _MAX_CONTENT_TYPE], client=pipe)  # queued
+                await self._read(keys=[self._key(key)], args=[self._max, MAX_CONTENT_TYPE_BYTES], client=pipe)  # queued
                 return list(await pipe.execute())
 
         role, reply = await self._call("read", read)
@@ -284,7 +283,7 @@ class RedisOrigin:
         if isinstance(reply[0], int):  # {size} or {-1, size}: refused by the script
             if len(reply) == 1:
                 raise OriginError(f"{self.name}: origin value for key exceeds {self._max} bytes ({reply[0]})")
-            limit = _MAX_CONTENT_TYPE
+            limit = MAX_CONTENT_TYPE_BYTES
             raise OriginError(f"{self.name}: the key's content type is {reply[1]} bytes long (at most {limit})")
         value, content_type = reply
         if value is None:
