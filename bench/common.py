@@ -1,8 +1,9 @@
-"""Shared helpers of the benchmark scenarios (``bench.hit``, ``bench.memory``).
+"""What every benchmark scenario shares besides :mod:`bench.lib` (statistics, HTTP, ZooKeeper's wire).
 
 Owned processes (pinned with ``taskset``, stopped in reverse order), the
-machine line every report carries, ``wrk`` runs with exact percentiles, an
-open-loop fixed-rate HTTP client, ``/proc`` readers and small formatting helpers.
+machine line every report carries, a scenario's command line, progress and
+result files, the SQLite origin written straight in, ``wrk`` runs with exact
+percentiles, an open-loop fixed-rate HTTP client, ``/proc`` and JVM readers.
 
 The open-loop client also runs as its own process, pinned to the load core::
 
@@ -12,14 +13,13 @@ The open-loop client also runs as its own process, pinned to the load core::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
-import http.client
 import importlib.util
 import json
 import math
 import os
 import platform
-import re
 import shutil
 import signal
 import socket
@@ -27,14 +27,19 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from harness import SidecarProcess
 from harness.process import die_with_parent
 from sidecar.origins.sqlite import SqliteOrigin
+
+from .lib.http import read_response
+from .lib.stats import pct
+
+T = TypeVar("T")
 
 __all__ = [
     "LOAD_CPU",
@@ -44,21 +49,26 @@ __all__ = [
     "CpuMeter",
     "OwnedProcess",
     "PinnedSidecar",
+    "command_line",
     "cpu_note",
-    "fmt_ms",
+    "create_origin_schema",
     "graceful_sigterm",
-    "http_request",
+    "jvm_live_heap",
     "machine",
     "machine_line",
     "merge_wrk",
     "open_loop",
     "open_loop_client",
-    "pct",
     "pinned",
     "proc_status_bytes",
+    "progress",
     "python_module",
-    "raw_response",
+    "run_async",
+    "run_scenario",
     "run_wrk",
+    "scenario_parser",
+    "seed_origin",
+    "start_sidecars",
     "summarize_open_loop",
     "uses_uvloop",
     "wait_port",
@@ -202,22 +212,6 @@ def cpu_note(meter: dict[str, float]) -> str:
     return text + "."
 
 
-# -- statistics and formatting ------------------------------------------------
-def pct(values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile ``p`` (0-100) of ``values`` (NaN when empty)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
-
-
-def fmt_ms(value: float | None, digits: int = 3) -> str:
-    """Milliseconds for a table cell; ``-`` when missing."""
-    if value is None or math.isnan(value):
-        return "-"
-    return f"{value:.{digits}f}"
-
-
 async def create_origin_schema(path: Path) -> None:
     """Create the sidecar's own SQLite schema at ``path`` (rows are then written straight in)."""
     origin = SqliteOrigin(f"sqlite:///{path}", 5)
@@ -225,15 +219,21 @@ async def create_origin_schema(path: Path) -> None:
     await origin.close()
 
 
-async def seed_origin(path: Path, rows: Iterable[tuple[str, bytes]]) -> None:
-    """A SQLite origin at ``path`` holding ``rows`` (key, value) as ``text/plain``."""
+async def seed_origin(
+    path: Path, rows: Iterable[tuple[str, bytes] | tuple[str, bytes, str]], content_type: str = "text/plain"
+) -> int:
+    """A SQLite origin at ``path`` holding ``rows``, written straight into the file; returns the count.
+
+    A row is (key, value) with ``content_type``, or (key, value, its own content type).
+    """
     await create_origin_schema(path)
-    conn = sqlite3.connect(path)
-    try:
-        conn.executemany("INSERT INTO kv (key, value, content_type, updated_at) VALUES (?, ?, 'text/plain', 0)", rows)
-        conn.commit()
-    finally:
-        conn.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("PRAGMA synchronous=OFF")  # this connection only: a fixture, written before any sidecar reads it
+        cur = conn.executemany(
+            "INSERT OR REPLACE INTO kv (key, value, content_type, updated_at) VALUES (?, ?, ?, 0)",
+            ((row[0], row[1], row[2] if len(row) > 2 else content_type) for row in rows),
+        )
+        return cur.rowcount
 
 
 def write_results(out_dir: Path, name: str, data: dict[str, Any], markdown: str) -> None:
@@ -264,6 +264,25 @@ def run_scenario(run: Callable[[bool, Path], str], args: argparse.Namespace) -> 
     """Run a scenario from its command line, stopping what it started on SIGTERM too."""
     graceful_sigterm()
     print(run(args.quick, args.out))
+
+
+def command_line(module: str, quick: bool) -> str:
+    """The command that reproduces a scenario module's run."""
+    return f".venv/bin/python -m bench.{module}" + (" --quick" if quick else "")
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr (stdout carries the report)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop when installed: the client's own overhead is part of every sample."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 # -- processes ----------------------------------------------------------------
@@ -313,6 +332,31 @@ class PinnedSidecar(SidecarProcess):
         if self.proc is None:
             raise RuntimeError(f"{self.name} is not running")
         return self.proc.pid
+
+
+def start_sidecars(sidecars: Sequence[SidecarProcess], timeout: float = 60.0) -> None:
+    """Start several sidecars at once (they boot in parallel), then wait until each is ready."""
+    for sc in sidecars:
+        sc.start(wait_ready=False)
+    for sc in sidecars:
+        sc.wait_ready(timeout)
+
+
+def jvm_live_heap(pid: int) -> int | None:
+    """Bytes of live objects in a JVM (ZooKeeper), after the full GC ``jcmd GC.class_histogram`` runs first.
+
+    None without ``jcmd`` or if it fails.  It attaches to the JVM, which then
+    leaves an ``.attach_pid`` file in its working directory (LocalZooKeeper's data dir).
+    """
+    jcmd = shutil.which("jcmd")
+    if jcmd is None:
+        return None
+    try:
+        out = subprocess.run([jcmd, str(pid), "GC.class_histogram"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    last = out.stdout.strip().splitlines()[-1].split() if out.returncode == 0 and out.stdout.strip() else []
+    return int(last[-1]) if last and last[0] == "Total" else None
 
 
 class OwnedProcess:
@@ -376,45 +420,6 @@ def wait_port(port: int, timeout: float = 10.0, owner: OwnedProcess | None = Non
             return
         time.sleep(0.02)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:g}s")
-
-
-# -- one-off HTTP ---------------------------------------------------------------
-def http_request(
-    port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
-) -> tuple[int, list[tuple[str, str]], bytes]:
-    """One request on a fresh connection: status, headers in order, body."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.getheaders(), resp.read()
-    finally:
-        conn.close()
-
-
-def raw_response(port: int, path: str) -> bytes:
-    """The exact bytes of one keep-alive ``GET`` response (as wrk sends it), headers and body."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
-        return _read_response(sock, bytearray())[0]
-
-
-def _read_response(sock: socket.socket, buf: bytearray) -> tuple[bytes, bytearray]:
-    # Headers up to the blank line, then exactly Content-Length body bytes;
-    # returns the response and whatever followed it (for pipelined reads).
-    while (end := buf.find(b"\r\n\r\n")) < 0:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("connection closed mid-response")
-        buf += chunk
-    m = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", bytes(buf[:end]))
-    total = end + 4 + (int(m.group(1)) if m else 0)
-    while len(buf) < total:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("connection closed mid-body")
-        buf += chunk
-    return bytes(buf[:total]), buf[total:]
 
 
 # -- wrk -----------------------------------------------------------------------
@@ -553,7 +558,7 @@ def open_loop_client(port: int, path: str, rate: float, duration: float, warmup:
             if time.perf_counter() - due > interval:
                 late_sends += 1
             sock.sendall(request)
-            response, buf = _read_response(sock, buf)
+            response, buf = read_response(sock, buf)
             done = time.perf_counter()
             status = response[9:12].decode()
             statuses[status] = statuses.get(status, 0) + 1

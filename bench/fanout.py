@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import sys
 import tempfile
 import threading
@@ -43,22 +42,18 @@ from kazoo.client import KazooClient
 from harness import LocalZooKeeper, SidecarProcess
 from harness.process import die_with_parent
 
-from .common import run_scenario, scenario_parser
-from .write import (
-    MS_HEADER,
-    RawConn,
+from .common import (
     command_line,
-    fmt,
-    key_path,
-    machine_info,
-    ms_row,
-    pct,
+    machine,
     progress,
     run_async,
+    run_scenario,
+    scenario_parser,
     start_sidecars,
-    summary,
-    write_outputs,
+    write_results,
 )
+from .lib.http import RawConn, key_path
+from .lib.stats import MS_HEADER, fmt, ms_row, pct, ratio, summary
 
 FLOOR_PATH = "/bench-floor/node"
 POLL_GIVE_UP = 5.0  # seconds after the PUT was sent: the watcher counts as "not dropped"
@@ -365,10 +360,6 @@ async def _measure(
     return results
 
 
-def _ratio(a: float, b: float) -> str:
-    return "-" if not b or math.isnan(a) or math.isnan(b) else f"{a / b:.2f}x"
-
-
 def markdown(data: dict[str, Any], quick: bool) -> str:
     """The report section."""
     m = data["machine"]
@@ -419,7 +410,7 @@ def markdown(data: dict[str, Any], quick: bool) -> str:
         s, f = r["stamped"], r["floor"]
         a, b, h = pct(s["sent_to_applied"], 99), pct(f["set_to_callback"], 99), pct(s["hop"], 99)
         lines.append(
-            f"| {r['sidecars']} | {fmt(a)} | {fmt(b)} | {_ratio(a, b)} | {fmt(h)} | {_ratio(b + h, b)} | "
+            f"| {r['sidecars']} | {fmt(a)} | {fmt(b)} | {ratio(a, b)} | {fmt(h)} | {ratio(b + h, b)} | "
             f"{fmt(pct(s['ack_to_applied'], 99))} |"
         )
     lines += [
@@ -435,7 +426,7 @@ def markdown(data: dict[str, Any], quick: bool) -> str:
         s, f = r["sidecar"], r["floor"]
         a, b, c = pct(s["sent_to_drop"], 99), pct(f["set_to_callback"], 99), pct(s["ack_to_drop"], 99)
         lines.append(
-            f"| {r['sidecars']} | {fmt(a)} | {fmt(b)} | {_ratio(a, b)} | {fmt(c)} | {_ratio(c, b)} | "
+            f"| {r['sidecars']} | {fmt(a)} | {fmt(b)} | {ratio(a, b)} | {fmt(c)} | {ratio(c, b)} | "
             f"{fmt(pct(f['ack_to_callback'], 99))} | {fmt(max(s['ack_to_drop'], default=float('nan')))} |"
         )
     lines += [
@@ -475,7 +466,7 @@ def run(quick: bool, out_dir: Path) -> str:
                 sc.stop()
             zk.stop()
     data = {
-        "machine": machine_info(),
+        "machine": machine(),
         "quick": quick,
         "command": command_line("fanout", quick),
         "rounds": rounds,
@@ -483,7 +474,7 @@ def run(quick: bool, out_dir: Path) -> str:
         "wall_seconds": time.monotonic() - started,
     }
     text = markdown(data, quick)
-    write_outputs(out_dir, "fanout", data, text)
+    write_results(out_dir, "fanout", data, text)
     return text
 
 

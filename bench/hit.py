@@ -51,16 +51,12 @@ from .common import (
     OwnedProcess,
     PinnedSidecar,
     cpu_note,
-    fmt_ms,
-    http_request,
     machine,
     machine_line,
     merge_wrk,
     open_loop,
-    pct,
     pinned,
     python_module,
-    raw_response,
     run_scenario,
     run_wrk,
     scenario_parser,
@@ -69,6 +65,8 @@ from .common import (
     wait_port,
     write_results,
 )
+from .lib.http import http_request, raw_response
+from .lib.stats import fmt, pct
 
 __all__ = ["main", "run"]
 
@@ -421,8 +419,8 @@ def report(d: dict[str, Any]) -> str:
     for name in (*HTTP_SERVERS, "redis"):
         c1, c32 = res[name]["c1"], res[name]["c32"]
         lines.append(
-            f"| {LABELS[name]} | {c1['rps']:,.0f} | {fmt_ms(c1['p50_ms'])} | {fmt_ms(c1['p99_ms'])} "
-            f"| {c32['rps']:,.0f} | {fmt_ms(c32['p50_ms'])} | {fmt_ms(c32['p99_ms'])} |"
+            f"| {LABELS[name]} | {c1['rps']:,.0f} | {fmt(c1['p50_ms'], 3)} | {fmt(c1['p99_ms'], 3)} "
+            f"| {c32['rps']:,.0f} | {fmt(c32['p50_ms'], 3)} | {fmt(c32['p99_ms'], 3)} |"
         )
     if rounds > 1:
         lines += [
@@ -473,8 +471,8 @@ def report(d: dict[str, Any]) -> str:
     for name in HTTP_SERVERS:
         f = res[name]["fixed"]
         lines.append(
-            f"| {LABELS[name]} | {f['requests']:,} | {f['achieved_rps']:,.0f} | {fmt_ms(f['p50_ms'])} "
-            f"| {fmt_ms(f['p90_ms'])} | {fmt_ms(f['p99_ms'])} | {fmt_ms(f['p999_ms'])} | {fmt_ms(f['max_ms'])} "
+            f"| {LABELS[name]} | {f['requests']:,} | {f['achieved_rps']:,.0f} | {fmt(f['p50_ms'], 3)} "
+            f"| {fmt(f['p90_ms'], 3)} | {fmt(f['p99_ms'], 3)} | {fmt(f['p999_ms'], 3)} | {fmt(f['max_ms'], 3)} "
             f"| {_spread(f['p99_per_round'], 3)} "
             f"| {f['p90_ms'] - base['p90_ms']:+.3f} | {f['p99_ms'] - base['p99_ms']:+.3f} |"
         )

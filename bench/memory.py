@@ -29,8 +29,6 @@ Writes ``memory.json`` and ``memory.md`` to --out.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass
@@ -46,16 +44,16 @@ from .common import (
     CpuMeter,
     PinnedSidecar,
     cpu_note,
-    create_origin_schema,
-    http_request,
     machine,
     machine_line,
     proc_status_bytes,
     run_scenario,
     scenario_parser,
+    seed_origin,
     uses_uvloop,
     write_results,
 )
+from .lib.http import http_request
 
 __all__ = ["main", "run"]
 
@@ -90,17 +88,6 @@ class Params:
         if quick:
             return cls(quick, entries=10_000, settle=0.5, fill_timeout=60)
         return cls(quick, entries=100_000, settle=2.0, fill_timeout=300)
-
-
-def build_origin(path: Path, entries: int, size: int) -> None:
-    """The sidecar's ``kv`` table with ``entries`` rows of ``size`` bytes, in one transaction."""
-
-    asyncio.run(create_origin_schema(path))
-    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
-        conn.executemany(
-            "INSERT INTO kv (key, value, content_type, updated_at) VALUES (?, ?, ?, 0)",
-            ((key_of(i), value_of(i, size), CONTENT_TYPE) for i in range(entries)),
-        )
 
 
 def mntr(zk: LocalZooKeeper) -> dict[str, int]:
@@ -139,7 +126,7 @@ def measure_size(tmp: Path, zk: LocalZooKeeper, size: int, p: Params) -> dict[st
     """One fresh sidecar caching ``p.entries`` values of ``size`` bytes; RSS and ZooKeeper readings."""
     n = p.entries
     db = tmp / f"origin-{size}.db"
-    build_origin(db, n, size)
+    asyncio.run(seed_origin(db, ((key_of(i), value_of(i, size)) for i in range(n)), CONTENT_TYPE))
     per_entry_charge = size + len(key_of(0)) + ENTRY_OVERHEAD
     sidecar = PinnedSidecar(
         tmp,

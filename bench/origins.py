@@ -32,22 +32,20 @@ from typing import Any
 
 import aiohttp
 
-from bench.common import fmt_ms, machine, machine_line, pct, run_scenario, scenario_parser, seed_origin, write_results
-from bench.write import sequential_gets
 from harness import LocalZooKeeper, SidecarProcess
 from harness.redis import LocalRedis
 from harness.upstream import UpstreamProcess
 from sidecar.origins import open_origin
+
+from .common import machine, machine_line, run_scenario, scenario_parser, seed_origin, write_results
+from .lib.http import sequential_gets
+from .lib.stats import fmt, summary
 
 VALUE = b"v" * 1024
 NAMESPACE = "bench-origins"
 
 
 WARM = [f"warm/{i}" for i in range(50)]
-
-
-def _stats(values: Sequence[float]) -> dict[str, float]:
-    return {"p50": pct(values, 50), "p99": pct(values, 99), "n": len(values)}
 
 
 async def _bare_reads(url: str, keys: Sequence[str]) -> list[float]:
@@ -97,9 +95,9 @@ async def _measure(origin_urls: dict[str, str], sidecars: dict[str, SidecarProce
         hit = await sequential_gets(port, keys, deadline)
         assert dict(miss.x_cache).get("miss", 0) == n, f"{name}: not every first read missed: {dict(miss.x_cache)}"
         result[name] = {
-            "bare_ms": _stats(bare),
-            "miss_ms": _stats(miss.latency),
-            "hit_ms": _stats(hit.latency),
+            "bare_ms": summary(bare),
+            "miss_ms": summary(miss.latency),
+            "hit_ms": summary(hit.latency),
             "statuses": {str(k): v for k, v in miss.statuses.items()},
         }
     return result
@@ -143,10 +141,10 @@ def run(quick: bool, out_dir: Path) -> str:
     for name, d in data.items():
         added = d["miss_ms"]["p50"] - d["bare_ms"]["p50"]
         rows.append(
-            f"| {name} | {fmt_ms(d['bare_ms']['p50'])} / {fmt_ms(d['bare_ms']['p99'])} | "
-            f"{fmt_ms(d['miss_ms']['p50'])} / {fmt_ms(d['miss_ms']['p99'])} | {fmt_ms(added)} | "
+            f"| {name} | {fmt(d['bare_ms']['p50'], 3)} / {fmt(d['bare_ms']['p99'], 3)} | "
+            f"{fmt(d['miss_ms']['p50'], 3)} / {fmt(d['miss_ms']['p99'], 3)} | {fmt(added, 3)} | "
             f"{d['miss_ms']['p50'] / d['bare_ms']['p50']:.1f}x | "
-            f"{fmt_ms(d['hit_ms']['p50'])} / {fmt_ms(d['hit_ms']['p99'])} |"
+            f"{fmt(d['hit_ms']['p50'], 3)} / {fmt(d['hit_ms']['p99'], 3)} |"
         )
     md = f"""## The miss path over each origin
 

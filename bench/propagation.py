@@ -34,14 +34,7 @@ from kazoo.client import KazooClient
 
 from harness import LocalZooKeeper, SidecarProcess
 
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
-def row(name: str, ms: list[float]) -> str:
-    return f"| {name} | {len(ms)} | {pct(ms, 50):.2f} | {pct(ms, 90):.2f} | {pct(ms, 99):.2f} | {max(ms):.2f} |"
+from .lib.stats import MS_HEADER, ms_row, pct
 
 
 class Rounds:
@@ -161,14 +154,13 @@ def main() -> None:
         f"Invalidation propagation, 2 sidecars (SQLite origin), {n} writes, ZooKeeper 3.8 standalone, "
         f"loopback, 2 cores ({time.strftime('%Y-%m-%d')}; `python -m bench.propagation --writes {args.writes}`)",
         "",
-        "| measurement (ms) | n | p50 | p90 | p99 | max |",
-        "|---|---|---|---|---|---|",
-        row("PUT on A: sent -> acknowledged", rounds.put),
-        row("PUT sent on A -> entry dropped on B", rounds.sent_to_drop),
-        row("PUT acknowledged -> entry dropped on B (0 = before the ack)", rounds.ack_to_drop),
-        row("PUT acknowledged -> B returns the new value (includes B's refill)", rounds.ack_to_new),
-        row("resolution: one only-if-cached poll of B", rounds.poll),
-        row("raw ZooKeeper floor: set issued -> watch callback, 2nd session", floor),
+        MS_HEADER,
+        ms_row("PUT on A: sent -> acknowledged", rounds.put),
+        ms_row("PUT sent on A -> entry dropped on B", rounds.sent_to_drop),
+        ms_row("PUT acknowledged -> entry dropped on B (0 = before the ack)", rounds.ack_to_drop),
+        ms_row("PUT acknowledged -> B returns the new value (includes B's refill)", rounds.ack_to_new),
+        ms_row("resolution: one only-if-cached poll of B", rounds.poll),
+        ms_row("raw ZooKeeper floor: set issued -> watch callback, 2nd session", floor),
         "",
         f"B had dropped the entry before A acknowledged in {before_ack:.0%} of writes. "
         f"p99 ratio, PUT sent -> dropped on B vs raw floor: "

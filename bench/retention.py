@@ -38,16 +38,15 @@ from .common import (
     PinnedSidecar,
     machine,
     machine_line,
-    pct,
     proc_status_bytes,
     run_scenario,
     scenario_parser,
     write_results,
 )
+from .lib.stats import MIB, pct
 from .scale import NOTE, TXN_OPS, create_buckets
 
 NAMESPACE = "retention"
-MIB = 1024 * 1024
 
 
 def _write_stream(hosts: str, layout: Layout, keys: int, rate: float, stop: threading.Event) -> dict[str, Any]:

@@ -18,7 +18,7 @@ temporary directory; stops them at the end.  The key count grows in steps
 4. propagation: 100 writes of one key through A while B holds it
    (``bench.fanout``'s rounds with one watcher): ack -> dropped on B;
 5. RSS of B, A and ZooKeeper; ZooKeeper's znode and watch counts (``mntr``)
-   and its live heap after a full GC (``jcmd``);
+   and its live heap after a full GC (``jcmd GC.class_histogram``);
 6. at 10^4 and 10^5 cached keys (quick: 10^4), revalidation after a reconnect,
    as ``bench.revalidation`` measures it (the time the sidecar reports for
    re-arming and comparing every cached key, and until ``/readyz``): here the
@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import re
 import subprocess
 import tempfile
 import threading
@@ -46,24 +45,22 @@ from kazoo.client import KazooClient
 from harness import LocalZooKeeper, SidecarProcess
 from sidecar.coordination.layout import Layout
 
-from .common import run_scenario, scenario_parser
-from .fanout import propagation_rounds
-from .write import (
-    RawConn,
+from .common import (
     command_line,
-    fmt,
-    key_path,
-    machine_info,
-    mntr,
-    pct,
-    preload_sqlite,
+    jvm_live_heap,
+    machine,
+    proc_status_bytes,
     progress,
-    rss_bytes,
     run_async,
+    run_scenario,
+    scenario_parser,
+    seed_origin,
     start_sidecars,
-    summary,
-    write_outputs,
+    write_results,
 )
+from .fanout import propagation_rounds
+from .lib.http import RawConn, key_path, sequential_gets
+from .lib.stats import fmt, mib, pct
 
 NAMESPACE = "scale"
 ROOT = f"/zkcache/{NAMESPACE}"
@@ -127,18 +124,6 @@ def create_buckets(client: KazooClient, layout: Layout) -> None:
         failed = [r for r in txn.commit() if isinstance(r, Exception)]
         if failed:
             raise RuntimeError(f"creating the bucket znodes failed: {failed[0]!r}")
-
-
-def zk_live_heap(pid: int) -> int | None:
-    """ZooKeeper's heap in use right after a full GC (``jcmd``), in bytes; None if jcmd is unavailable."""
-    try:
-        subprocess.run(["jcmd", str(pid), "GC.run"], capture_output=True, timeout=60, check=True)
-        info = subprocess.run(["jcmd", str(pid), "GC.heap_info"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    # Serial GC prints "def new generation ... used 1234K" and "tenured generation ... used 5678K".
-    used = [int(k) for k in re.findall(r"generation\s+total \d+K, used (\d+)K", info)]
-    return sum(used) * 1024 if used else None
 
 
 # -- revalidation ---------------------------------------------------------------------
@@ -217,22 +202,6 @@ async def fill_cache(port: int, keys: list[str], connections: int = 32) -> dict[
     return {"keys": len(keys), "seconds": seconds, "per_s": len(keys) / max(seconds, 1e-9), "statuses": dict(statuses)}
 
 
-async def sequential_misses(port: int, keys: list[str]) -> dict[str, Any]:
-    """GET each key once, back to back on one keep-alive connection."""
-    latency: list[float] = []
-    x_cache: Counter[str] = Counter()
-    conn = await RawConn(port).open()
-    try:
-        for key in keys:
-            t = time.perf_counter()
-            resp = await conn.request("GET", key_path(key))
-            latency.append((time.perf_counter() - t) * 1000)
-            x_cache[resp.headers.get("x-cache", str(resp.status))] += 1
-    finally:
-        await conn.close()
-    return {"latency_ms": latency, "latency": summary(latency), "x_cache": dict(x_cache)}
-
-
 def _step(
     size: int,
     prev: int,
@@ -258,25 +227,25 @@ def _step(
     step["b_entries"] = b.stats()["entries"]
 
     progress(f"scale: {size} keys: {MISSES} misses, {writes} propagation rounds")
-    step["miss"] = run_async(sequential_misses(b.port, [miss_key(size, i) for i in range(MISSES)]))
+    misses = run_async(sequential_gets(b.port, [miss_key(size, i) for i in range(MISSES)], time.monotonic() + 120))
+    step["miss"] = misses.as_json()
     rounds = run_async(propagation_rounds(a.port, [b.port], "prop", writes, time.monotonic() + 120))
     step["propagation"] = rounds.as_json()
 
     assert a.proc is not None and b.proc is not None and zk.proc is not None
-    m = mntr(zk)
-    step["rss"] = {"b": rss_bytes(b.proc.pid), "a": rss_bytes(a.proc.pid), "zookeeper": rss_bytes(zk.proc.pid)}
+    m = zk.mntr()
+    step["rss"] = {
+        name: proc_status_bytes(proc.pid)["VmRSS"]
+        for name, proc in (("b", b.proc), ("a", a.proc), ("zookeeper", zk.proc))
+    }
     step["mntr"] = {
         k: m.get(k) for k in ("zk_znode_count", "zk_watch_count", "zk_approximate_data_size", "zk_avg_latency")
     }
-    step["zk_live_heap"] = zk_live_heap(zk.proc.pid)
+    step["zk_live_heap"] = jvm_live_heap(zk.proc.pid)
     if revalidate_here:
         progress(f"scale: {size} keys: revalidation of {cached} cached keys after a reconnect")
         step["revalidation"] = revalidate(b, zk.port, timeout=180)
     return step
-
-
-def _mb(n: int | None) -> str:
-    return "-" if not n else f"{n / 2**20:.0f}"
 
 
 def markdown(data: dict[str, Any], quick: bool) -> str:
@@ -302,7 +271,7 @@ def markdown(data: dict[str, Any], quick: bool) -> str:
             f"{fmt(s['miss']['latency']['p50'])} | {fmt(s['miss']['latency']['p99'])} | "
             f"{fmt(pct(p['ack_to_drop'], 50))} | {fmt(pct(p['ack_to_drop'], 99))} | "
             f"{fmt(pct(p['sent_to_drop'], 50))} | {fmt(pct(p['sent_to_drop'], 99))} | {fmt(pct(p['put'], 50))} | "
-            f"{_mb(s['rss']['b'])} | {_mb(s['rss']['zookeeper'])} / {_mb(s['zk_live_heap'])} | "
+            f"{mib(s['rss']['b'])} | {mib(s['rss']['zookeeper'])} / {mib(s['zk_live_heap'])} | "
             f"{s['mntr'].get('zk_watch_count')} | {s['znodes']['created_s']:.1f} s |"
         )
     lines += ["", "Latencies in ms. Filling B's cache through the sidecar (concurrent misses, 32 connections):", ""]
@@ -373,7 +342,7 @@ def run(quick: bool, out_dir: Path) -> str:
             ((miss_key(size, i), VALUE) for size in sizes for i in range(MISSES)),
         )
         progress(f"scale: writing {cached + MISSES * len(sizes)} rows into the SQLite origin")
-        preload_sqlite(db, rows)
+        run_async(seed_origin(db, rows, "application/octet-stream"))
         zk = LocalZooKeeper(tmp / "zk", heap=ZK_HEAP)
         client = KazooClient(hosts=zk.hosts)
         common = {"zk": zk.hosts, "namespace": NAMESPACE, "origin": f"sqlite:///{db}", "log_level": "warning"}
@@ -398,7 +367,7 @@ def run(quick: bool, out_dir: Path) -> str:
                 client.close()
             zk.stop()
     data = {
-        "machine": machine_info(),
+        "machine": machine(),
         "quick": quick,
         "command": command_line("scale", quick),
         "zk_jvm_flags": ZK_HEAP,
@@ -406,7 +375,7 @@ def run(quick: bool, out_dir: Path) -> str:
         "wall_seconds": time.monotonic() - started,
     }
     text = markdown(data, quick)
-    write_outputs(out_dir, "scale", data, text)
+    write_results(out_dir, "scale", data, text)
     return text
 
 

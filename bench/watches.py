@@ -15,9 +15,9 @@ it holds, the sidecar's namespace watches included), and ``/proc`` the
 sidecar's RSS.
 
 Then ZooKeeper's own memory per watch: 50,000 znodes (5,000 with --quick),
-the JVM's live heap (``jmap -histo:live``, which runs a full GC first), one
+the JVM's live heap (``jcmd GC.class_histogram``, which runs a full GC first), one
 session setting a data watch on each, the heap again, a second session
-watching the same paths, the heap again.  Skipped when ``jmap`` (a JDK
+watching the same paths, the heap again.  Skipped when ``jcmd`` (a JDK
 tool) is not installed.  The bound a sidecar must keep: key watches <= entries +
 fills in flight (0 at rest) + its few namespace watches.  The figures of
 the code before watch removal are those measured in issue #11 (one watch
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from harness import LocalZooKeeper
 
 from .common import (
     PinnedSidecar,
+    jvm_live_heap,
     machine,
     machine_line,
     proc_status_bytes,
@@ -49,9 +49,9 @@ from .common import (
     seed_origin,
     write_results,
 )
+from .lib.stats import MIB
 
 MAX_ENTRIES = 100
-MIB = 1024 * 1024
 
 
 def _watch_count(zk: LocalZooKeeper) -> int:
@@ -84,19 +84,9 @@ def _settled(zk: LocalZooKeeper, sidecar: PinnedSidecar, timeout: float = 10.0) 
         time.sleep(0.2)
 
 
-def _live_heap(pid: int) -> int | None:
-    """Bytes of live objects in a JVM (``jmap -histo:live`` runs a full GC first); None without jmap."""
-    jmap = shutil.which("jmap")
-    if jmap is None:
-        return None
-    out = subprocess.run([jmap, "-histo:live", str(pid)], capture_output=True, text=True, timeout=120)
-    last = out.stdout.strip().splitlines()[-1].split() if out.returncode == 0 and out.stdout.strip() else []
-    return int(last[-1]) if last and last[0] == "Total" else None
-
-
 def _watch_heap(zk: LocalZooKeeper, znodes: int) -> dict[str, Any] | None:
     """ZooKeeper's live heap with ``znodes`` znodes, then with one and two sessions watching each."""
-    if zk.proc is None or shutil.which("jmap") is None:
+    if zk.proc is None or shutil.which("jcmd") is None:
         return None
     pid = zk.proc.pid
     paths = [f"/watchprobe/{i // 1000:03d}/k{i:06d}" for i in range(znodes)]
@@ -110,13 +100,13 @@ def _watch_heap(zk: LocalZooKeeper, znodes: int) -> dict[str, Any] | None:
         for start in range(0, znodes, 1000):
             for result in [creator.create_async(p, b"") for p in paths[start : start + 1000]]:
                 result.get(timeout=30)
-        heaps = [_live_heap(pid)]
+        heaps = [jvm_live_heap(pid)]
         counts = [int(zk.mntr()["zk_watch_count"])]
         for client in clients:
             for start in range(0, znodes, 1000):
                 for result in [client.exists_async(p, watch=lambda _e: None) for p in paths[start : start + 1000]]:
                     result.get(timeout=30)
-            heaps.append(_live_heap(pid))
+            heaps.append(jvm_live_heap(pid))
             counts.append(int(zk.mntr()["zk_watch_count"]))
     finally:
         for client in clients:
@@ -182,10 +172,11 @@ def run(quick: bool, out_dir: Path) -> str:
         "zookeeper_heap_per_watch": heap,
     }
     if heap is None:
-        heap_line = "ZooKeeper's heap per watch: not measured (`jmap`, a JDK tool, is not installed)."
+        heap_line = "ZooKeeper's heap per watch: not measured (`jcmd`, a JDK tool, is not installed)."
     else:
         heap_line = (
-            f"ZooKeeper's live heap per data watch (`jmap -histo:live` after a full GC, {heap['znodes']:,} znodes): "
+            "ZooKeeper's live heap per data watch (`jcmd GC.class_histogram` after a full GC, "
+            f"{heap['znodes']:,} znodes): "
             f"{heap['bytes_per_watch_first_session']:.0f} B for the first session watching a path, "
             f"{heap['bytes_per_watch_second_session']:.0f} B for a second session watching the same paths."
         )

@@ -23,37 +23,39 @@ directory, all on loopback, and stops them at the end.  Measures, in order:
    second sidecar that reaches ZooKeeper through a decoding proxy, which names
    every request (opcode, znode kind) and watch notification it forwards.
 
-The small helpers at the top (percentiles, ``mntr``, a raw keep-alive HTTP
-client, SQLite preloading, result files) are also used by ``bench.fanout`` and
-``bench.scale``.
+Statistics, the raw HTTP client and the decoding proxy are in ``bench.lib``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import itertools
-import math
-import socket
-import sqlite3
-import struct
-import sys
 import tempfile
-import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
 
-from bench.common import create_origin_schema, run_scenario, scenario_parser
-from bench.common import machine as machine_info
-from bench.common import write_results as write_outputs
 from harness import LocalZooKeeper, SidecarProcess
+
+from .common import (
+    command_line,
+    machine,
+    progress,
+    run_async,
+    run_scenario,
+    scenario_parser,
+    seed_origin,
+    write_results,
+)
+from .lib.http import RawConn, Sequential, key_path, sequential_gets, server_timing
+from .lib.stats import MS_HEADER, fmt, ms_row, pct, summary
+from .lib.zkwire import RequestCensus
 
 T = TypeVar("T")
 
@@ -61,74 +63,10 @@ NAMESPACE = "bench"
 VALUE_1K = bytes(range(256)) * 4  # 1 KiB, not all one byte
 
 
-# -- statistics and formatting ----------------------------------------------------
-def pct(values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile ``p`` (0-100) of ``values``; NaN when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
-
-
-def summary(values: Sequence[float]) -> dict[str, float]:
-    """n, p50, p90, p99, max and mean of a list of milliseconds (for JSON and tables)."""
-    if not values:
-        return {"n": 0, "p50": math.nan, "p90": math.nan, "p99": math.nan, "max": math.nan, "mean": math.nan}
-    return {
-        "n": len(values),
-        "p50": pct(values, 50),
-        "p90": pct(values, 90),
-        "p99": pct(values, 99),
-        "max": max(values),
-        "mean": sum(values) / len(values),
-    }
-
-
-def fmt(value: float | None, digits: int = 2) -> str:
-    """A number for a table cell; ``-`` when missing."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}"
-
-
-def ms_row(name: str, values: Sequence[float], digits: int = 2) -> str:
-    """``| name | n | p50 | p90 | p99 | max |`` in milliseconds."""
-    s = summary(values)
-    cells = [fmt(s[k], digits) for k in ("p50", "p90", "p99", "max")]
-    return f"| {name} | {s['n']} | " + " | ".join(cells) + " |"
-
-
-MS_HEADER = "| measurement (ms) | n | p50 | p90 | p99 | max |\n|---|---|---|---|---|---|"
-
-
-def command_line(module: str, quick: bool) -> str:
-    """The command that reproduces a module's run."""
-    return f".venv/bin/python -m bench.{module}" + (" --quick" if quick else "")
-
-
-def progress(message: str) -> None:
-    """One progress line on stderr (stdout carries the report)."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on uvloop when installed: the client's own overhead is part of every sample."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 # -- ZooKeeper's own counters -----------------------------------------------------
-def mntr(zk: LocalZooKeeper, timeout: float = 2.0) -> dict[str, str]:
-    """ZooKeeper's ``mntr`` (four-letter word on the client port; not a session) as a dict."""
-    return zk.mntr(timeout)
-
-
 def packets(zk: LocalZooKeeper) -> tuple[int, int]:
     """``(zk_packets_received, zk_packets_sent)``: requests in, replies and notifications out."""
-    m = mntr(zk)
+    m = zk.mntr()
     return int(m["zk_packets_received"]), int(m["zk_packets_sent"])
 
 
@@ -186,406 +124,7 @@ async def count_round_trips(
     return result, RoundTrips(ops, seconds, r1 - r0, s1 - s0, r2 - r1, s2 - s1)
 
 
-# -- a minimal keep-alive HTTP/1.1 client ------------------------------------------
-@dataclass
-class RawResponse:
-    """Status, headers (lower-case names) and body of one response."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
-class RawConn:
-    """One keep-alive HTTP/1.1 connection with the least client work per request.
-
-    aiohttp's client spends a few hundred microseconds of CPU per request; for
-    sequential latency samples and for back-to-back polls that is noise on
-    every figure, so requests are written as bytes and answers parsed by hand
-    (Content-Length or chunked; aiohttp's server sends nothing else).
-    """
-
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
-        self.host, self.port = host, port
-        self.timeout = timeout  # per response: a hung sidecar must not hang the benchmark
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-
-    async def open(self) -> RawConn:
-        """Connect (TCP_NODELAY: every request is one small write)."""
-        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-        sock = self._writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return self
-
-    async def close(self) -> None:
-        """Close the connection."""
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(Exception):
-                await self._writer.wait_closed()
-            self._writer = None
-
-    def send(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
-        """Write one request (no await: the bytes are handed to the transport now)."""
-        assert self._writer is not None, "not open"
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
-        if body or method in ("PUT", "POST"):
-            lines.append(f"Content-Length: {len(body)}")
-        lines.extend(f"{k}: {v}" for k, v in (headers or {}).items())
-        self._writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-
-    async def receive(self) -> RawResponse:
-        """Read one response."""
-        async with asyncio.timeout(self.timeout):
-            return await self._receive()
-
-    async def _receive(self) -> RawResponse:
-        reader = self._reader
-        assert reader is not None, "not open"
-        status_line = await reader.readline()
-        if not status_line:
-            raise ConnectionError("connection closed by the server")
-        status = int(status_line.split()[1])
-        headers: dict[str, str] = {}
-        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            parts = []
-            while size := int((await reader.readline()).split(b";")[0], 16):
-                parts.append(await reader.readexactly(size))
-                await reader.readline()
-            await reader.readline()
-            body = b"".join(parts)
-        else:
-            length = int(headers.get("content-length", "0"))
-            body = await reader.readexactly(length) if length else b""
-        return RawResponse(status, headers, body)
-
-    async def request(
-        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
-    ) -> RawResponse:
-        """Send one request and read its response."""
-        self.send(method, path, body, headers)
-        return await self.receive()
-
-
-def key_path(key: str) -> str:
-    """The API path of a key (bench keys need no escaping)."""
-    return f"/v1/keys/{key}"
-
-
-def server_timing(header: str) -> dict[str, float]:
-    """``lock;dur=1.2, check;dur=0.1`` -> ``{"lock": 1.2, "check": 0.1}`` (milliseconds)."""
-    phases: dict[str, float] = {}
-    for part in header.split(","):
-        name, _, params = part.strip().partition(";")
-        for param in params.split(";"):
-            k, _, v = param.strip().partition("=")
-            if k == "dur" and name:
-                phases[name] = float(v)
-    return phases
-
-
-# -- origin and processes -----------------------------------------------------------
-def preload_sqlite(db: Path, rows: Iterable[tuple[str, bytes]]) -> int:
-    """Write rows straight into the SQLite origin (schema made by the origin itself); returns the count."""
-    run_async(create_origin_schema(db))
-    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
-        cur = conn.executemany(
-            "INSERT OR REPLACE INTO kv (key, value, content_type, updated_at) "
-            "VALUES (?, ?, 'application/octet-stream', 0)",
-            rows,
-        )
-        return cur.rowcount
-
-
-def start_sidecars(sidecars: Sequence[SidecarProcess], timeout: float = 60.0) -> None:
-    """Start several sidecars at once (they boot in parallel), then wait until each is ready."""
-    for sc in sidecars:
-        sc.start(wait_ready=False)
-    for sc in sidecars:
-        sc.wait_ready(timeout)
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process, from ``/proc``."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-# -- request census: a proxy that names every ZooKeeper request ------------------------
-OPCODES = {
-    1: "create",
-    2: "delete",
-    3: "exists",
-    4: "getData",
-    5: "setData",
-    6: "getACL",
-    7: "setACL",
-    8: "getChildren",
-    9: "sync",
-    11: "ping",
-    12: "getChildren2",
-    13: "check",
-    14: "multi",
-    15: "create2",
-    17: "checkWatches",
-    18: "removeWatches",
-    19: "createContainer",
-    20: "deleteContainer",
-    21: "createTTL",
-    22: "multiRead",
-    100: "auth",
-    101: "setWatches",
-    103: "getEphemerals",
-    104: "getAllChildrenNumber",
-    105: "setWatches2",
-    106: "addWatch",
-    107: "whoAmI",
-    -11: "closeSession",
-}
-_WATCHABLE = {3, 4, 8, 12}  # request body: path, then a "watch" boolean
-_EVENTS = {1: "created", 2: "deleted", 3: "dataChanged", 4: "childrenChanged"}
-
-
-class _Buf:
-    """Reads ZooKeeper's jute encoding (big-endian ints, length-prefixed strings)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
-
-    def read_int(self) -> int:
-        (v,) = struct.unpack_from(">i", self.data, self.pos)
-        self.pos += 4
-        return int(v)
-
-    def read_long(self) -> int:
-        (v,) = struct.unpack_from(">q", self.data, self.pos)
-        self.pos += 8
-        return int(v)
-
-    def read_bool(self) -> bool:
-        self.pos += 1
-        return self.data[self.pos - 1] != 0
-
-    def read_buffer(self) -> bytes:
-        n = self.read_int()
-        if n < 0:
-            return b""
-        self.pos += n
-        return self.data[self.pos - n : self.pos]
-
-    def read_string(self) -> str:
-        return self.read_buffer().decode("utf-8", "replace")
-
-    def skip_acls(self) -> None:
-        for _ in range(max(0, self.read_int())):
-            self.read_int()  # perms
-            self.read_string()  # scheme
-            self.read_string()  # id
-
-
-def znode_kind(path: str, root: str) -> str:
-    """``versions/*/*`` for a version znode, ``locks/*/*/*`` for a lock node, ``<root>`` for the namespace."""
-    if path == root:
-        return "<root>"
-    if not path.startswith(root + "/"):
-        return "<other>"
-    parts = path[len(root) + 1 :].split("/")
-    return "/".join([parts[0], *["*"] * (len(parts) - 1)])
-
-
-def describe_request(frame: bytes, root: str) -> str:
-    """``"setData versions/*/*"``, ``"multi[create locks/*/*/*, setData versions/*/*]"``, ``"ping"``..."""
-    buf = _Buf(frame)
-    buf.read_int()  # xid
-    op = buf.read_int()
-    name = OPCODES.get(op, f"op{op}")
-    try:
-        if op == 14:
-            return f"multi[{', '.join(_multi_ops(buf, root))}]"
-        if op in (11, -11, 100, 101, 105, 107):
-            return name
-        path = buf.read_string()
-        watch = " +watch" if op in _WATCHABLE and buf.read_bool() else ""
-        return f"{name}{watch} {znode_kind(path, root)}"
-    except (struct.error, IndexError):
-        return name
-
-
-def _multi_ops(buf: _Buf, root: str) -> list[str]:
-    ops = []
-    for _ in range(1000):
-        op = buf.read_int()
-        done = buf.read_bool()
-        buf.read_int()  # err
-        if done:
-            break
-        path = buf.read_string()
-        if op in (1, 15, 19, 21):  # create*: data, acl, flags (+ ttl)
-            buf.read_buffer()
-            buf.skip_acls()
-            buf.read_int()
-            if op == 21:
-                buf.read_long()
-        elif op == 5:  # setData: data, version
-            buf.read_buffer()
-            buf.read_int()
-        elif op in (2, 13):  # delete, check: version
-            buf.read_int()
-        elif op in (4, 8):  # multiRead's getData / getChildren: watch
-            buf.read_bool()
-        ops.append(f"{OPCODES.get(op, f'op{op}')} {znode_kind(path, root)}")
-    return ops
-
-
-def describe_reply(frame: bytes, root: str) -> str | None:
-    """A watch notification (xid -1) as ``"notify dataChanged versions/*/*"``; None for replies."""
-    buf = _Buf(frame)
-    if buf.read_int() != -1:
-        return None
-    buf.read_long()  # zxid
-    buf.read_int()  # err
-    event = buf.read_int()
-    buf.read_int()  # state
-    return f"notify {_EVENTS.get(event, str(event))} {znode_kind(buf.read_string(), root)}"
-
-
-class CensusProxy:
-    """A loopback TCP proxy to ZooKeeper that counts what it forwards, by request kind.
-
-    Runs its own event loop in a thread.  The first frame each way is the
-    session handshake (no header) and is skipped.
-    """
-
-    def __init__(self, target_host: str, target_port: int, root: str) -> None:
-        self.target = (target_host, target_port)
-        self.root = root
-        self.port = 0
-        self._counts: Counter[str] = Counter()
-        self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="census-proxy", daemon=True)
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    @property
-    def address(self) -> str:
-        """``host:port`` to give the sidecar instead of ZooKeeper's."""
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        """Listen on a free loopback port."""
-        self._thread.start()
-        fut = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._accept, "127.0.0.1", 0), self._loop)
-        self._server = fut.result(10)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def stop(self) -> None:
-        """Close every connection and the thread (safe if never started)."""
-        if not self._thread.is_alive():
-            self._loop.close()
-            return
-
-        async def close() -> None:
-            for w in list(self._writers):
-                w.transport.abort()
-            if self._server is not None:
-                self._server.close()
-                await self._server.wait_closed()
-
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    def snapshot(self) -> Counter[str]:
-        """A copy of the counts so far."""
-        with self._lock:
-            return Counter(self._counts)
-
-    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        up_r, up_w = await asyncio.open_connection(*self.target)
-        self._writers.update((client_w, up_w))
-        await asyncio.gather(self._pipe(client_r, up_w, describe_request), self._pipe(up_r, client_w, describe_reply))
-
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, describe: Callable[[bytes, str], str | None]
-    ) -> None:
-        buf, first = b"", True
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)  # forward first: counting must not delay the traffic
-                buf += data
-                while len(buf) >= 4:
-                    (length,) = struct.unpack_from(">i", buf)
-                    if len(buf) < 4 + length:
-                        break
-                    frame, buf = buf[4 : 4 + length], buf[4 + length :]
-                    if first:
-                        first = False
-                        continue
-                    what = describe(frame, self.root)
-                    if what is not None:
-                        with self._lock:
-                            self._counts[what] += 1
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            with contextlib.suppress(Exception):
-                writer.transport.abort()
-
-
 # -- the measurements ---------------------------------------------------------------
-@dataclass
-class Sequential:
-    """Per-request samples of a sequential run."""
-
-    latency: list[float] = field(default_factory=list)  # ms, request written -> response read
-    outside: list[float] = field(default_factory=list)  # ms, latency minus the sum of Server-Timing phases
-    phases: dict[str, list[float]] = field(default_factory=dict)  # Server-Timing, ms
-    statuses: Counter[int] = field(default_factory=Counter)
-    x_cache: Counter[str] = field(default_factory=Counter)
-
-    def as_json(self) -> dict[str, Any]:
-        """Samples and summaries."""
-        return {
-            "latency_ms": self.latency,
-            "latency": summary(self.latency),
-            "phases_ms": self.phases,
-            "outside_phases_ms": self.outside,
-            "phases": {name: summary(v) for name, v in self.phases.items()},
-            "statuses": dict(self.statuses),
-            "x_cache": dict(self.x_cache),
-        }
-
-
-async def sequential_gets(port: int, keys: Sequence[str], deadline: float) -> Sequential:
-    """GET each key once, back to back on one keep-alive connection."""
-    out = Sequential()
-    conn = await RawConn(port).open()
-    try:
-        for key in keys:
-            if time.monotonic() > deadline:
-                break
-            t = time.perf_counter()
-            resp = await conn.request("GET", key_path(key))
-            out.latency.append((time.perf_counter() - t) * 1000)
-            out.statuses[resp.status] += 1
-            out.x_cache[resp.headers.get("x-cache", "-")] += 1
-    finally:
-        await conn.close()
-    return out
-
-
 async def sequential_puts(
     port: int, keys: Sequence[str], deadline: float, *, value: bytes = VALUE_1K, cas: bool = False
 ) -> Sequential:
@@ -671,7 +210,7 @@ async def concurrent_puts(url: str, keys: Sequence[str], concurrency: int = 32) 
         await asyncio.gather(*(one(k) for k in keys))
 
 
-async def census(proxy: CensusProxy, port: int, n: int) -> dict[str, dict[str, float]]:
+async def census(proxy: RequestCensus, port: int, n: int) -> dict[str, dict[str, float]]:
     """Requests and notifications per operation, by kind, for each kind of operation (``n`` each)."""
     out: dict[str, dict[str, float]] = {}
     far = time.monotonic() + 60
@@ -844,7 +383,7 @@ def summary_phases(phases: dict[str, list[float]]) -> str:
 
 
 async def _measure(
-    zk: LocalZooKeeper, sc: SidecarProcess, census_sc: SidecarProcess, proxy: CensusProxy, quick: bool
+    zk: LocalZooKeeper, sc: SidecarProcess, census_sc: SidecarProcess, proxy: RequestCensus, quick: bool
 ) -> dict[str, Any]:
     misses = 200 if quick else 2000
     writes = 100 if quick else 1000
@@ -896,9 +435,9 @@ def run(quick: bool, out_dir: Path) -> str:
             (f"warm/{i}" for i in range(50)),
             (f"census/miss/{i}" for i in range(200)),
         )
-        preload_sqlite(db, ((k, VALUE_1K) for k in names))
+        run_async(seed_origin(db, ((k, VALUE_1K) for k in names), "application/octet-stream"))
         zk = LocalZooKeeper(Path(tmp) / "zk")
-        proxy = CensusProxy(zk.host, zk.port, f"/zkcache/{NAMESPACE}")
+        proxy = RequestCensus(zk.host, zk.port, f"/zkcache/{NAMESPACE}")
         common = {"zk": zk.hosts, "namespace": NAMESPACE, "origin": f"sqlite:///{db}", "log_level": "warning"}
         sc = SidecarProcess(tmp, "writer", dict(common))
         census_sc = SidecarProcess(tmp, "census", {**common, "zk": ""})  # its zk: the proxy, once it listens
@@ -914,12 +453,12 @@ def run(quick: bool, out_dir: Path) -> str:
             sc.stop()
             proxy.stop()
             zk.stop()
-    data["machine"] = machine_info()
+    data["machine"] = machine()
     data["quick"] = quick
     data["command"] = command_line("write", quick)
     data["wall_seconds"] = time.monotonic() - started
     text = markdown(data, quick)
-    write_outputs(out_dir, "write", data, text)
+    write_results(out_dir, "write", data, text)
     return text
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Callable
 
 __all__ = ["TcpProxy"]
 
@@ -21,10 +22,18 @@ class TcpProxy:
     :meth:`blackhole` (connections stay open, bytes vanish: a firewall DROP or
     a hung peer, which only timeouts reveal), :meth:`delay` (added latency per
     chunk, order kept).  :meth:`heal` restores plain forwarding.
+
+    ``observe(connection, to_target, data)``, if given, sees every chunk once it
+    is forwarded, on the proxy's thread: ``connection`` numbers the accepted
+    connections from 1, ``to_target`` is the direction (the benchmarks decode
+    ZooKeeper's protocol with it).
     """
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(
+        self, target_host: str, target_port: int, observe: Callable[[int, bool, bytes], None] | None = None
+    ) -> None:
         self.target = (target_host, target_port)
+        self.observe = observe
         self.port = 0
         self.accepting = True
         self.dropping = False
@@ -32,8 +41,8 @@ class TcpProxy:
         self.connections = 0
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.StreamWriter] = set()
-        self._loop: asyncio.AbstractEventLoop
-        self._thread: threading.Thread
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
     @property
     def address(self) -> str:
@@ -50,14 +59,14 @@ class TcpProxy:
 
     def start(self) -> None:
         """Listen on a free loopback port, serving from a thread of its own."""
-        self._loop = asyncio.new_event_loop()
+        loop = self._loop = asyncio.new_event_loop()
         started = threading.Event()
 
         def run() -> None:
-            asyncio.set_event_loop(self._loop)
-            self._loop.run_until_complete(self._listen())
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(self._listen())
             started.set()
-            self._loop.run_forever()
+            loop.run_forever()
 
         self._thread = threading.Thread(target=run, name="tcp-proxy", daemon=True)
         self._thread.start()
@@ -69,7 +78,9 @@ class TcpProxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     def stop(self) -> None:
-        """Close everything and stop the thread."""
+        """Close everything and stop the thread (nothing to do if never started)."""
+        if self._loop is None or self._thread is None:
+            return
         self.cut()
 
         async def close() -> None:
@@ -81,6 +92,7 @@ class TcpProxy:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+        self._loop = self._thread = None
 
     def cut(self) -> None:
         """Reset every open connection and refuse new ones (a partition)."""
@@ -93,16 +105,16 @@ class TcpProxy:
             self._pipes.clear()
             done.set()
 
-        self._loop.call_soon_threadsafe(do_cut)
+        self._running_loop().call_soon_threadsafe(do_cut)
         done.wait(10)
 
     def blackhole(self) -> None:
         """Keep every connection open but deliver nothing, either way."""
-        self._loop.call_soon_threadsafe(setattr, self, "dropping", True)
+        self._running_loop().call_soon_threadsafe(setattr, self, "dropping", True)
 
     def delay(self, seconds: float) -> None:
         """Add ``seconds`` of latency to every chunk forwarded."""
-        self._loop.call_soon_threadsafe(setattr, self, "latency", seconds)
+        self._running_loop().call_soon_threadsafe(setattr, self, "latency", seconds)
 
     def heal(self) -> None:
         """Accept and forward again, without added latency."""
@@ -110,7 +122,12 @@ class TcpProxy:
         def do_heal() -> None:
             self.accepting, self.dropping, self.latency = True, False, 0.0
 
-        self._loop.call_soon_threadsafe(do_heal)
+        self._running_loop().call_soon_threadsafe(do_heal)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the proxy is not running: start() it first")
+        return self._loop
 
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         if not self.accepting:
@@ -122,10 +139,13 @@ class TcpProxy:
             client_w.transport.abort()
             return
         self.connections += 1
+        number = self.connections
         self._pipes.update((client_w, up_w))
-        await asyncio.gather(self._pipe(client_r, up_w), self._pipe(up_r, client_w))
+        await asyncio.gather(self._pipe(client_r, up_w, number, True), self._pipe(up_r, client_w, number, False))
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection: int, to_target: bool
+    ) -> None:
         try:
             while data := await reader.read(65536):
                 if self.dropping:
@@ -133,6 +153,8 @@ class TcpProxy:
                 if self.latency:
                     await asyncio.sleep(self.latency)
                 writer.write(data)
+                if self.observe is not None:
+                    self.observe(connection, to_target, data)  # after forwarding: watching must not delay it
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
