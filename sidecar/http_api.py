@@ -51,6 +51,8 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .http_server import HttpServer, raise_fd_limit
+from .openapi import MAX_BATCH_KEYS, MAX_INVALIDATE_ITEMS
+from .openapi import render as render_openapi
 from .origins import DEFAULT_CONTENT_TYPE, MAX_CONTENT_TYPE_BYTES, OriginValue
 from .service import CacheService, Fetched, Written
 
@@ -60,7 +62,7 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "/v1/keys/"
 _PROBLEM_TYPE = "application/problem+json"
-_UNAUTHENTICATED = frozenset({"/healthz", "/readyz"})
+_UNAUTHENTICATED = frozenset({"/healthz", "/readyz", "/openapi.json"})
 # Versions are ASCII digits: \d would take any Unicode digit ("٢٨").
 _STRONG_ETAG_RE = re.compile(r'^\s*"([0-9]{1,19})"\s*$', re.ASCII)
 _WEAK_ETAG_RE = re.compile(r'^\s*W/"[^"]*"\s*$', re.ASCII)
@@ -71,8 +73,6 @@ _BAD_ESCAPE_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _VALUE_CACHE_CONTROL = "private, no-cache"
 _NO_STORE = "no-store"
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
-_MAX_INVALIDATE_ITEMS = 1000
-MAX_BATCH_KEYS = 256
 # Values one batch response carries, all told; the rest answer 413 each.
 _MAX_BATCH_VALUE_BYTES = 4 * 1024**2
 # How long a body waits for max_inflight_bytes before 503 + Retry-After: the
@@ -161,6 +161,12 @@ def _parse_etag(value: str, header: str) -> int:
         # RFC 9110 13.1.1: If-Match uses the strong comparison; a weak tag never matches.
         raise PreconditionFailed(f"{header} {value.strip()} is a weak entity tag, which never matches")
     raise BadRequest(f'{header} must be one entity tag like "42", got {value!r}')
+
+
+def _conditional(request: web.BaseRequest, name: str) -> str | None:
+    # An empty list of entity tags is no condition (RFC 9110's #list may be empty).
+    value = request.headers.get(name)
+    return value if value is not None and value.strip() else None
 
 
 def _none_match(header: str, etag: str) -> bool:
@@ -271,10 +277,10 @@ def _respond(request: web.BaseRequest, value: bytes, ctype: str, version: int | 
         return web.Response(body=value, headers={"X-Cache": source, "Content-Type": ctype, "Cache-Control": _NO_STORE})
     etag = _etag(version)
     if request.headers:  # conditionals cost nothing when absent
-        if_match = request.headers.get("If-Match")
+        if_match = _conditional(request, "If-Match")
         if if_match is not None and if_match.strip() != "*" and etag not in (t.strip() for t in if_match.split(",")):
             raise PreconditionFailed(f"the current version is {etag}", current_version=version)
-        inm = request.headers.get("If-None-Match")
+        inm = _conditional(request, "If-None-Match")
         if inm is not None and _none_match(inm, etag):
             return web.Response(
                 status=304, headers={"X-Cache": source, "ETag": etag, "Cache-Control": _VALUE_CACHE_CONTROL}
@@ -340,7 +346,7 @@ def _close_after(request: web.BaseRequest) -> None:
 
 
 async def _put(service: CacheService, request: web.BaseRequest, key: str, body: bytes) -> web.StreamResponse:
-    if_match = request.headers.get("If-Match")
+    if_match = _conditional(request, "If-Match")
     ctype = request.headers.get("Content-Type", DEFAULT_CONTENT_TYPE)
     if len(ctype) > MAX_CONTENT_TYPE_BYTES:
         raise BadRequest(f"Content-Type is {len(ctype)} characters; at most {MAX_CONTENT_TYPE_BYTES}")
@@ -353,11 +359,13 @@ async def _put(service: CacheService, request: web.BaseRequest, key: str, body: 
             content_type="application/json",
             headers={"ETag": _etag(installed)},
         )
-    if_none_match = request.headers.get("If-None-Match")
+    if_none_match = _conditional(request, "If-None-Match")
     if if_none_match is not None and if_none_match.strip() != "*":
         raise BadRequest("PUT supports only 'If-None-Match: *' (create only)")
     if if_match is not None and if_none_match is not None:
-        raise BadRequest("send If-Match or If-None-Match, not both")
+        # RFC 9110 13.2.2: If-Match first, then If-None-Match: * on a key that
+        # has a value; no write satisfies both.
+        raise PreconditionFailed("If-Match and If-None-Match: * cannot both hold; send one")
     written = await service.put(
         key,
         OriginValue(body, ctype),
@@ -387,7 +395,7 @@ def _server_timing(written: Written) -> str:
 async def delete_key(service: CacheService, request: web.BaseRequest) -> web.StreamResponse:
     """DELETE /v1/keys/{key}: delete-through; the version bump is the tombstone."""
     key = _key_of(request)
-    if_match = request.headers.get("If-Match")
+    if_match = _conditional(request, "If-Match")
     written = await service.delete(
         key, if_match=None if if_match is None else _parse_etag(if_match, "If-Match"), wanted=_client_waits(request)
     )
@@ -398,8 +406,8 @@ def _string_list(body: dict[str, Any], name: str) -> list[str]:
     items = body.get(name, [])
     if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
         raise BadRequest(f"'{name}' must be a list of strings")
-    if len(items) > _MAX_INVALIDATE_ITEMS:
-        raise BadRequest(f"at most {_MAX_INVALIDATE_ITEMS} {name} per request")
+    if len(items) > MAX_INVALIDATE_ITEMS:
+        raise BadRequest(f"at most {MAX_INVALIDATE_ITEMS} {name} per request")
     for item in items:
         try:
             validate_key(item)
@@ -535,16 +543,17 @@ async def batch_get(service: CacheService, request: web.BaseRequest) -> web.Stre
 
 
 def _wait_seconds(request: web.BaseRequest) -> float | None:
-    if not _flag(request, "wait"):
-        return None
-    raw = request.query.get("timeout", "10")
-    try:
-        timeout = float(raw)
-    except ValueError:
-        raise BadRequest(f"timeout must be seconds, got {raw!r}") from None
-    if not 0 < timeout <= 300:
-        raise BadRequest("timeout must be more than 0 and at most 300 seconds")
-    return timeout
+    wait = _flag(request, "wait")
+    raw = request.query.get("timeout")
+    timeout = 10.0
+    if raw is not None:  # checked even without wait: a bad parameter is never silently ignored
+        try:
+            timeout = float(raw)
+        except ValueError:
+            raise BadRequest(f"timeout must be seconds, got {raw!r}") from None
+        if not 0 < timeout <= 300:
+            raise BadRequest("timeout must be more than 0 and at most 300 seconds")
+    return timeout if wait else None
 
 
 async def healthz(service: CacheService, request: web.BaseRequest) -> web.StreamResponse:
@@ -587,8 +596,15 @@ class Api:
             "/readyz": {"GET": readyz, "HEAD": readyz},
             "/metrics": {"GET": metrics_handler, "HEAD": metrics_handler},
         }
+        contract = render_openapi()
+
+        async def openapi(service: CacheService, request: web.BaseRequest) -> web.StreamResponse:
+            """GET /openapi.json: the API's OpenAPI 3.1 document."""
+            return web.Response(body=contract, content_type="application/json")
+
         if not ops_only:
             self._routes |= {
+                "/openapi.json": {"GET": openapi, "HEAD": openapi},
                 "/v1/stats": {"GET": stats, "HEAD": stats},
                 "/v1/invalidate": {"POST": invalidate},
                 "/v1/batch/get": {"POST": batch_get},

@@ -55,7 +55,7 @@ async def test_if_none_match_per_key(sidecars: SidecarFactory, http: aiohttp.Cli
     a = sidecars("a")
     await put(http, a.url, "c/1", b"v")
     await put(http, a.url, "c/2", b"w")
-    [one, two] = await batch(http, a.url, {"keys": ["c/1", "c/2"]})
+    [one, _two] = await batch(http, a.url, {"keys": ["c/1", "c/2"]})
     results = await batch(http, a.url, {"keys": ["c/1", "c/2"], "if_none_match": {"c/1": one["etag"], "c/2": '"1"'}})
     assert results[0] == {"key": "c/1", "status": 304, "cache": "hit", "etag": one["etag"]}
     assert results[1]["status"] == 200 and value_of(results[1]) == b"w"
