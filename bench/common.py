@@ -449,14 +449,24 @@ end
 """.replace("@GRID@", ",".join(repr(p) for p, _ in WRK_GRID))
 
 
-def run_wrk(url: str, connections: int, seconds: int, work_dir: Path, cpu: int | None = LOAD_CPU) -> dict[str, Any]:
+def run_wrk(
+    url: str,
+    connections: int,
+    seconds: int,
+    work_dir: Path,
+    cpu: int | None = LOAD_CPU,
+    requests_lua: str = "",
+) -> dict[str, Any]:
     """``wrk -t1 -c<connections> -d<seconds>s`` on ``cpu``: requests/s, latency quantiles in ms.
 
+    ``requests_lua``: Lua that shapes the requests (``wrk.method``, ``wrk.body``,
+    a ``request()`` function), run before the reporting script.
     ``grid_ms`` holds the latency at each rank of :data:`WRK_GRID`, for :func:`merge_wrk`.
     """
-    script = work_dir / "wrk_done.lua"
+    name = f"wrk_{abs(hash(requests_lua)):x}.lua" if requests_lua else "wrk_done.lua"
+    script = work_dir / name
     if not script.exists():
-        script.write_text(_WRK_LUA)
+        script.write_text(requests_lua + "\n" + _WRK_LUA)
     # wrk takes whole seconds only (s/m/h suffixes).
     argv = pinned(
         ["wrk", "-t1", f"-c{connections}", f"-d{max(1, seconds)}s", "--timeout", "5s", "-s", str(script), url], cpu
