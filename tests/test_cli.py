@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -12,16 +13,39 @@ from kazoo.client import KazooClient
 
 from cli.main import cli
 from harness import LocalEnsemble, LocalZooKeeper, free_port
+from sidecar.coordination import ZkSession
 from sidecar.coordination.layout import Layout
+from sidecar.coordination.operations import ensure_layout
 from tests.conftest import SidecarFactory, cachectl, eventually
 
 
+def join(hosts: str, namespace: str) -> str:
+    """Lay the namespace out as a sidecar joining it does (cachectl refuses a namespace nobody joined)."""
+
+    async def lay_out() -> None:
+        zk = ZkSession(hosts, 10.0)
+        await zk.connect(10.0)
+        try:
+            await ensure_layout(zk, Layout(f"/zkcache/{namespace}"))
+        finally:
+            await zk.close()
+
+    asyncio.run(lay_out())
+    return namespace
+
+
 @pytest.fixture
-def run(zk_server: LocalZooKeeper, namespace: str):  # type: ignore[no-untyped-def]
+def joined(zk_server: LocalZooKeeper, namespace: str) -> str:
+    """This test's namespace, laid out as if a sidecar had joined it (none runs)."""
+    return join(zk_server.hosts, namespace)
+
+
+@pytest.fixture
+def run(zk_server: LocalZooKeeper, joined: str):  # type: ignore[no-untyped-def]
     runner = CliRunner()
 
     def invoke(*args: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
-        return runner.invoke(cli, ["--zk", zk_server.hosts, "--namespace", namespace, *args], env=env)
+        return runner.invoke(cli, ["--zk", zk_server.hosts, "--namespace", joined, *args], env=env)
 
     return invoke
 
@@ -69,15 +93,16 @@ def test_get_from_an_absent_sidecar_exits_3() -> None:
     assert result.exit_code == 3 and "cannot reach the sidecar" in result.output
 
 
-def test_env_vars_configure_the_cli(zk_server: LocalZooKeeper) -> None:
-    result = CliRunner().invoke(cli, ["members"], env={"ZKCACHE_ZK": zk_server.hosts, "ZKCACHE_NAMESPACE": "envns"})
-    assert result.exit_code == 0 and "'envns'" in result.output
+def test_env_vars_configure_the_cli(zk_server: LocalZooKeeper, joined: str) -> None:
+    result = CliRunner().invoke(cli, ["members"], env={"ZKCACHE_ZK": zk_server.hosts, "ZKCACHE_NAMESPACE": joined})
+    assert result.exit_code == 0 and f"no live sidecars in namespace '{joined}'" in result.output
 
 
 # -- doctor -------------------------------------------------------------------
 
 
-def test_doctor_reports_a_healthy_server_and_exits_0(zk_server: LocalZooKeeper, namespace: str) -> None:
+def test_doctor_reports_a_healthy_server_and_exits_0(zk_server: LocalZooKeeper, joined: str) -> None:
+    namespace = joined
     out = cachectl(zk_server.hosts, namespace, "doctor")
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
@@ -136,6 +161,7 @@ def test_doctor_sees_an_ensemble_lose_its_quorum(tmp_path: Path, namespace: str)
     ensemble = LocalEnsemble(tmp_path / "zk")
     ensemble.start()
     try:
+        join(ensemble.hosts, namespace)
         out = cachectl(ensemble.hosts, namespace, "doctor")
         assert out.returncode == 0, out.stdout
         assert "ok ensemble: 3 of 3 servers serve, one leader" in out.stdout.splitlines()
