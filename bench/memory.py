@@ -43,8 +43,8 @@ While a load runs, a thread samples the sidecar's ``VmRSS`` every 10 ms; the
 peak reported is the kernel's own high-water mark, ``VmHWM`` (the sidecar is
 fresh, so it is this load's peak).  Each row says whether the peak stayed
 within the bound; nothing is asserted, so a run shows where the sidecar
-stands.  --quick runs the same three loads, smaller: (a) 192 x 1 MiB through
-64 MiB, (b) 3,000 through 2 MiB, (c) 150 PUTs.
+stands.  --quick runs the same three loads, smaller: (a) 128 x 1 MiB through
+48 MiB, (b) 3,000 through 2 MiB, (c) 150 PUTs.
 
 Writes ``memory.json`` and ``memory.md`` to --out.
 """
@@ -283,7 +283,7 @@ def loads(quick: bool) -> list[Load]:
     """The three loads of issue 14; --quick makes them smaller (the same shapes)."""
     if quick:
         return [
-            Load("a", "large values", 64 * MIB, 192, 16, MIB),
+            Load("a", "large values", 48 * MIB, 128, 16, MIB),
             Load("b", "8 KB content types", 2 * MIB, 3_000, 32, 100),
             Load("c", "refused chunked PUTs", 256 * MIB, 150, 150, 2 * MIB),
         ]
@@ -505,7 +505,7 @@ def bound_line(b: dict[str, Any]) -> str:
     return (
         f"memory: bound ({b['load']}) {b['title']}: RSS peak {b['peak_bytes'] / MIB:.0f} MiB, bound "
         f"{b['bound_bytes'] / MIB:.0f} MiB ({BOUND_FORMULA}, max_bytes {b['max_bytes'] / MIB:g} MiB): "
-        f"{b['peak_over_bound']:.2f}x; within bound: {'yes' if b['within_bound'] else 'NO'}"
+        f"{b['peak_over_bound']:.3f}x; within bound: {'yes' if b['within_bound'] else 'NO'}"
     )
 
 
@@ -538,7 +538,7 @@ def bound_report(bounds: list[dict[str, Any]]) -> list[str]:
             f"| ({b['load']}) {b['title']} | {b['max_bytes'] / MIB:g} MiB | {b['requests']:,} x "
             f"{_size(b['value_bytes'])}, {b['concurrency']} at once | {_outcome(b['outcome'])} | {cache} "
             f"| {b['rss_before'] / MIB:.0f} MiB | **{b['peak_bytes'] / MIB:.0f} MiB** | {b['rss_after'] / MIB:.0f} MiB "
-            f"| {b['bound_bytes'] / MIB:.0f} MiB | {fmt(b['peak_over_bound'])}x "
+            f"| {b['bound_bytes'] / MIB:.0f} MiB | {fmt(b['peak_over_bound'], 3)}x "
             f"| **{'yes' if b['within_bound'] else 'no'}** |"
         )
     lines += [
