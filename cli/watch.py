@@ -1,6 +1,6 @@
 """``cachectl watch``: the namespace's invalidations as they are published.
 
-Three persistent recursive watches (:mod:`cli.zkwatch`) on what every
+Three persistent recursive watches (:mod:`sidecar.coordination.persistent_watches`) on what every
 sidecar watches: ``versions/`` (a key's version znode created or changed:
 kind ``key``), ``prefixes/`` (an entry of the prefix log created: ``prefix``)
 and ``epoch`` (changed: ``all``).  ZooKeeper 3.8 sends no zxid with an event,
@@ -30,8 +30,7 @@ import click
 
 from sidecar import bridge
 from sidecar.coordination import Layout, ZkSession, ZkState
-
-from .zkwatch import WatchedPath, add_watch_async, event_kind
+from sidecar.coordination.persistent_watches import WatchedPath, add_watch_async, event_kind
 
 __all__ = ["Event", "Watch"]
 

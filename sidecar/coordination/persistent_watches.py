@@ -1,12 +1,11 @@
 """A persistent recursive watch (ZooKeeper 3.6+ ``addWatch``), which kazoo 2.11 lacks.
 
-Built like ``sidecar/coordination/kazoo_watches.py`` (whose :func:`check_kazoo`
-guards the same kazoo internals): the request goes through kazoo's ordinary
-queue (``KazooClient._call``), and kazoo's registry is changed in
-``serialize()``, on kazoo's connection thread, before the server can fire
-anything for the watch.  It belongs beside ``removeWatches`` and
-``setWatches`` in that module; it is here only because ``cachectl watch`` is
-its one user so far.
+Built like :mod:`.kazoo_watches` (whose :func:`check_kazoo` guards the same
+kazoo internals): the request goes through kazoo's ordinary queue
+(``KazooClient._call``), and kazoo's registry is changed in ``serialize()``,
+on kazoo's connection thread, before the server can fire anything for the
+watch.  ``cachectl watch`` is its one user so far; it lives here because
+only ``sidecar/coordination`` imports kazoo.
 
 * ``AddWatchRequest {ustring path; int mode}``, opcode 106; the reply body is
   an ``ErrorResponse`` (an int) that nothing reads.  Mode 1,
@@ -34,7 +33,7 @@ from kazoo.client import KazooClient
 from kazoo.protocol.paths import _prefix_root
 from kazoo.protocol.serialization import int_struct, write_string
 
-from sidecar.coordination.kazoo_watches import check_kazoo
+from .kazoo_watches import check_kazoo
 
 __all__ = ["PERSISTENT_RECURSIVE", "WatchedPath", "add_watch_async", "event_kind"]
 
