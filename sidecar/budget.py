@@ -32,34 +32,46 @@ class ByteBudget:
     @asynccontextmanager
     async def hold(self, size: int, timeout: float) -> AsyncIterator[None]:
         """Hold ``size`` bytes (at most the whole budget) for the body of the ``async with``."""
-        size = min(size, self.limit)
-        if self._waiters or self.used + size > self.limit:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append((size, fut))
-            try:
-                async with asyncio.timeout(timeout):
-                    await fut
-            except BaseException as exc:
-                if fut.done() and not fut.cancelled():
-                    # Granted just as we gave up: hand the bytes on.
-                    self.used -= size
-                    self._grant()
-                else:
-                    fut.cancel()
-                    self._grant()  # drops the cancelled waiter; those behind it may fit
-                if isinstance(exc, TimeoutError):
-                    raise ServiceBusy(
-                        f"{self.used} bytes of request bodies and batch responses are in flight "
-                        f"(max_inflight_bytes {self.limit}); retry"
-                    ) from None
-                raise
-        else:
-            self.used += size
+        size = await self.acquire(size, timeout)
         try:
             yield
         finally:
-            self.used -= size
-            self._grant()
+            self.release(size)
+
+    async def acquire(self, size: int, timeout: float) -> int:
+        """Take ``size`` bytes (at most the whole budget), waiting at most ``timeout``; the bytes taken.
+
+        Raises :class:`ServiceBusy` when they are not granted in time.  The
+        caller must :meth:`release` what this returns.
+        """
+        size = min(size, self.limit)
+        if not self._waiters and self.used + size <= self.limit:
+            self.used += size
+            return size
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((size, fut))
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except BaseException as exc:
+            if fut.done() and not fut.cancelled():
+                # Granted just as we gave up: hand the bytes on.
+                self.release(size)
+            else:
+                fut.cancel()
+                self._grant()  # drops the cancelled waiter; those behind it may fit
+            if isinstance(exc, TimeoutError):
+                raise ServiceBusy(
+                    f"{self.used} bytes of request bodies and batch responses are in flight "
+                    f"(max_inflight_bytes {self.limit}); retry"
+                ) from None
+            raise
+        return size
+
+    def release(self, size: int) -> None:
+        """Give back bytes :meth:`acquire` returned."""
+        self.used -= size
+        self._grant()
 
     def _grant(self) -> None:
         # FIFO: a large request at the head is not overtaken forever by small ones.

@@ -22,7 +22,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import orjson
 from aiohttp import web
@@ -35,6 +35,7 @@ from .cache import Entry
 from .coordination import validate_key
 from .errors import (
     BadRequest,
+    CoordinationError,
     InvalidKey,
     MethodNotAllowed,
     NotAcknowledged,
@@ -50,7 +51,7 @@ from .errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from .http_server import HttpServer, raise_fd_limit
+from .http_server import Connection, HttpServer, raise_fd_limit
 from .openapi import MAX_BATCH_KEYS, MAX_INVALIDATE_ITEMS
 from .openapi import render as render_openapi
 from .origins import DEFAULT_CONTENT_TYPE, MAX_CONTENT_TYPE_BYTES, OriginValue
@@ -302,9 +303,9 @@ async def put_key(service: CacheService, request: web.BaseRequest) -> web.Stream
 async def _body(service: CacheService, request: web.BaseRequest, limit: int) -> AsyncIterator[bytes]:
     """The request body, at most ``limit`` bytes, held against ``max_inflight_bytes`` until the block ends.
 
-    The bytes are charged before they are read: for the declared length or,
-    chunked, for ``limit``.  So however many clients upload at once, bodies
-    in memory stay within the budget; the rest wait in their sockets.
+    Each chunk is charged as it is read, so however many clients upload at
+    once, bodies in memory stay within the budget: the rest wait in their
+    sockets, and a chunk that waits more than a second for room is 503.
     """
     encoding = request.headers.get("Content-Encoding")
     if encoding is not None and encoding.strip().lower() != "identity":
@@ -314,10 +315,16 @@ async def _body(service: CacheService, request: web.BaseRequest, limit: int) -> 
     if declared is not None and declared > limit:
         _close_after(request)
         raise PayloadTooLarge(f"body is {declared} bytes; the limit is {limit}")
+    # Bytes are charged as they arrive, not as declared: a client that sends
+    # headers and nothing more holds nothing (a hostile review found 16
+    # header-only PUTs starving every write for 30 s when declared lengths
+    # were charged up front).
     timeout = service.config.http_body_timeout
-    async with service.inflight.hold(limit if declared is None else declared, min(timeout, _BUDGET_WAIT)):
-        chunks: list[bytes] = []
-        size = 0
+    budget = service.inflight
+    held = 0
+    chunks: list[bytes] = []
+    size = 0
+    try:
         try:
             async with asyncio.timeout(timeout):
                 while chunk := await request.content.readany():
@@ -325,6 +332,7 @@ async def _body(service: CacheService, request: web.BaseRequest, limit: int) -> 
                     if size > limit:
                         _close_after(request)  # rather than reading the rest only to drop it
                         raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+                    held += await budget.acquire(len(chunk), _BUDGET_WAIT)
                     chunks.append(chunk)
         except TimeoutError:
             _close_after(request)
@@ -337,6 +345,8 @@ async def _body(service: CacheService, request: web.BaseRequest, limit: int) -> 
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         del chunks
         yield body
+    finally:
+        budget.release(held)
 
 
 def _close_after(request: web.BaseRequest) -> None:
@@ -448,7 +458,46 @@ async def batch_get(service: CacheService, request: web.BaseRequest) -> web.Stre
     (404, origin down) fails only its own result.  Values are base64, so any
     bytes fit in JSON.  Misses are read concurrently (the origin's own
     connection bound applies).
+
+    Coherence: a GET looks its hit up and answers with no await between; a
+    batch awaits its misses and its response budget after looking up its
+    hits.  So each key holds a fill ticket from before its lookup to the
+    response: any invalidation of the key (by key, prefix, all) and any
+    connection state change voids it, and a voided key is looked up again
+    (and read again if it is no longer cached) rather than served as it was.
     """
+    keys, consistency, none_match = await _batch_request(service, request)
+    unique = list(dict.fromkeys(keys))
+    cache = service.cache
+    tickets = {key: cache.begin_fill(key) for key in unique}
+    try:
+        read = await _batch_read(service, unique, consistency)
+        held = sum(len(r[1]) for r in read.values() if isinstance(r, tuple))
+        # base64 and JSON: about 2.4 bytes of response per byte of value, held until sent.
+        async with service.inflight.hold(min(held, _MAX_BATCH_VALUE_BYTES) * 12 // 5, _BUDGET_WAIT):
+            for _ in range(_BATCH_REREADS):
+                stale = [key for key in unique if not tickets[key].valid]
+                if not stale:
+                    break
+                for key in stale:
+                    cache.end_fill(tickets[key])
+                    tickets[key] = cache.begin_fill(key)
+                read.update(await _batch_read(service, stale, consistency))
+            # From here to the response, no await: what is served is current now.
+            results = [_batch_result(service, key, read[key], tickets[key].valid, none_match) for key in keys]
+            _cap_batch_values(results)
+            body = orjson.dumps({"results": results})
+            return await _send(request, body, {"Content-Type": "application/json", "Cache-Control": _NO_STORE})
+    finally:
+        for ticket in tickets.values():
+            cache.end_fill(ticket)
+
+
+_BATCH_REREADS = 3
+_BatchRead = dict[str, "tuple[str, bytes, str, int | None, str] | SidecarError"]
+
+
+async def _batch_request(service: CacheService, request: web.BaseRequest) -> tuple[list[str], str, dict[str, str]]:
     async with _body(service, request, _MAX_JSON_BODY) as raw:
         try:
             body = orjson.loads(raw)
@@ -475,71 +524,91 @@ async def batch_get(service: CacheService, request: web.BaseRequest) -> web.Stre
     none_match = body.get("if_none_match", {})
     if not isinstance(none_match, dict) or not all(isinstance(v, str) for v in none_match.values()):
         raise BadRequest('\'if_none_match\' must map keys to entity tags like {"a": "\\"42\\""}')
+    if len(none_match) > MAX_BATCH_KEYS:  # entries for keys not asked for are ignored, but bounded
+        raise BadRequest(f"'if_none_match' has more than {MAX_BATCH_KEYS} entries")
+    return keys, consistency, none_match
 
-    async def one(key: str) -> dict[str, Any] | tuple[str, bytes, str, int | None, str]:
-        try:
-            value, ctype, version, source = await _read_one(
-                service, key, consistency, only_if_cached=service.cache_aside
-            )
-        except SidecarError as exc:
-            return {"key": key, "status": exc.status, "problem": _problem_body(exc, KEY_PREFIX + key)}
-        return key, value, ctype, version, source
 
+async def _batch_read(service: CacheService, keys: list[str], consistency: str) -> _BatchRead:
+    """Read ``keys`` as GET does: hits without a task each, the others concurrently."""
+    read: _BatchRead = {}
+    pending = keys
     if consistency == "eventual":
-        # Hits answer without a task each: the common case stays cheap.
-        read: list[Any] = []
-        misses: dict[int, str] = {}
-        for i, key in enumerate(keys):
+        pending = []
+        for key in keys:
             entry = service.cached(key)
             if entry is None:
-                misses[i] = key
-                read.append(None)
+                pending.append(key)
             else:
-                read.append((key, entry.value, entry.content_type, service.coord.etag(entry.version), "hit"))
-        if misses:
-            fetched = await asyncio.gather(*(one(k) for k in misses.values()))
-            for i, result in zip(misses, fetched, strict=True):
-                read[i] = result
-    else:
-        read = list(await asyncio.gather(*(one(k) for k in keys)))
+                read[key] = (key, entry.value, entry.content_type, service.coord.etag(entry.version), "hit")
 
-    results: list[dict[str, Any]] = []
+    async def one(key: str) -> None:
+        try:
+            # Cache-aside: a miss hands out a lease, as GET does.
+            read[key] = (key, *await _read_one(service, key, consistency, lease=service.cache_aside))
+        except SidecarError as exc:
+            read[key] = exc
+
+    await asyncio.gather(*(one(key) for key in pending))
+    return read
+
+
+def _batch_result(
+    service: CacheService,
+    key: str,
+    read: tuple[str, bytes, str, int | None, str] | SidecarError,
+    current: bool,
+    none_match: dict[str, str],
+) -> dict[str, Any]:
+    instance = KEY_PREFIX + quote(key, safe="/")
+    if not current:
+        # Invalidated on every re-read: answer this key alone, not an old value.
+        entry = service.cached(key)
+        if entry is None:
+            exc = CoordinationError(f"key {key!r} kept being invalidated while the batch read it; read it again")
+            return {"key": key, "status": exc.status, "problem": _problem_body(exc, instance)}
+        read = (key, entry.value, entry.content_type, service.coord.etag(entry.version), "hit")
+    if isinstance(read, SidecarError):
+        out: dict[str, Any] = {"key": key, "status": read.status, "problem": _problem_body(read, instance)}
+        if isinstance(read, LeaseGranted):
+            out["etag"] = _etag(read.lease)
+        return out
+    _, value, ctype, version, source = read
+    out = {"key": key, "status": 200, "cache": source, "content_type": ctype, "value": value}
+    if version is not None:
+        out["etag"] = etag = _etag(version)
+        tag = none_match.get(key)
+        if tag is not None and _none_match(tag, etag):
+            return {"key": key, "status": 304, "cache": source, "etag": etag}
+    return out
+
+
+def _cap_batch_values(results: list[dict[str, Any]]) -> None:
+    # At most _MAX_BATCH_VALUE_BYTES of values per response; base64 last, in place.
     room = _MAX_BATCH_VALUE_BYTES
-    held = 0
-    for item in read:
-        if isinstance(item, dict):
-            results.append(item)
+    for i, out in enumerate(results):
+        value = out.get("value")
+        if value is None:
             continue
-        key, value, ctype, version, source = item
-        out: dict[str, Any] = {"key": key, "status": 200, "cache": source, "content_type": ctype}
-        if version is not None:
-            out["etag"] = etag = _etag(version)
-            tag = none_match.get(key)
-            if tag is not None and _none_match(tag, etag):
-                out["status"] = 304
-                del out["content_type"]
-                results.append(out)
-                continue
         if len(value) > room:
             too_large = PayloadTooLarge(
                 f"the batch's values exceed {_MAX_BATCH_VALUE_BYTES} bytes; read this key on its own"
             )
-            results.append({"key": key, "status": 413, "problem": _problem_body(too_large, KEY_PREFIX + key)})
+            instance = KEY_PREFIX + quote(out["key"], safe="/")
+            results[i] = {"key": out["key"], "status": 413, "problem": _problem_body(too_large, instance)}
             continue
         room -= len(value)
-        held += len(value)
-        out["value"] = value
-        results.append(out)
-    # base64 and JSON: about 2.4 bytes of response per byte of value, held until sent.
-    async with service.inflight.hold(held * 12 // 5, service.config.http_body_timeout):
-        for out in results:
-            value = out.get("value")
-            if value is not None:
-                out["value"] = base64.b64encode(value).decode("ascii")
-        return web.Response(
-            body=orjson.dumps({"results": results}),
-            headers={"Content-Type": "application/json", "Cache-Control": _NO_STORE},
-        )
+        out["value"] = base64.b64encode(value).decode("ascii")
+
+
+async def _send(request: web.BaseRequest, body: bytes, headers: dict[str, str]) -> web.StreamResponse:
+    """Write a large response inside the caller's budget hold: it is released once the bytes left, not before."""
+    resp = web.StreamResponse(headers=headers)
+    resp.content_length = len(body)
+    await resp.prepare(request)
+    await resp.write(body)
+    await resp.write_eof()
+    return resp
 
 
 def _wait_seconds(request: web.BaseRequest) -> float | None:
@@ -677,13 +746,20 @@ def make_server(service: CacheService, *, ops_only: bool = False, **kwargs: Any)
         if message is PARSE_ERROR:
             # aiohttp answers a request it could not parse as HTTP/1.0; ours is a 1.1 server.
             message = message._replace(version=HttpVersion11)
+        elif isinstance(protocol, Connection):
+            protocol.request_began()
         return web.BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=max_body)
 
     return HttpServer(
         Api(service, ops_only=ops_only),
         max_connections=raise_fd_limit(config.max_connections),
+        # A client that stops reading its response is cut off after this long.
+        send_timeout=config.http_body_timeout,
         render=_protocol_problem,
         request_factory=request_factory,
+        # What aiohttp buffers per connection before the handler reads it
+        # (twice this): 3.14's default of 256 KiB would allow 512 MiB at 1024 connections.
+        read_bufsize=64 * 1024,
         # A connection with no request in progress (one still sending its headers included) is closed.
         keepalive_timeout=config.http_idle_timeout,
         # Bodies are stored as sent; an encoded one is refused (415), never decoded.

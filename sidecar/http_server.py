@@ -34,7 +34,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-__all__ = ["HttpServer", "ProblemRenderer", "raise_fd_limit"]
+__all__ = ["Connection", "HttpServer", "ProblemRenderer", "raise_fd_limit"]
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,60 @@ def raise_fd_limit(max_connections: int) -> int:
     return max_connections
 
 
-class _Connection(RequestHandler):
-    """One HTTP connection; errors of aiohttp's parser become problem documents."""
+class Connection(RequestHandler):
+    """One HTTP connection; errors of aiohttp's parser become problem documents.
+
+    A client that stops reading its response holds the response's bytes in
+    our send buffer; aiohttp has no write timeout and arms no idle timer while
+    a request is in progress.  So when the transport pauses writing (its
+    buffer over the high-water mark) and does not resume within the send
+    timeout, the connection is aborted.
+    """
+
+    _send_timer: asyncio.TimerHandle | None = None
+    # Whether a line ended since this connection's last request began: an
+    # over-long line before any is the request line (414), after, a header (431).
+    line_ended = False
+    _unended = 0  # bytes since this request began, while no line has ended
+
+    def data_received(self, data: bytes) -> None:
+        if not self.line_ended:
+            end = data.find(b"\n")
+            if end < 0:
+                self._unended += len(data)
+            elif self._unended + end <= self.max_line_size + 1:
+                self.line_ended = True
+        super().data_received(data)
+
+    def request_began(self) -> None:
+        """What arrives from now on belongs to this request's body or to the next request."""
+        self.line_ended = False
+        self._unended = 0
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        manager = self._manager
+        if self._send_timer is None and isinstance(manager, HttpServer):
+            self._send_timer = self._loop.call_later(manager.send_timeout, self._send_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel_send_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_send_timer()
+        super().connection_lost(exc)
+
+    def _cancel_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_stalled(self) -> None:
+        self._send_timer = None
+        log.debug("client stopped reading its response; aborting the connection")
+        if self.transport is not None:
+            self.transport.abort()
 
     def handle_error(
         self,
@@ -102,9 +154,8 @@ class _Connection(RequestHandler):
             raise ConnectionError("response already started; cannot send an error")
         detail = " ".join((message or HTTPStatus(status).phrase).split())[:200]
         if isinstance(exc, LineTooLong):
-            # aiohttp says 400 for both; RFC 9110 has a status for each.  The
-            # line it quotes is the request target when it starts with '/'.
-            target = "'/" in str(exc) or "b'/" in str(exc) or "(b'/" in str(exc)
+            # aiohttp says 400 for both; RFC 9110 has a status for each.
+            target = not self.line_ended
             status = 414 if target else 431
             detail = f"the {'request target' if target else 'header section'} exceeds {self.max_line_size} bytes"
         elif isinstance(exc, BadHttpMethod):
@@ -130,16 +181,19 @@ def _refuse(handler: RequestHandler, transport: asyncio.Transport) -> None:
 class HttpServer(web.Server):
     """aiohttp's low-level server with a bound on open connections."""
 
-    def __init__(self, handler: Any, *, max_connections: int, render: ProblemRenderer, **kwargs: Any) -> None:
+    def __init__(
+        self, handler: Any, *, max_connections: int, send_timeout: float, render: ProblemRenderer, **kwargs: Any
+    ) -> None:
         super().__init__(handler, **kwargs)
         self.max_connections = max_connections
+        self.send_timeout = send_timeout
         self.render = render
         self.closed_idle = 0
         self.refused = 0
         self._logged_at = 0.0
 
     def __call__(self) -> RequestHandler:
-        return _Connection(self, loop=self._loop, **self._kwargs)
+        return Connection(self, loop=self._loop, **self._kwargs)
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)

@@ -55,8 +55,8 @@ def _header(description: str, schema: dict[str, Any] | None = None) -> dict[str,
 _ETAG = _header('The key\'s version as a strong entity tag, "<digits>"', {"type": "string", "pattern": '^"[0-9]+"$'})
 _X_CACHE = _header(
     "hit (served from this sidecar's cache), miss (read through), bypass (origin read while ZooKeeper is "
-    "unavailable: not cached, no ETag), strong (a strong read)",
-    {"type": "string", "enum": ["hit", "miss", "bypass", "strong"]},
+    "unavailable: not cached, no ETag)",
+    {"type": "string", "enum": ["hit", "miss", "bypass"]},
 )
 _VALUE_CACHE_CONTROL = _header(
     "private, no-cache: an HTTP cache in the client may store the value but must revalidate it (If-None-Match) "
@@ -210,9 +210,9 @@ def document() -> dict[str, Any]:
         "required": ["key", "status"],
         "properties": {
             "key": {"type": "string"},
-            "status": {"type": "integer", "enum": [200, 304, 400, 404, 413, 502, 503, 504]},
+            "status": {"type": "integer", "enum": [200, 304, 404, 413, 502, 503, 504]},
             "etag": {"type": "string", "pattern": '^"[0-9]+"$'},
-            "cache": {"type": "string", "enum": ["hit", "miss", "bypass", "strong"]},
+            "cache": {"type": "string", "enum": ["hit", "miss", "bypass"]},
             "content_type": {"type": "string"},
             "value": {"type": "string", "contentEncoding": "base64"},
             "problem": _ref("Problem"),
@@ -289,7 +289,7 @@ def document() -> dict[str, Any]:
             },
             "/v1/batch/get": {
                 "post": {
-                    "summary": f"Read up to {MAX_BATCH_KEYS} keys, each exactly as GET reads it",
+                    "summary": f"Read up to {MAX_BATCH_KEYS} keys, each as GET reads it",
                     "operationId": "batchGet",
                     "requestBody": {
                         "required": True,
@@ -305,7 +305,9 @@ def document() -> dict[str, Any]:
                                         "if_none_match": {
                                             "type": "object",
                                             "additionalProperties": {"type": "string"},
-                                            "description": "key -> entity tag: that key's result is 304 if it matches",
+                                            "maxProperties": MAX_BATCH_KEYS,
+                                            "description": "key -> entity tag: that key's result is 304 if it matches "
+                                            "(entries for keys not in keys are ignored)",
                                         },
                                     },
                                 }
@@ -453,6 +455,22 @@ def document() -> dict[str, Any]:
             },
         },
     }
+    # What any request may get before its route is known: the connection
+    # bound (503), and what aiohttp's parser refuses.
+    connection_level = {
+        "414": _problem("The request target is longer than 8190 bytes"),
+        "431": _problem("A header line is longer than 8190 bytes"),
+        "503": _UNAVAILABLE["503"],
+    }
+    for ops in doc["paths"].values():
+        for op in ops.values():
+            for status, response in connection_level.items():
+                op["responses"].setdefault(status, response)
+    for method in ("get", "put", "delete"):
+        doc["paths"]["/v1/keys/{key}"][method]["responses"]["405"] = {
+            **_problem("A method other than GET, HEAD, PUT, DELETE"),
+            "headers": {"Allow": _header("GET, HEAD, PUT, DELETE")},
+        }
     # HEAD has the same contract as GET, without bodies.
     for path in ("/v1/stats", "/healthz", "/readyz", "/metrics", "/openapi.json"):
         get = doc["paths"][path]["get"]

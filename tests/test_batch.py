@@ -8,14 +8,17 @@ limits, and that coherence holds across sidecars as for single reads.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import time
 from typing import Any
 
 import aiohttp
 import pytest
 
+from harness import LocalZooKeeper, TcpProxy
 from tests.conftest import SidecarFactory, eventually
-from tests.test_coherence import get, put
+from tests.test_coherence import get, get_hit, put
 
 pytestmark = pytest.mark.slow
 
@@ -104,3 +107,62 @@ async def test_bad_batches_are_400_and_limits_hold(sidecars: SidecarFactory, htt
     results = await batch(http, a.url, {"keys": [f"big/{i}" for i in range(6)]})
     assert [r["status"] for r in results] == [200, 200, 200, 200, 413, 413]
     assert results[4]["problem"]["type"].endswith("/payload-too-large")
+
+
+# Found by a hostile review: the batch looked its hits up, then awaited its
+# misses, then served the hits as they were.  Cut off from ZooKeeper, with
+# another sidecar's write acknowledged, the batch served the old value 5 s
+# later while a single GET already answered the new one.
+async def test_a_hit_looked_up_before_a_slow_miss_is_not_served_after_an_invalidation(
+    sidecars: SidecarFactory, zk_server: LocalZooKeeper, upstream: str, http: aiohttp.ClientSession
+) -> None:
+    origin = f"{upstream}/kv"
+    with TcpProxy(zk_server.host, zk_server.port) as proxy:
+        b = sidecars("b", zk=proxy.address, origin=origin, zk_session_timeout="4s", suspended_grace="0s")
+        a = sidecars("a", origin=origin)
+        await put(http, a.url, "s/a", b"old")
+        await get_hit(http, b.url, "s/a")
+        # Every GET of s/slow at the origin is held until released.
+        async with http.post(f"{upstream}/_control/hold/s/slow"):
+            pass
+        batch = asyncio.create_task(http.post(f"{b.url}/v1/batch/get", json={"keys": ["s/a", "s/slow"]}))
+
+        async def held() -> bool:
+            async with http.get(f"{upstream}/_control/held/s/slow") as r:
+                return bool((await r.json())["held"])
+
+        await eventually(held, what="the batch's miss held at the origin")
+        t_hit = time.monotonic()  # the batch's hit on s/a was computed before this
+        proxy.cut()
+        status, _, _ = await put(http, a.url, "s/a", b"new")  # acknowledged; b cannot hear of it
+        assert status == 200
+
+        async def single_get_is_new() -> bool:
+            st, src, body, _ = await get(http, b.url, "s/a")
+            return st == 200 and body == b"new" and src == "bypass"
+
+        await eventually(single_get_is_new, timeout=15, what="b's single GET to stop serving the old hit")
+        # Well past the session timeout: b's session is expired at ZooKeeper (nothing to wait on:
+        # b cannot hear of it while cut off).
+        await asyncio.sleep(5)
+        async with http.post(f"{upstream}/_control/release/s/slow"):
+            pass
+        resp = await batch
+        results = (await resp.json())["results"]
+        resp.release()
+        served_after = time.monotonic() - t_hit
+        first = results[0]
+        assert not (
+            first["status"] == 200 and base64.b64decode(first["value"]) == b"old" and first["cache"] == "hit"
+        ), f"batch served the pre-write value as a hit {served_after:.1f}s after it was computed: {first}"
+
+
+async def test_cache_aside_misses_get_a_lease_as_get_does(
+    sidecars: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    # Found by a hostile review: with origin=none a GET miss is 404 with a lease, a batch miss was 504.
+    a = sidecars("a", origin="none")
+    status, _, _, headers = await get(http, a.url, "ca/1")
+    assert status == 404 and headers["ETag"]
+    [result] = await batch(http, a.url, {"keys": ["ca/1"]})
+    assert result["status"] == 404 and result["problem"]["type"].endswith("/not-found") and result["etag"]

@@ -121,10 +121,22 @@ def test_identity_is_no_encoding(sidecar: SidecarProcess) -> None:
         (b"GET /v1/keys/a\x00b HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         (b"GET /v1/keys/" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
         (b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n", 431),
+        # Found by a hostile review: a header whose value starts with '/' was 414, an absolute-form target 431.
+        (b"GET /healthz HTTP/1.1\r\nReferer: /" + b"a" * 10_000 + b"\r\n\r\n", 431),
+        (b"GET http://x/" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
         (b"BREW /v1/keys/a HTTP/1.1\r\nHost: x\r\n\r\n", 501),
         (b"PUT /v1/keys/c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n", 400),
     ],
-    ids=["0xff-in-path", "nul-in-path", "100kb-url", "10kb-header", "unknown-method", "bad-chunk-size"],
+    ids=[
+        "0xff-in-path",
+        "nul-in-path",
+        "100kb-url",
+        "10kb-header",
+        "10kb-referer-of-a-path",
+        "100kb-absolute-url",
+        "unknown-method",
+        "bad-chunk-size",
+    ],
 )
 def test_parser_errors_are_problem_documents_over_http_1_1(sidecar: SidecarProcess, raw: bytes, status: int) -> None:
     # Before: text/plain over HTTP/1.0 (one suggesting to install Brotli), and a full ERROR traceback each.
@@ -222,20 +234,21 @@ def test_at_max_connections_all_busy_a_new_one_gets_503(sidecar: SidecarProcess)
 
 # -- bytes in flight ----------------------------------------------------------------
 def test_bodies_in_flight_are_bounded_by_max_inflight_bytes(sidecar: SidecarProcess) -> None:
-    # Two 1 MiB uploads hold the whole 2 MiB budget while their bodies arrive;
-    # a third body waits, and after a second gets 503 instead of memory.
+    # Two uploads of 1 MiB all but one byte hold the 2 MiB budget while their
+    # last byte is awaited; a third body waits, and after a second gets 503.
     mib = 1024 * 1024
     holders = []
     try:
         for i in range(2):
             sock = socket.create_connection(("127.0.0.1", sidecar.port))
-            sock.sendall(b"PUT /v1/keys/big%d HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\nab" % (i, mib))
+            head = b"PUT /v1/keys/big%d HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (i, mib)
+            sock.sendall(head + b"x" * (mib - 1))
             holders.append(sock)
-        time.sleep(0.3)  # nothing observable from outside marks "the budget is held"
+        time.sleep(0.5)  # nothing observable from outside marks "the budget is held"
         reply = send(sidecar, request("PUT", "/v1/keys/third", body=b"small"))
         assert reply.status == 503 and reply.headers["retry-after"] == "1", reply.status_line
         assert "max_inflight_bytes" in str(reply.problem()["detail"])
-        holders[0].sendall(b"x" * (mib - 2))
+        holders[0].sendall(b"x")
         holders[0].settimeout(10)
         assert holders[0].recv(100).startswith(b"HTTP/1.1 200 ")
     finally:
@@ -365,6 +378,24 @@ def test_value_responses_make_client_caches_revalidate(sidecar: SidecarProcess) 
     assert again.content == b"v1" and again.from_cache
     put(sidecar, "client-cached", b"v2")
     assert client.get(url).content == b"v2", "the client's HTTP cache served a value the sidecar had replaced"
+
+
+def test_headers_alone_hold_no_budget(sidecar: SidecarProcess) -> None:
+    # Found by a hostile review: when declared lengths were charged up front,
+    # a few header-only PUTs (no body byte ever sent) held the whole budget
+    # and every other write got 503 for http_body_timeout.
+    mib = 1024 * 1024
+    idle = []
+    try:
+        for i in range(4):  # 4 MiB declared, against a 2 MiB budget
+            sock = socket.create_connection(("127.0.0.1", sidecar.port))
+            sock.sendall(b"PUT /v1/keys/hdr%d HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (i, mib))
+            idle.append(sock)
+        time.sleep(0.3)  # their handlers are waiting for body bytes (nothing observable from outside)
+        assert put(sidecar, "after-headers", b"fine")
+    finally:
+        for sock in idle:
+            sock.close()
 
 
 def test_none_of_the_probes_left_a_traceback_or_an_error(sidecar: SidecarProcess) -> None:
