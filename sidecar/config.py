@@ -452,10 +452,11 @@ class Config:
         self._check_tls()
         if self.max_value_bytes > self.max_bytes:
             raise ConfigError(f"setting 'max_value_bytes': {self.max_value_bytes} exceeds max_bytes {self.max_bytes}")
-        if self.max_value_bytes > self.max_inflight_bytes:
+        if 2 * self.max_value_bytes > self.max_inflight_bytes:
+            # A body is charged twice its size while it is read and written (http_api._body).
             raise ConfigError(
                 f"setting 'max_inflight_bytes': {self.max_inflight_bytes} cannot hold one value of "
-                f"max_value_bytes ({self.max_value_bytes})"
+                f"max_value_bytes ({self.max_value_bytes}) twice over"
             )
         if self.suspended_grace is not None and self.suspended_grace > self.zk_session_timeout / 3:
             raise ConfigError(

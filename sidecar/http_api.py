@@ -76,8 +76,8 @@ _NO_STORE = "no-store"
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 # Values one batch response carries, all told; the rest answer 413 each.
 _MAX_BATCH_VALUE_BYTES = 4 * 1024**2
-# How long a body waits for max_inflight_bytes before 503 + Retry-After: the
-# client backs off instead of queueing behind uploads it cannot see.
+# How long a batch response waits for max_inflight_bytes before 503 +
+# Retry-After: its reads are done, and the client backs off rather than queue.
 _BUDGET_WAIT = 1.0
 # Large enough for a full invalidation request (1000 keys of 1 KiB, 1000 prefixes).
 _MAX_JSON_BODY = 2 * 1024**2 + 64 * 1024
@@ -305,7 +305,7 @@ async def _body(service: CacheService, request: web.BaseRequest, limit: int) -> 
 
     Each chunk is charged as it is read, so however many clients upload at
     once, bodies in memory stay within the budget: the rest wait in their
-    sockets, and a chunk that waits more than a second for room is 503.
+    sockets, and a body that cannot get room within ``http_body_timeout`` is 503.
     """
     encoding = request.headers.get("Content-Encoding")
     if encoding is not None and encoding.strip().lower() != "identity":
@@ -318,30 +318,48 @@ async def _body(service: CacheService, request: web.BaseRequest, limit: int) -> 
     # Bytes are charged as they arrive, not as declared: a client that sends
     # headers and nothing more holds nothing (a hostile review found 16
     # header-only PUTs starving every write for 30 s when declared lengths
-    # were charged up front).
+    # were charged up front).  Twice: the chunks and their join coexist
+    # for a moment, and what a write does with a value (the origin's copy,
+    # the writer's refill) is of the same order.
+    loop = asyncio.get_running_loop()
     timeout = service.config.http_body_timeout
+    deadline = loop.time() + timeout
     budget = service.inflight
     held = 0
     chunks: list[bytes] = []
     size = 0
     try:
-        try:
-            async with asyncio.timeout(timeout):
-                while chunk := await request.content.readany():
-                    size += len(chunk)
-                    if size > limit:
-                        _close_after(request)  # rather than reading the rest only to drop it
-                        raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-                    held += await budget.acquire(len(chunk), _BUDGET_WAIT)
-                    chunks.append(chunk)
-        except TimeoutError:
-            _close_after(request)
-            raise RequestTimeout(f"{size} bytes of the body arrived in {timeout:g}s (http_body_timeout)") from None
-        except RequestPayloadError as exc:
-            _close_after(request)
-            raise BadRequest(f"malformed body: {exc}") from None
-        except RuntimeError as exc:  # aiohttp's "Connection closed." once the socket is gone
-            raise ConnectionResetError(str(exc)) from None
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await request.content.readany()
+            except TimeoutError:
+                _close_after(request)
+                raise RequestTimeout(f"{size} bytes of the body arrived in {timeout:g}s (http_body_timeout)") from None
+            except RequestPayloadError as exc:
+                _close_after(request)
+                raise BadRequest(f"malformed body: {exc}") from None
+            except RuntimeError as exc:  # aiohttp's "Connection closed." once the socket is gone
+                raise ConnectionResetError(str(exc)) from None
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                _close_after(request)  # rather than reading the rest only to drop it
+                raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+            # A declared body is charged whole with its first byte; a chunked one as it grows.
+            need = 2 * (declared if declared is not None else size)
+            if need > held:
+                if budget.try_acquire(need - held):
+                    held = need
+                else:
+                    # Blocked: give back what we hold and wait for all of it at once, so
+                    # that no two bodies each hold a part while waiting for the rest.
+                    budget.release(held)
+                    held = 0
+                    # Within the same deadline; ServiceBusy (503) past it.
+                    held = await budget.acquire(need, max(0.0, deadline - loop.time()))
+            chunks.append(chunk)
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         del chunks
         yield body

@@ -8,6 +8,7 @@ every 200 ms), and the answer is read as bytes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
 import json
@@ -17,9 +18,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from harness import LocalZooKeeper, SidecarProcess
+from tests.conftest import SidecarFactory, held_origin_put
 
 pytestmark = pytest.mark.slow
 
@@ -42,9 +45,8 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory, zk_server: LocalZooKeeper)
             "http_idle_timeout": f"{IDLE}s",
             "http_body_timeout": f"{BODY}s",
             "max_connections": str(MAX_CONNECTIONS),
-            # Two 1 MiB bodies at once at most: the third waits, then 503.
             "max_value_bytes": "1MiB",
-            "max_inflight_bytes": "2MiB",
+            "max_inflight_bytes": "2MiB",  # one 1 MiB body, charged twice
         },
     )
     proc.start()
@@ -233,28 +235,26 @@ def test_at_max_connections_all_busy_a_new_one_gets_503(sidecar: SidecarProcess)
 
 
 # -- bytes in flight ----------------------------------------------------------------
-def test_bodies_in_flight_are_bounded_by_max_inflight_bytes(sidecar: SidecarProcess) -> None:
-    # Two uploads of 1 MiB all but one byte hold the 2 MiB budget while their
-    # last byte is awaited; a third body waits, and after a second gets 503.
-    mib = 1024 * 1024
-    holders = []
-    try:
-        for i in range(2):
-            sock = socket.create_connection(("127.0.0.1", sidecar.port))
-            head = b"PUT /v1/keys/big%d HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (i, mib)
-            sock.sendall(head + b"x" * (mib - 1))
-            holders.append(sock)
-        time.sleep(0.5)  # nothing observable from outside marks "the budget is held"
-        reply = send(sidecar, request("PUT", "/v1/keys/third", body=b"small"))
-        assert reply.status == 503 and reply.headers["retry-after"] == "1", reply.status_line
-        assert "max_inflight_bytes" in str(reply.problem()["detail"])
-        holders[0].sendall(b"x")
-        holders[0].settimeout(10)
-        assert holders[0].recv(100).startswith(b"HTTP/1.1 200 ")
-    finally:
-        for sock in holders:
-            sock.close()
-    assert put(sidecar, "third", b"small")
+async def test_bodies_in_flight_are_bounded_by_max_inflight_bytes(
+    sidecars: SidecarFactory, upstream: str, http: aiohttp.ClientSession
+) -> None:
+    # A 1 MiB body is charged twice its size while it is read and written: with
+    # max_inflight_bytes 2 MiB, one write whose origin call is held holds it all,
+    # and another body waits for room, then gets 503 rather than memory.
+    a = sidecars(
+        "a", origin=f"{upstream}/kv", max_value_bytes="1MiB", max_inflight_bytes="2MiB", http_body_timeout="2s"
+    )
+    async with held_origin_put(http, upstream, "big", before=True) as until_held:
+        big = asyncio.create_task(http.put(f"{a.url}/v1/keys/big", data=b"x" * 1024 * 1024))
+        await until_held()
+        async with http.put(f"{a.url}/v1/keys/small", data=b"small") as resp:
+            problem = await resp.json(content_type="application/problem+json")
+            assert resp.status == 503 and resp.headers["Retry-After"] == "1", problem
+            assert "max_inflight_bytes" in problem["detail"]
+    async with await big as resp:
+        assert resp.status == 200
+    async with http.put(f"{a.url}/v1/keys/small", data=b"small") as resp:
+        assert resp.status == 200
 
 
 def test_an_oversized_chunked_body_is_refused_without_reading_it_all(sidecar: SidecarProcess) -> None:
