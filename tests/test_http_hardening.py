@@ -257,6 +257,24 @@ async def test_bodies_in_flight_are_bounded_by_max_inflight_bytes(
         assert resp.status == 200
 
 
+def test_concurrent_bodies_larger_than_the_budget_all_get_through(sidecar: SidecarProcess) -> None:
+    # Charged as they arrived, 16 concurrent 1 MiB PUTs each held part of the
+    # budget and waited for the rest until all were 503: a body blocked on the
+    # budget now gives back what it holds and waits for all of it at once.
+    value = b"y" * (1024 * 1024 - 16)
+    replies: list[Reply] = []
+
+    def one(i: int) -> None:
+        replies.append(send(sidecar, request("PUT", f"/v1/keys/many{i}", body=value)))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(r.status for r in replies) == [200] * 4, [r.status_line for r in replies]
+
+
 def test_an_oversized_chunked_body_is_refused_without_reading_it_all(sidecar: SidecarProcess) -> None:
     # Before: a chunked body was read whole (up to aiohttp's 2 MiB backstop) before the 413;
     # 300 such uploads at once peaked at 1,306 MiB.
