@@ -68,13 +68,6 @@ class ByteBudget:
             raise
         return size
 
-    def try_acquire(self, size: int) -> bool:
-        """Take ``size`` bytes only if they are free now and nobody waits."""
-        if self._waiters or self.used + size > self.limit:
-            return False
-        self.used += size
-        return True
-
     def release(self, size: int) -> None:
         """Give back bytes :meth:`acquire` returned."""
         self.used -= size

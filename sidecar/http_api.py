@@ -76,6 +76,8 @@ _NO_STORE = "no-store"
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 # Values one batch response carries, all told; the rest answer 413 each.
 _MAX_BATCH_VALUE_BYTES = 4 * 1024**2
+# Seconds a body that holds room in max_inflight_bytes has, besides its size at the minimum rate.
+_BODY_GRACE = 2.0
 # How long a batch response waits for max_inflight_bytes before 503 +
 # Retry-After: its reads are done, and the client backs off rather than queue.
 _BUDGET_WAIT = 1.0
@@ -315,12 +317,12 @@ async def _body(service: CacheService, request: web.BaseRequest, limit: int) -> 
     if declared is not None and declared > limit:
         _close_after(request)
         raise PayloadTooLarge(f"body is {declared} bytes; the limit is {limit}")
-    # Bytes are charged as they arrive, not as declared: a client that sends
-    # headers and nothing more holds nothing (a hostile review found 16
-    # header-only PUTs starving every write for 30 s when declared lengths
-    # were charged up front).  Twice: the chunks and their join coexist
-    # for a moment, and what a write does with a value (the origin's copy,
-    # the writer's refill) is of the same order.
+    # Bytes are charged when they start to arrive, not on the headers: a
+    # client that sends headers and nothing more holds nothing (a hostile
+    # review found 16 header-only PUTs starving every write for 30 s).
+    # Twice: the chunks and their join coexist for a moment, and what a write
+    # does with a value (the origin's copy, the writer's refill) is of the
+    # same order.
     loop = asyncio.get_running_loop()
     timeout = service.config.http_body_timeout
     deadline = loop.time() + timeout
@@ -347,18 +349,17 @@ async def _body(service: CacheService, request: web.BaseRequest, limit: int) -> 
             if size > limit:
                 _close_after(request)  # rather than reading the rest only to drop it
                 raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-            # A declared body is charged whole with its first byte; a chunked one as it grows.
-            need = 2 * (declared if declared is not None else size)
-            if need > held:
-                if budget.try_acquire(need - held):
-                    held = need
-                else:
-                    # Blocked: give back what we hold and wait for all of it at once, so
-                    # that no two bodies each hold a part while waiting for the rest.
-                    budget.release(held)
-                    held = 0
-                    # Within the same deadline; ServiceBusy (503) past it.
-                    held = await budget.acquire(need, max(0.0, deadline - loop.time()))
+            if not held:
+                # Charged once, whole, with its first byte: a declared body for
+                # its length, a chunked one for the most it may be.  One
+                # acquisition per body, so no two bodies each hold a part while
+                # waiting for the rest (charged chunk by chunk, 16 concurrent
+                # 1 MiB PUTs did, until all were 503); and what was read is
+                # never left uncharged.  Within the same deadline; 503 past it.
+                need = 2 * (declared if declared is not None else limit)
+                held = await budget.acquire(need, max(0.0, deadline - loop.time()))
+                # Holding room, the rest must come at a useful rate, not one byte a minute.
+                deadline = min(deadline, loop.time() + _BODY_GRACE + need / _MIN_TRANSFER_RATE)
             chunks.append(chunk)
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         del chunks
@@ -490,9 +491,11 @@ async def batch_get(service: CacheService, request: web.BaseRequest) -> web.Stre
     tickets = {key: cache.begin_fill(key) for key in unique}
     try:
         read = await _batch_read(service, unique, consistency)
-        held = sum(len(r[1]) for r in read.values() if isinstance(r, tuple))
-        # base64 and JSON: about 2.4 bytes of response per byte of value, held until sent.
-        async with service.inflight.hold(min(held, _MAX_BATCH_VALUE_BYTES) * 12 // 5, _BUDGET_WAIT):
+        values = sum(len(r[1]) for r in read.values() if isinstance(r, tuple))
+        # base64 and JSON: about 2.4 bytes of response per byte of value, and a
+        # problem document per key at most; held until the bytes left.
+        size = min(values, _MAX_BATCH_VALUE_BYTES) * 12 // 5 + len(keys) * _PROBLEM_BYTES
+        async with service.inflight.hold(size, _BUDGET_WAIT):
             for _ in range(_BATCH_REREADS):
                 stale = [key for key in unique if not tickets[key].valid]
                 if not stale:
@@ -501,17 +504,31 @@ async def batch_get(service: CacheService, request: web.BaseRequest) -> web.Stre
                     cache.end_fill(tickets[key])
                     tickets[key] = cache.begin_fill(key)
                 read.update(await _batch_read(service, stale, consistency))
-            # From here to the response, no await: what is served is current now.
-            results = [_batch_result(service, key, read[key], tickets[key].valid, none_match) for key in keys]
+            # From here to the response's bytes, no await: what is served is current now.
+            results = [
+                _batch_result(service, key, read[key], tickets[key].valid, consistency, none_match) for key in keys
+            ]
             _cap_batch_values(results)
             body = orjson.dumps({"results": results})
-            return await _send(request, body, {"Content-Type": "application/json", "Cache-Control": _NO_STORE})
+            del read, results
+            # The bytes are fixed: the keys' watches need not wait for the client to read them.
+            for ticket in tickets.values():
+                cache.end_fill(ticket)
+            tickets.clear()
+            timeout = service.config.http_body_timeout + len(body) / _MIN_TRANSFER_RATE
+            return await _send(request, body, {"Content-Type": "application/json", "Cache-Control": _NO_STORE}, timeout)
     finally:
         for ticket in tickets.values():
             cache.end_fill(ticket)
 
 
 _BATCH_REREADS = 3
+_BATCH_READS_AT_ONCE = 16
+# Generous size of one key's problem document in a batch (the key, quoted twice, and a detail).
+_PROBLEM_BYTES = 6 * 1024
+# A body or response under way must move at least this fast (bytes per second) on top of
+# http_body_timeout, once it holds memory: 1 MiB/s.
+_MIN_TRANSFER_RATE = 1024 * 1024
 _BatchRead = dict[str, "tuple[str, bytes, str, int | None, str] | SidecarError"]
 
 
@@ -548,9 +565,14 @@ async def _batch_request(service: CacheService, request: web.BaseRequest) -> tup
 
 
 async def _batch_read(service: CacheService, keys: list[str], consistency: str) -> _BatchRead:
-    """Read ``keys`` as GET does: hits without a task each, the others concurrently."""
+    """Read ``keys`` as GET does: hits without a task each, the others a few at a time.
+
+    Reads stop once the values read pass what one response carries: the
+    keys left answer 413 rather than hold their values in memory uncharged.
+    """
     read: _BatchRead = {}
     pending = keys
+    room = _MAX_BATCH_VALUE_BYTES
     if consistency == "eventual":
         pending = []
         for key in keys:
@@ -559,13 +581,25 @@ async def _batch_read(service: CacheService, keys: list[str], consistency: str) 
                 pending.append(key)
             else:
                 read[key] = (key, entry.value, entry.content_type, service.coord.etag(entry.version), "hit")
+                room -= len(entry.value)
+    lanes = asyncio.Semaphore(_BATCH_READS_AT_ONCE)
 
     async def one(key: str) -> None:
-        try:
-            # Cache-aside: a miss hands out a lease, as GET does.
-            read[key] = (key, *await _read_one(service, key, consistency, lease=service.cache_aside))
-        except SidecarError as exc:
-            read[key] = exc
+        nonlocal room
+        async with lanes:
+            if room <= 0:
+                read[key] = PayloadTooLarge(
+                    f"the batch's values exceed {_MAX_BATCH_VALUE_BYTES} bytes; read this key on its own"
+                )
+                return
+            try:
+                # Cache-aside: a miss hands out a lease, as GET does.
+                value = await _read_one(service, key, consistency, lease=service.cache_aside)
+            except SidecarError as exc:
+                read[key] = exc
+                return
+            room -= len(value[0])
+            read[key] = (key, *value)
 
     await asyncio.gather(*(one(key) for key in pending))
     return read
@@ -576,12 +610,14 @@ def _batch_result(
     key: str,
     read: tuple[str, bytes, str, int | None, str] | SidecarError,
     current: bool,
+    consistency: str,
     none_match: dict[str, str],
 ) -> dict[str, Any]:
     instance = KEY_PREFIX + quote(key, safe="/")
     if not current:
-        # Invalidated on every re-read: answer this key alone, not an old value.
-        entry = service.cached(key)
+        # Invalidated on every re-read: an eventual read may serve what is
+        # cached now (as a GET now would); a strong one never falls back to it.
+        entry = service.cached(key) if consistency == "eventual" else None
         if entry is None:
             exc = CoordinationError(f"key {key!r} kept being invalidated while the batch read it; read it again")
             return {"key": key, "status": exc.status, "problem": _problem_body(exc, instance)}
@@ -619,13 +655,24 @@ def _cap_batch_values(results: list[dict[str, Any]]) -> None:
         out["value"] = base64.b64encode(value).decode("ascii")
 
 
-async def _send(request: web.BaseRequest, body: bytes, headers: dict[str, str]) -> web.StreamResponse:
-    """Write a large response inside the caller's budget hold: it is released once the bytes left, not before."""
+async def _send(request: web.BaseRequest, body: bytes, headers: dict[str, str], timeout: float) -> web.StreamResponse:
+    """Write a response within the caller's budget hold, so the bytes are charged until they left.
+
+    One deadline for the whole response: a client that reads a little just
+    often enough to keep the connection's own send timer from firing is cut
+    off all the same.
+    """
     resp = web.StreamResponse(headers=headers)
     resp.content_length = len(body)
     await resp.prepare(request)
-    await resp.write(body)
-    await resp.write_eof()
+    try:
+        async with asyncio.timeout(timeout):
+            await resp.write(body)
+            await resp.write_eof()
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError("the client read its response too slowly") from None
     return resp
 
 

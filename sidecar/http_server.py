@@ -98,7 +98,8 @@ class Connection(RequestHandler):
     _unended = 0  # bytes since this request began, while no line has ended
 
     def data_received(self, data: bytes) -> None:
-        if not self.line_ended:
+        # Bytes of a body whose handler runs are not a request line's.
+        if not self.line_ended and not self._request_in_progress:
             end = data.find(b"\n")
             if end < 0:
                 self._unended += len(data)

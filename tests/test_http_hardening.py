@@ -149,6 +149,40 @@ def test_parser_errors_are_problem_documents_over_http_1_1(sidecar: SidecarProce
     assert "Traceback" not in log_of(sidecar) and " ERROR " not in log_of(sidecar)
 
 
+def _keepalive_pair(sidecar: SidecarProcess, first: bytes, second: bytes) -> list[int]:
+    head, sep, rest = first.partition(b"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", sidecar.port), timeout=10) as sock:
+        sock.sendall(head + sep)  # the body in its own segment, after the request began
+        time.sleep(0.3)
+        sock.sendall(rest)
+        got = b""
+        while got.count(b"HTTP/1.1 ") < 1 or b"\r\n\r\n" not in got:
+            got += sock.recv(65536)
+        time.sleep(0.2)
+        sock.sendall(second)
+        out = b""
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+        except OSError:
+            pass
+    return [Reply(got).status, Reply(out).status]
+
+
+# Found by a second review: bytes of a body were counted as a request line.
+def test_long_header_after_a_newline_free_body_is_431(sidecar: SidecarProcess) -> None:
+    body = b"a" * 9000  # a value with no newline, on a keep-alive connection
+    first = b"PUT /v1/keys/nl HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    second = b"GET /v1/keys/nl HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 10000 + b"\r\n\r\n"
+    assert _keepalive_pair(sidecar, first, second) == [200, 431]
+
+
+def test_long_target_after_a_chunked_body_is_414(sidecar: SidecarProcess) -> None:
+    first = b"PUT /v1/keys/ch HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    second = b"GET /v1/keys/" + b"c" * 10000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert _keepalive_pair(sidecar, first, second) == [200, 414]
+
+
 def test_a_client_leaving_mid_body_is_logged_at_debug_level(sidecar: SidecarProcess) -> None:
     with socket.create_connection(("127.0.0.1", sidecar.port)) as sock:
         sock.sendall(b"PUT /v1/keys/gone HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789")
@@ -255,6 +289,24 @@ async def test_bodies_in_flight_are_bounded_by_max_inflight_bytes(
         assert resp.status == 200
     async with http.put(f"{a.url}/v1/keys/small", data=b"small") as resp:
         assert resp.status == 200
+
+
+async def test_a_body_holding_room_must_keep_coming(sidecars: SidecarFactory, http: aiohttp.ClientSession) -> None:
+    # Found by a second review: one body byte with a 1 MiB Content-Length held
+    # the whole budget for http_body_timeout (30 s), and every other write
+    # waited for it.  Holding room, the rest must arrive within 2 s plus its
+    # size at 1 MiB/s: the other write gets through in seconds.
+    a = sidecars("a", max_value_bytes="1MiB", max_inflight_bytes="2MiB")  # http_body_timeout: 30 s
+    sock = socket.create_connection(("127.0.0.1", a.port))
+    try:
+        sock.sendall(b"PUT /v1/keys/onebyte HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\nx" % (1024 * 1024))
+        await asyncio.sleep(0.3)  # its handler has taken the room (nothing observable from outside)
+        started = time.monotonic()
+        async with http.put(f"{a.url}/v1/keys/victim", data=b"fine") as resp:
+            assert resp.status == 200
+        assert time.monotonic() - started < 8, "a stalled body held the budget far past its grace"
+    finally:
+        sock.close()
 
 
 def test_concurrent_bodies_larger_than_the_budget_all_get_through(sidecar: SidecarProcess) -> None:
