@@ -13,17 +13,19 @@ ensure_bench_tools
 ensure_venv test
 
 echo ">> ruff" >&2
-.venv/bin/ruff check sidecar cli harness tests bench
-.venv/bin/ruff format --check sidecar cli harness tests bench
+.venv/bin/ruff check sidecar cli harness tests bench examples
+.venv/bin/ruff format --check sidecar cli harness tests bench examples
 echo ">> mypy --strict" >&2
 .venv/bin/mypy
 echo ">> pytest" >&2
-.venv/bin/python -m pytest -q -ra --durations=25 "$@"
+# Two workers, a test file each at a time (module fixtures stay in one
+# process); ZKCACHE_TEST_WORKERS=0 runs them in this process, one by one.
+.venv/bin/python -m pytest -q -ra --durations=25 -n "${ZKCACHE_TEST_WORKERS:-2}" --dist loadfile "$@"
 if [ $# = 0 ]; then
   # The benchmarks that run in under 25 s each; CI has 15 minutes in all and
-  # the tests take about 11. The others (write, memory, recovery, retention:
+  # the tests take about 7. The others (write, memory, recovery, retention:
   # 2.5 min together) run in full runs, or: python -m bench --quick --only
   # write,memory,recovery,retention
   echo ">> python -m bench --quick (smoke; results in .local/bench-quick)" >&2
-  .venv/bin/python -m bench --quick --out .local/bench-quick --only hit,origins,fanout,watches,scale
+  .venv/bin/python -m bench --quick --out .local/bench-quick --only hit,batch,origins,fanout,watches,scale
 fi
