@@ -68,6 +68,14 @@ class ByteBudget:
             raise
         return size
 
+    def try_acquire(self, size: int) -> bool:
+        """Take ``size`` bytes now if they are free and nobody waits; never waits."""
+        size = min(size, self.limit)
+        if self._waiters or self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
     def release(self, size: int) -> None:
         """Give back bytes :meth:`acquire` returned."""
         self.used -= size
