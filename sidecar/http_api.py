@@ -478,16 +478,17 @@ async def batch_get(service: CacheService, request: web.BaseRequest) -> web.Stre
     bytes fit in JSON.  Misses are read concurrently (the origin's own
     connection bound applies).
 
-    Coherence: a GET looks its hit up and answers with no await between; a
-    batch awaits its misses and its response budget after looking up its
-    hits.  So each key holds a fill ticket from before its lookup to the
-    response: any invalidation of the key (by key, prefix, all) and any
-    connection state change voids it, and a voided key is looked up again
-    (and read again if it is no longer cached) rather than served as it was.
+    Coherence: a GET looks its hit up and answers with no await between, and
+    so does a batch of hits only (``_batch_of_hits``).  Any other batch
+    awaits its misses and its response budget after looking up its hits, so
+    each key holds a fill ticket from before its lookup to the response: any
+    invalidation of the key (by key, prefix, all) and any connection state
+    change voids it, and a voided key is looked up again (and read again if
+    it is no longer cached) rather than served as it was.
     """
     keys, consistency, none_match = await _batch_request(service, request)
     if consistency == "eventual":
-        fast = _batch_of_hits(service, request, keys, none_match)
+        fast = _batch_of_hits(service, keys, none_match)
         if fast is not None:
             return fast
     unique = list(dict.fromkeys(keys))
@@ -526,9 +527,7 @@ async def batch_get(service: CacheService, request: web.BaseRequest) -> web.Stre
             cache.end_fill(ticket)
 
 
-def _batch_of_hits(
-    service: CacheService, request: web.BaseRequest, keys: list[str], none_match: dict[str, str]
-) -> web.StreamResponse | None:
+def _batch_of_hits(service: CacheService, keys: list[str], none_match: dict[str, str]) -> web.StreamResponse | None:
     """The common case, every key a hit and room free now: looked up and answered with no await between.
 
     None when a key misses or the budget has no room at once; the caller
