@@ -445,18 +445,26 @@ def _string_list(body: dict[str, Any], name: str) -> list[str]:
     return items
 
 
-async def invalidate(service: CacheService, request: web.BaseRequest) -> web.StreamResponse:
-    """POST /v1/invalidate: fleet-wide invalidation; the origin is not touched."""
+async def _json_object(service: CacheService, request: web.BaseRequest, fields: set[str], example: str) -> Any:
+    """The request body as a JSON object with only ``fields`` (400 otherwise, naming ``example``)."""
     async with _body(service, request, _MAX_JSON_BODY) as raw:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"body is not JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise BadRequest('body must be an object like {"keys": [], "prefixes": [], "all": false}')
-    unknown = sorted(set(body) - {"keys", "prefixes", "all"})
+        raise BadRequest(f"body must be an object like {example}")
+    unknown = sorted(set(body) - fields)
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}")
+    return body
+
+
+async def invalidate(service: CacheService, request: web.BaseRequest) -> web.StreamResponse:
+    """POST /v1/invalidate: fleet-wide invalidation; the origin is not touched."""
+    body = await _json_object(
+        service, request, {"keys", "prefixes", "all"}, '{"keys": [], "prefixes": [], "all": false}'
+    )
     keys, prefixes = _string_list(body, "keys"), _string_list(body, "prefixes")
     everything = body.get("all", False)
     if not isinstance(everything, bool):
@@ -567,16 +575,7 @@ _BatchRead = dict[str, "tuple[str, bytes, str, int | None, str] | SidecarError"]
 
 
 async def _batch_request(service: CacheService, request: web.BaseRequest) -> tuple[list[str], str, dict[str, str]]:
-    async with _body(service, request, _MAX_JSON_BODY) as raw:
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"body is not JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise BadRequest('body must be an object like {"keys": ["a", "b"]}')
-    unknown = sorted(set(body) - {"keys", "consistency", "if_none_match"})
-    if unknown:
-        raise BadRequest(f"unknown field {unknown[0]!r}")
+    body = await _json_object(service, request, {"keys", "consistency", "if_none_match"}, '{"keys": ["a", "b"]}')
     keys = body.get("keys")
     if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
         raise BadRequest("'keys' must be a non-empty list of strings")

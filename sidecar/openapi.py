@@ -112,6 +112,10 @@ _UNAVAILABLE = {
 }
 
 
+def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {_JSON: {"schema": schema}}}
+
+
 def _json(schema: dict[str, Any], description: str, **extra: Any) -> dict[str, Any]:
     return {"description": description, "content": {_JSON: {"schema": schema}}, **extra}
 
@@ -291,29 +295,24 @@ def document() -> dict[str, Any]:
                 "post": {
                     "summary": f"Read up to {MAX_BATCH_KEYS} keys, each as GET reads it",
                     "operationId": "batchGet",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            _JSON: {
-                                "schema": {
+                    "requestBody": _json_body(
+                        {
+                            "type": "object",
+                            "required": ["keys"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "keys": {**string_list, "minItems": 1, "maxItems": MAX_BATCH_KEYS},
+                                "consistency": {"type": "string", "enum": ["eventual", "strong"]},
+                                "if_none_match": {
                                     "type": "object",
-                                    "required": ["keys"],
-                                    "additionalProperties": False,
-                                    "properties": {
-                                        "keys": {**string_list, "minItems": 1, "maxItems": MAX_BATCH_KEYS},
-                                        "consistency": {"type": "string", "enum": ["eventual", "strong"]},
-                                        "if_none_match": {
-                                            "type": "object",
-                                            "additionalProperties": {"type": "string"},
-                                            "maxProperties": MAX_BATCH_KEYS,
-                                            "description": "key -> entity tag: that key's result is 304 if it matches "
-                                            "(entries for keys not in keys are ignored)",
-                                        },
-                                    },
-                                }
-                            }
-                        },
-                    },
+                                    "additionalProperties": {"type": "string"},
+                                    "maxProperties": MAX_BATCH_KEYS,
+                                    "description": "key -> entity tag: that key's result is 304 if it matches "
+                                    "(entries for keys not in keys are ignored)",
+                                },
+                            },
+                        }
+                    ),
                     "responses": {
                         "200": _json(
                             {
@@ -348,32 +347,27 @@ def document() -> dict[str, Any]:
                             "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 300},
                         },
                     ],
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            _JSON: {
-                                "schema": {
-                                    "type": "object",
-                                    "additionalProperties": False,
-                                    "description": "At least one key, one prefix, or all: true",
-                                    "anyOf": [
-                                        {"required": ["keys"], "properties": {"keys": {"minItems": 1}}},
-                                        {"required": ["prefixes"], "properties": {"prefixes": {"minItems": 1}}},
-                                        {"required": ["all"], "properties": {"all": {"const": True}}},
-                                    ],
-                                    "properties": {
-                                        "keys": {**string_list, "maxItems": MAX_INVALIDATE_ITEMS},
-                                        "prefixes": {
-                                            "type": "array",
-                                            "items": {"type": "string", "minLength": 1},
-                                            "maxItems": MAX_INVALIDATE_ITEMS,
-                                        },
-                                        "all": {"type": "boolean"},
-                                    },
-                                }
-                            }
-                        },
-                    },
+                    "requestBody": _json_body(
+                        {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "description": "At least one key, one prefix, or all: true",
+                            "anyOf": [
+                                {"required": ["keys"], "properties": {"keys": {"minItems": 1}}},
+                                {"required": ["prefixes"], "properties": {"prefixes": {"minItems": 1}}},
+                                {"required": ["all"], "properties": {"all": {"const": True}}},
+                            ],
+                            "properties": {
+                                "keys": {**string_list, "maxItems": MAX_INVALIDATE_ITEMS},
+                                "prefixes": {
+                                    "type": "array",
+                                    "items": {"type": "string", "minLength": 1},
+                                    "maxItems": MAX_INVALIDATE_ITEMS,
+                                },
+                                "all": {"type": "boolean"},
+                            },
+                        }
+                    ),
                     "responses": {
                         "200": _json(receipt, "Applied by every live sidecar (wait=true)"),
                         "202": _json(receipt, "Published; applied as watches fire"),
