@@ -194,11 +194,14 @@ async def test_a_write_costs_two_zookeeper_round_trips(service: CacheService, cl
     assert (await client.put("/v1/keys/rt", data=b"v0")).status == 200  # creates the key's znodes
     await eventually(lambda: "rt" in service.cache, what="the writer's background refill")
     zk, root = service.coord.zk, service.coord.layout.root
+    background = (service.coord.layout.leader, service.coord.layout.members)
     sent: list[str] = []
 
     def counting(name: str, method: Any) -> Any:
         async def call(first: Any, *args: Any, **kw: Any) -> Any:
-            if first != root:  # the heartbeat's exists
+            # Not the heartbeat's exists, nor the housekeeper election's steps
+            # (CI once saw its get_children and create land in the window).
+            if first != root and not (isinstance(first, str) and first.startswith(background)):
                 sent.append(name.removesuffix("_armed"))
             return await method(first, *args, **kw)
 

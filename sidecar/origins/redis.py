@@ -47,7 +47,10 @@ __all__ = ["RedisOrigin", "RedisUrl", "parse_redis_url"]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-_WAIT_MARGIN = 0.1  # seconds left for WAIT's answer to travel back before our own timeout
+# What is left of our timeout for WAIT's answer to travel back: a quarter, and
+# at least 0.1 s (CI saw 0.1 s of a 0.5 s timeout not be enough on a loaded machine).
+_WAIT_MARGIN = 0.1
+_WAIT_MARGIN_SHARE = 0.25
 
 
 # Refusals that say the server cannot take commands now (the origin is down), not that a key is wrong.
@@ -329,7 +332,8 @@ class RedisOrigin:
                 if replicas:
                     # WAIT's own timeout ends a margin inside ours: its answer
                     # (how many replicas), not our timer, ends the wait.
-                    pipe.wait(replicas, max(1, int((left - _WAIT_MARGIN) * 1000)))
+                    margin = max(_WAIT_MARGIN, _WAIT_MARGIN_SHARE * left)
+                    pipe.wait(replicas, max(1, int((left - margin) * 1000)))
                 results = await pipe.execute()
             return int(results[-1]) if replicas else 0
 
