@@ -431,12 +431,15 @@ async def delete_key(service: CacheService, request: web.BaseRequest) -> web.Str
     return web.Response(status=204, headers={"ETag": _etag(written.version), "Server-Timing": _server_timing(written)})
 
 
-def _string_list(body: dict[str, Any], name: str) -> list[str]:
+def _string_list(
+    body: dict[str, Any], name: str, limit: int = MAX_INVALIDATE_ITEMS, *, required: bool = False
+) -> list[str]:
+    """``body[name]``: a list of at most ``limit`` valid keys (``required``: at least one)."""
     items = body.get(name, [])
-    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-        raise BadRequest(f"'{name}' must be a list of strings")
-    if len(items) > MAX_INVALIDATE_ITEMS:
-        raise BadRequest(f"at most {MAX_INVALIDATE_ITEMS} {name} per request")
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items) or (required and not items):
+        raise BadRequest(f"'{name}' must be a {'non-empty ' if required else ''}list of strings")
+    if len(items) > limit:
+        raise BadRequest(f"at most {limit} {name} per request, got {len(items)}")
     for item in items:
         try:
             validate_key(item)
@@ -535,6 +538,11 @@ async def batch_get(service: CacheService, request: web.BaseRequest) -> web.Stre
             cache.end_fill(ticket)
 
 
+def _hit(service: CacheService, key: str, entry: Entry) -> tuple[str, bytes, str, int | None, str]:
+    """A cached entry as one key's read of a batch."""
+    return key, entry.value, entry.content_type, service.coord.etag(entry.version), "hit"
+
+
 def _batch_of_hits(service: CacheService, keys: list[str], none_match: dict[str, str]) -> web.StreamResponse | None:
     """The common case, every key a hit and room free now: looked up and answered with no await between.
 
@@ -547,7 +555,7 @@ def _batch_of_hits(service: CacheService, keys: list[str], none_match: dict[str,
         entry = service.cached(key)
         if entry is None:
             return None
-        read = (key, entry.value, entry.content_type, service.coord.etag(entry.version), "hit")
+        read = _hit(service, key, entry)
         results.append(_batch_result(service, key, read, True, "eventual", none_match))
         values += len(entry.value)
     # base64 makes 4 bytes of 3; a result's other fields are well under 256 bytes.
@@ -576,16 +584,7 @@ _BatchRead = dict[str, "tuple[str, bytes, str, int | None, str] | SidecarError"]
 
 async def _batch_request(service: CacheService, request: web.BaseRequest) -> tuple[list[str], str, dict[str, str]]:
     body = await _json_object(service, request, {"keys", "consistency", "if_none_match"}, '{"keys": ["a", "b"]}')
-    keys = body.get("keys")
-    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
-        raise BadRequest("'keys' must be a non-empty list of strings")
-    if len(keys) > MAX_BATCH_KEYS:
-        raise BadRequest(f"at most {MAX_BATCH_KEYS} keys per batch, got {len(keys)}")
-    for key in keys:
-        try:
-            validate_key(key)
-        except InvalidKey as exc:
-            raise BadRequest(f"'keys' has an invalid entry: {exc.detail}") from None
+    keys = _string_list(body, "keys", MAX_BATCH_KEYS, required=True)
     consistency = body.get("consistency", service.config.consistency)
     if consistency not in ("eventual", "strong"):
         raise BadRequest(f"consistency must be 'eventual' or 'strong', got {consistency!r}")
@@ -613,7 +612,7 @@ async def _batch_read(service: CacheService, keys: list[str], consistency: str) 
             if entry is None:
                 pending.append(key)
             else:
-                read[key] = (key, entry.value, entry.content_type, service.coord.etag(entry.version), "hit")
+                read[key] = _hit(service, key, entry)
                 room -= len(entry.value)
     lanes = asyncio.Semaphore(_BATCH_READS_AT_ONCE)
 
@@ -654,7 +653,7 @@ def _batch_result(
         if entry is None:
             exc = CoordinationError(f"key {key!r} kept being invalidated while the batch read it; read it again")
             return {"key": key, "status": exc.status, "problem": _problem_body(exc, instance)}
-        read = (key, entry.value, entry.content_type, service.coord.etag(entry.version), "hit")
+        read = _hit(service, key, entry)
     if isinstance(read, SidecarError):
         out: dict[str, Any] = {"key": key, "status": read.status, "problem": _problem_body(read, instance)}
         if isinstance(read, LeaseGranted):
