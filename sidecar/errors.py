@@ -20,6 +20,7 @@ one place (``cli.main``).
     ├── NotCached                   504  not-cached (GET with Cache-Control: only-if-cached)
     ├── NotAcknowledged             504  not-acknowledged (invalidate --wait timed out)
     ├── ServiceBusy                 503  busy (max_inflight_bytes held by others; Retry-After)
+    │   └── TooManyConnections      503  too-many-connections (max_connections, all busy)
     ├── ConfigError                 (exit status 2, never an HTTP response)
     ├── CoordinationError           503  coordination-unavailable
     │   ├── LayoutMismatch          503  layout-mismatch (the namespace has another wire layout)
@@ -59,6 +60,7 @@ __all__ = [
     "RequestTimeout",
     "ServiceBusy",
     "SidecarError",
+    "TooManyConnections",
     "Unauthorized",
     "UnsupportedMediaType",
     "WriteOutcomeUncertain",
@@ -147,6 +149,12 @@ class ServiceBusy(SidecarError):
     """Too many bytes or connections in flight; retry (``Retry-After``)."""
 
     status, problem, title = 503, "busy", "Too much in flight; retry"
+
+
+class TooManyConnections(ServiceBusy):
+    """Every connection up to ``max_connections`` has a request in progress (answered before any is read)."""
+
+    problem, title = "too-many-connections", "Too many connections"
 
 
 class NotCached(SidecarError):

@@ -30,9 +30,12 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
+import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 from aiohttp.web_protocol import RequestHandler
+
+from .errors import TooManyConnections
 
 __all__ = ["Connection", "HttpServer", "ProblemRenderer", "raise_fd_limit"]
 
@@ -48,9 +51,9 @@ _REFUSED = (
     b"Retry-After: 1\r\n"
     b"Connection: close\r\n"
 )
-_REFUSED_BODY = (
-    b'{"type":"https://zk-cache-sidecar.dev/problems/too-many-connections","title":"Too many connections",'
-    b'"status":503,"detail":"every connection has a request in progress (max_connections); retry"}'
+_BUSY = TooManyConnections("every connection has a request in progress (max_connections); retry")
+_REFUSED_BODY = orjson.dumps(
+    {"type": _BUSY.type_uri, "title": _BUSY.title, "status": _BUSY.status, "detail": _BUSY.detail}
 )
 _LOG_EVERY = 10.0
 # File descriptors kept for what is not an HTTP connection: ZooKeeper, the

@@ -36,7 +36,6 @@ def problem_types() -> dict[str, tuple[int, str]]:
         pending.extend(cls.__subclasses__())
         if cls.status >= 400 and cls.problem != "internal-error":
             found[PROBLEM_BASE + cls.problem] = (cls.status, cls.title)
-    found[PROBLEM_BASE + "too-many-connections"] = (503, "Too many connections")
     return dict(sorted(found.items()))
 
 
