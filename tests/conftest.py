@@ -135,6 +135,34 @@ def sqlite_url(tmp_path: Path) -> str:
 SidecarFactory = Callable[..., SidecarProcess]
 
 
+class _Sidecars:
+    """Starts sidecar processes with the fixtures' defaults; stops them all at the end."""
+
+    def __init__(self, where: Path, zk: str, namespace: str, origin: str) -> None:
+        self.where, self.defaults = (
+            where,
+            {
+                "zk": zk,
+                "namespace": namespace,
+                "origin": origin,
+                "zk_session_timeout": "4s",
+                "log_level": "debug",
+            },
+        )
+        self.started: list[SidecarProcess] = []
+
+    def __call__(self, name: str, wait_ready: bool = True, **settings: Any) -> SidecarProcess:
+        proc = SidecarProcess(self.where / "logs", name, {**self.defaults, **settings})
+        self.started.append(proc)
+        proc.start(wait_ready=wait_ready)
+        return proc
+
+    def stop(self, request: pytest.FixtureRequest) -> None:
+        for proc in self.started:
+            _dump_logs_if_failed(request, f"sidecar {proc.name}", proc.log_tail)
+            proc.stop()
+
+
 @pytest.fixture
 def sidecars(
     tmp_path: Path,
@@ -148,26 +176,20 @@ def sidecars(
     Defaults: the shared ZooKeeper, this test's namespace and SQLite file.
     Every process is stopped (and its log printed on failure) at teardown.
     """
-    started: list[SidecarProcess] = []
+    started = _Sidecars(tmp_path, zk_server.hosts, namespace, sqlite_url)
+    yield started
+    started.stop(request)
 
-    def start(name: str, wait_ready: bool = True, **settings: Any) -> SidecarProcess:
-        merged = {
-            "zk": zk_server.hosts,
-            "namespace": namespace,
-            "origin": sqlite_url,
-            "zk_session_timeout": "4s",
-            "log_level": "debug",
-            **settings,
-        }
-        proc = SidecarProcess(tmp_path / "logs", name, merged)
-        started.append(proc)
-        proc.start(wait_ready=wait_ready)
-        return proc
 
-    yield start
-    for proc in started:
-        _dump_logs_if_failed(request, f"sidecar {proc.name}", proc.log_tail)
-        proc.stop()
+@pytest.fixture(scope="module")
+def module_sidecars(
+    tmp_path_factory: pytest.TempPathFactory, zk_server: LocalZooKeeper, request: pytest.FixtureRequest
+) -> Iterator[SidecarFactory]:
+    """As ``sidecars``, for the tests of one module together: its own namespace and SQLite file."""
+    where = tmp_path_factory.mktemp("module-sidecars")
+    started = _Sidecars(where, zk_server.hosts, f"t-{uuid.uuid4().hex[:12]}", f"sqlite:///{where / 'origin.db'}")
+    yield started
+    started.stop(request)
 
 
 @pytest.fixture

@@ -16,8 +16,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,8 +23,9 @@ from click.testing import CliRunner, Result
 from kazoo.client import KazooClient
 
 from cli.main import cli
-from harness import LocalZooKeeper, SidecarProcess, free_port
+from harness import SidecarProcess, free_port
 from sidecar.coordination.layout import Layout
+from tests.conftest import SidecarFactory
 
 # The issue asks for 100,000 keys; CI's time budget takes 1,200 (more than one batch of 1,000). Each
 # key is a few ZooKeeper round trips, writes among them: 100,000 took 524 s on a loaded 2-core machine.
@@ -35,19 +34,9 @@ BULK_KEYS = int(os.environ.get("ZKCACHE_TEST_BULK_KEYS", "1200"))
 
 
 @pytest.fixture(scope="module")
-def fleet(zk_server: LocalZooKeeper, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
+def fleet(module_sidecars: SidecarFactory) -> SidecarProcess:
     """One real sidecar in a namespace of this module's own."""
-    base = tmp_path_factory.mktemp("cli-fleet")
-    settings = {
-        "zk": zk_server.hosts,
-        "namespace": f"t-{uuid.uuid4().hex[:12]}",
-        "origin": f"sqlite:///{base / 'origin.db'}",
-        "zk_session_timeout": "4s",
-    }
-    proc = SidecarProcess(base / "logs", "fleet-a", settings)
-    proc.start()
-    yield proc
-    proc.stop()
+    return module_sidecars("fleet-a", log_level="info")
 
 
 def ctl(fleet: SidecarProcess, *args: str, input: bytes | None = None) -> Result:

@@ -17,15 +17,14 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness import LocalZooKeeper, SidecarProcess
-from tests.conftest import _dump_logs_if_failed
+from harness import SidecarProcess
+from tests.conftest import SidecarFactory, _dump_logs_if_failed
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "example-token"
@@ -38,27 +37,12 @@ ETAG = r'"\d+"'
 
 
 @pytest.fixture(scope="module")
-def started(zk_server: LocalZooKeeper, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[SidecarProcess]]:
+def started(module_sidecars: SidecarFactory) -> list[SidecarProcess]:
     """Two sidecars (near, far) of one namespace and SQLite origin, as the ``sidecars`` fixture starts them."""
-    where = tmp_path_factory.mktemp("examples")
-    settings = {
-        "zk": zk_server.hosts,
-        "namespace": f"t-{uuid.uuid4().hex[:12]}",
-        "origin": f"sqlite:///{where / 'origin.db'}",
-        "zk_session_timeout": "4s",
-        "log_level": "debug",
-        "auth_token": TOKEN,
-    }
-    procs = [SidecarProcess(where / "logs", name, dict(settings)) for name in ("near-sidecar", "far-sidecar")]
-    try:
-        for proc in procs:  # started together, then waited for: the start-ups overlap
-            proc.start(wait_ready=False)
-        for proc in procs:
-            proc.wait_ready()
-        yield procs
-    finally:
-        for proc in procs:
-            proc.stop()
+    procs = [module_sidecars(name, wait_ready=False, auth_token=TOKEN) for name in ("near-sidecar", "far-sidecar")]
+    for proc in procs:  # started together, then waited for: the start-ups overlap
+        proc.wait_ready()
+    return procs
 
 
 @pytest.fixture

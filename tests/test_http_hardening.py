@@ -15,13 +15,12 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from harness import LocalZooKeeper, SidecarProcess
+from harness import SidecarProcess
 from tests.conftest import SidecarFactory, held_origin_put
 
 pytestmark = pytest.mark.slow
@@ -32,26 +31,16 @@ MAX_CONNECTIONS = 20
 
 
 @pytest.fixture(scope="module")
-def sidecar(tmp_path_factory: pytest.TempPathFactory, zk_server: LocalZooKeeper) -> Iterator[SidecarProcess]:
-    base = tmp_path_factory.mktemp("hardening")
-    proc = SidecarProcess(
-        base / "logs",
+def sidecar(module_sidecars: SidecarFactory) -> SidecarProcess:
+    return module_sidecars(
         "hard",
-        {
-            "zk": zk_server.hosts,
-            "namespace": f"hard-{base.name}",
-            "origin": f"sqlite:///{base / 'origin.db'}",
-            "log_level": "debug",
-            "http_idle_timeout": f"{IDLE}s",
-            "http_body_timeout": f"{BODY}s",
-            "max_connections": str(MAX_CONNECTIONS),
-            "max_value_bytes": "1MiB",
-            "max_inflight_bytes": "2MiB",  # one 1 MiB body, charged twice
-        },
+        zk_session_timeout="10s",
+        http_idle_timeout=f"{IDLE}s",
+        http_body_timeout=f"{BODY}s",
+        max_connections=str(MAX_CONNECTIONS),
+        max_value_bytes="1MiB",
+        max_inflight_bytes="2MiB",  # one 1 MiB body, charged twice
     )
-    proc.start()
-    yield proc
-    proc.stop()
 
 
 class Reply:
@@ -421,19 +410,11 @@ def test_a_long_content_type_is_refused(sidecar: SidecarProcess) -> None:
     assert reply.status == 400 and "Content-Type" in str(reply.problem()["detail"])
 
 
-def test_401_carries_www_authenticate(tmp_path: Path, zk_server: LocalZooKeeper) -> None:
-    proc = SidecarProcess(
-        tmp_path / "logs",
-        "auth",
-        {"zk": zk_server.hosts, "namespace": f"auth-{tmp_path.name}", "origin": "none", "auth_token": "s3cret"},
-    )
-    proc.start()
-    try:
-        reply = send(proc, request("GET", "/v1/keys/k"))
-        assert reply.status == 401 and reply.headers["www-authenticate"].startswith("Bearer ")
-        assert send(proc, request("GET", "/healthz")).status == 200
-    finally:
-        proc.stop()
+def test_401_carries_www_authenticate(sidecars: SidecarFactory) -> None:
+    proc = sidecars("auth", origin="none", auth_token="s3cret", zk_session_timeout="10s", log_level="info")
+    reply = send(proc, request("GET", "/v1/keys/k"))
+    assert reply.status == 401 and reply.headers["www-authenticate"].startswith("Bearer ")
+    assert send(proc, request("GET", "/healthz")).status == 200
 
 
 # -- HTTP caches in the application's client ----------------------------------------

@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from harness import LocalZooKeeper, SidecarProcess
+from harness import SidecarProcess
+from tests.conftest import SidecarFactory
 
 N = 30
 
@@ -52,23 +52,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def sidecar(tmp_path: Path, zk_server: LocalZooKeeper) -> Iterator[SidecarProcess]:
-    proc = SidecarProcess(
-        tmp_path / "logs",
+def sidecar(sidecars: SidecarFactory) -> SidecarProcess:
+    return sidecars(
         "slow",
-        {
-            "zk": zk_server.hosts,
-            "namespace": f"slow-{tmp_path.name}"[:60],
-            "origin": f"sqlite:///{tmp_path / 'o.db'}",
-            "http_idle_timeout": "2s",
-            "http_body_timeout": "3s",
-            "max_connections": str(N),
-            "max_inflight_bytes": "16MiB",
-        },
+        zk_session_timeout="10s",
+        log_level="info",
+        http_idle_timeout="2s",
+        http_body_timeout="3s",
+        max_connections=str(N),
+        max_inflight_bytes="16MiB",
     )
-    proc.start()
-    yield proc
-    proc.stop()
 
 
 def test_clients_that_never_read_hold_neither_memory_nor_connections(sidecar: SidecarProcess) -> None:
